@@ -1,0 +1,129 @@
+"""A Hugging Face checkpoint directory, read lazily.
+
+Opening validates the whole layout from headers alone (index, shard names, truncation), so a
+command fails before it writes anything; tensor data is read only when asked for, optionally a
+block of rows at a time, from memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pdmoe.errors import CheckpointError
+from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint directory by name, with their metadata known up front."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        self.shards: dict[str, ShardHeader] = {}
+        self.weight_map: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
+        index_path = self.directory / INDEX_FILE
+        if index_path.is_file():
+            self._open_index(index_path)
+        elif (self.directory / SINGLE_FILE).is_file():
+            shard = read_header(self.directory / SINGLE_FILE)
+            self.shards[SINGLE_FILE] = shard
+            self.weight_map = dict.fromkeys(shard.tensors, SINGLE_FILE)
+        else:
+            self._refuse_missing_safetensors()
+
+    def _open_index(self, index_path: Path) -> None:
+        index = _load_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path} has no weight_map")
+        for shard_name in sorted(set(weight_map.values())):
+            if Path(shard_name).name != shard_name or shard_name in (".", ".."):
+                raise CheckpointError(
+                    f"{index_path} names shard {shard_name!r}, which lies outside the checkpoint directory; "
+                    "shard names must be plain file names"
+                )
+            self.shards[shard_name] = read_header(self.directory / shard_name)
+        for name, shard_name in weight_map.items():
+            if name not in self.shards[shard_name].tensors:
+                raise CheckpointError(f"{index_path} maps {name!r} to {shard_name}, which does not contain it")
+        self.weight_map = dict(weight_map)
+
+    def _refuse_missing_safetensors(self) -> None:
+        pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.directory} holds pickle checkpoints ({', '.join(pickles[:3])}); pdmoe reads safetensors only, "
+                "because pickles can run arbitrary code. Convert with "
+                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`"
+            )
+        raise CheckpointError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        path = self.directory / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{self.directory} has no config.json")
+        return _load_json(path)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self.shards[self.weight_map[name]].tensors[name]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.meta(name).nbytes for name in self.weight_map)
+
+    def header_digests(self) -> dict[str, str]:
+        """SHA-256 of each shard's header: identifies the inputs cheaply in manifests."""
+        return {name: shard.digest for name, shard in sorted(self.shards.items())}
+
+    def _handle(self, shard_name: str) -> Any:
+        handle = self._handles.get(shard_name)
+        if handle is None:
+            handle = safe_open(str(self.directory / shard_name), framework="pt", device="cpu")
+            self._handles[shard_name] = handle
+        return handle
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, read from the memory-mapped shard."""
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 only: lets callers stream a huge tensor in bounded memory."""
+        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

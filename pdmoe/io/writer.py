@@ -1,0 +1,226 @@
+"""Streaming, crash-safe writing of a sharded safetensors checkpoint.
+
+The caller plans every shard's tensors up front (names, dtypes, shapes), so each shard's header
+is known before its first byte of data and tensors are written one (or one block of rows) at a
+time, never holding a shard in memory. A shard is written to a hidden temporary file and renamed
+only when complete, and the index is written last: an interrupted run leaves nothing that looks
+like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pdmoe.errors import CheckpointError
+from pdmoe.io.reader import INDEX_FILE, SINGLE_FILE
+from pdmoe.io.safetensors_format import TensorMeta, encode_header, read_header
+
+_FREE_SPACE_MARGIN = 64 * 1024 * 1024
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it."""
+    if isinstance(text, int):
+        return text
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            number = upper[: -len(unit)]
+            break
+    else:
+        number, factor = upper.rstrip("B"), 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise CheckpointError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise CheckpointError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+def plan_shards(entries: list[TensorMeta], max_shard_bytes: int) -> list[list[TensorMeta]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[TensorMeta]] = [[]]
+    size = 0
+    for meta in entries:
+        if shards[-1] and size + meta.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(meta)
+        size += meta.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def prepare_output_dir(out_dir: Path, *, overwrite: bool, resume: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Create ``out_dir``; refuse a non-empty one unless told to overwrite it or resume into it."""
+    out_dir = Path(out_dir)
+    for source in inputs:
+        if out_dir.resolve() == Path(source).resolve():
+            raise CheckpointError(f"output directory {out_dir} is also an input; choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise CheckpointError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if free < needed_bytes + _FREE_SPACE_MARGIN:
+        raise CheckpointError(
+            f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
+            "free some space or choose another --out"
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """One shard being written: tensors must arrive in plan order, whole or as consecutive row blocks."""
+
+    def __init__(self, path: Path, entries: list[TensorMeta], metadata: dict[str, str] | None) -> None:
+        self.path = path
+        self.entries = entries
+        self._tmp = path.with_name(f".{path.name}.partial")
+        self._handle = self._tmp.open("wb")
+        self._handle.write(encode_header(entries, metadata))
+        self._next = 0
+        self._written = 0
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Append ``block``: the whole tensor ``name`` or its next rows along dim 0."""
+        if self._next >= len(self.entries):
+            raise CheckpointError(f"{self.path.name}: {name!r} is not planned for this shard")
+        meta = self.entries[self._next]
+        if name != meta.name:
+            raise CheckpointError(f"{self.path.name}: expected {meta.name!r} next, got {name!r}")
+        if block.dtype != meta.dtype or tuple(block.shape[1:]) != meta.shape[1:]:
+            raise CheckpointError(
+                f"{self.path.name}: {name!r} planned as {meta.dtype} {meta.shape}, got {block.dtype} {tuple(block.shape)}"
+            )
+        self._handle.write(tensor_bytes(block))
+        self._written += block.numel() * block.element_size()
+        if self._written > meta.nbytes:
+            raise CheckpointError(f"{self.path.name}: more data than planned for {name!r}")
+        if self._written == meta.nbytes:
+            self._next += 1
+            self._written = 0
+
+    def commit(self) -> None:
+        if self._next != len(self.entries):
+            missing = self.entries[self._next].name
+            raise CheckpointError(f"{self.path.name}: closed before {missing!r} was written")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._handle.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class CheckpointWriter:
+    """A planned checkpoint: shard names fixed from the plan, shards written and checked one by one."""
+
+    def __init__(
+        self, out_dir: Path, shards: list[list[TensorMeta]], metadata: dict[str, str] | None = None
+    ) -> None:
+        if not shards:
+            raise CheckpointError("nothing to write: the checkpoint plan has no tensors")
+        self.out_dir = Path(out_dir)
+        self.shards = shards
+        self.metadata = metadata
+        self.file_names = shard_file_names(len(shards))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(meta.nbytes for shard in self.shards for meta in shard)
+
+    def shard_is_complete(self, index: int) -> bool:
+        """True when shard ``index`` is on disk, whole, and holds exactly the planned tensors."""
+        path = self.out_dir / self.file_names[index]
+        if not path.is_file():
+            return False
+        try:
+            header = read_header(path)
+        except CheckpointError:
+            return False
+        planned = {meta.name: meta for meta in self.shards[index]}
+        return header.tensors == planned and header.data_end == path.stat().st_size
+
+    def open_shard(self, index: int) -> ShardWriter:
+        return ShardWriter(self.out_dir / self.file_names[index], self.shards[index], self.metadata)
+
+    def finish(self) -> None:
+        """Write the index (when sharded) last, after every shard is in place."""
+        for index, name in enumerate(self.file_names):
+            if not self.shard_is_complete(index):
+                raise CheckpointError(f"shard {name} is missing or incomplete; the checkpoint was not finished")
+        if len(self.file_names) == 1:
+            return
+        weight_map = {meta.name: name for name, shard in zip(self.file_names, self.shards) for meta in shard}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        _atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write a JSON side file atomically (configs, manifests)."""
+    _atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def copy_side_files(source: Path, out_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> list[str]:
+    """Copy the tokenizer / generation files that exist in ``source``; returns the names copied."""
+    copied = []
+    for name in names:
+        path = Path(source) / name
+        if path.is_file():
+            shutil.copyfile(path, Path(out_dir) / name)
+            copied.append(name)
+    return copied
