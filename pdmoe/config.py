@@ -1,0 +1,114 @@
+"""`MoEConfig`: a dense family's config, unchanged, plus the fields of the upcycled MoE.
+
+Every field of the dense config stays at the top level of ``config.json`` (METHOD.md's on-disk
+contract), so the dense family's own modules (attention, norms, rotary embeddings) read the very
+same object they would read in the dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
+
+from pdmoe.errors import UsageError
+
+DENSE_CONFIGS: dict[str, type[PreTrainedConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+EXPERTS_IMPLS = ("auto", "torch", "triton")
+
+
+def check_supported_family(model_type: str | None) -> type[PreTrainedConfig]:
+    """The dense config class of a supported family, or a UsageError naming the supported ones."""
+    if model_type not in DENSE_CONFIGS:
+        raise UsageError(
+            f"unsupported architecture {model_type!r}; pdmoe upcycles these dense families: "
+            f"{', '.join(sorted(DENSE_CONFIGS))}"
+        )
+    return DENSE_CONFIGS[model_type]
+
+
+def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    """Which layers become MoE: None/'all', a list or '0,2,5', or 'every:N' (layers 0, N, 2N, ...)."""
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        text = spec.replace(" ", "")
+        try:
+            if text.startswith("every:"):
+                step = int(text.removeprefix("every:"))
+                if step < 1:
+                    raise ValueError
+                return list(range(0, num_layers, step))
+            spec = [int(part) for part in text.split(",") if part]
+        except ValueError:
+            raise UsageError(f"cannot read --layers {spec!r}; use 'all', a list like '0,2,5' or 'every:N'") from None
+    layers = sorted(set(spec))
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise UsageError(f"--layers {spec!r} must name layers in 0..{num_layers - 1}")
+    return layers
+
+
+class MoEConfig(PreTrainedConfig):
+    """Config of an upcycled MoE: the dense family's fields plus the MoE fields below."""
+
+    model_type = "pdmoe"
+
+    base_model_type: str = "llama"
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    original_experts: list[int] | None = None
+    router_aux_loss_coef: float = 0.01
+    norm_topk_prob: bool = True
+    output_router_logits: bool = False
+    experts_impl: str = "auto"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        dense_class = check_supported_family(self.base_model_type)
+        dense = dense_class(**kwargs)
+        own = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+        # Fill what the dense config derives (head_dim, layer_types, rope_parameters, ...).
+        for field in dataclasses.fields(dense_class):
+            if field.name not in own:
+                kwargs.setdefault(field.name, getattr(dense, field.name))
+        super().__post_init__(**kwargs)
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.num_hidden_layers))
+        if self.original_experts is None:
+            self.original_experts = [0]
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        if self.num_experts < 2:
+            raise UsageError(f"num_experts must be at least 2 (got {self.num_experts}): one expert is the dense model")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise UsageError(
+                f"top-k ({self.num_experts_per_tok}) must be between 1 and the number of experts ({self.num_experts})"
+            )
+        if self.experts_impl not in EXPERTS_IMPLS:
+            raise UsageError(f"experts_impl {self.experts_impl!r} is not one of {', '.join(EXPERTS_IMPLS)}")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise UsageError(f"moe_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+        if any(not 0 <= e < self.num_experts for e in self.original_experts):
+            raise UsageError(f"original_experts {self.original_experts} must lie in 0..{self.num_experts - 1}")
+
+    @property
+    def num_original_experts(self) -> int:
+        """How many leading experts are copies kept frozen in CPT (must be a prefix 0..n-1)."""
+        if sorted(self.original_experts) != list(range(len(self.original_experts))):
+            raise UsageError(f"original_experts must be a prefix 0..n-1, got {self.original_experts}")
+        return len(self.original_experts)
+
+    @classmethod
+    def from_dense(cls, dense: dict[str, Any], **moe_fields: Any) -> MoEConfig:
+        """The MoE config of a dense ``config.json`` dict, every dense field kept."""
+        fields = {k: v for k, v in dense.items() if k not in ("model_type", "architectures", "transformers_version")}
+        check_supported_family(dense.get("model_type"))
+        return cls(base_model_type=dense["model_type"], architectures=["MoEForCausalLM"], **fields, **moe_fields)

@@ -1,0 +1,156 @@
+"""`MoEForCausalLM`: a dense decoder family with chosen MLPs turned into MoE blocks.
+
+Everything but the MLPs is the dense family's own transformers module (attention backends, KV
+cache, rotary variants, q/k norms, biases), built from the same config object, so the upcycled
+model behaves exactly like the dense one wherever the MoE does not differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.mistral.modeling_mistral import MistralModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+
+from pdmoe.config import MoEConfig
+from pdmoe.experts import MoEExperts
+from pdmoe.load_balancing import load_balancing_loss
+from pdmoe.moe_block import MoEBlock
+from pdmoe.router import TopKRouter
+
+DENSE_MODELS: dict[str, type[PreTrainedModel]] = {
+    "llama": LlamaModel,
+    "mistral": MistralModel,
+    "qwen2": Qwen2Model,
+    "qwen3": Qwen3Model,
+}
+
+
+@dataclass
+class MoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE output plus the next-token loss alone (``loss`` = lm_loss + coef · aux_loss)."""
+
+    lm_loss: torch.FloatTensor | None = None
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    config: MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoEExperts) and not module.num_frozen:
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    """Causal LM over an upcycled MoE; ``forward(labels=...)`` adds the load-balancing loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.model = DENSE_MODELS[config.base_model_type](config)
+        for index in config.moe_layers:
+            self.model.layers[index].mlp = MoEBlock(
+                config.hidden_size,
+                config.intermediate_size,
+                config.num_experts,
+                config.num_experts_per_tok,
+                normalize=config.norm_topk_prob,
+                impl=config.experts_impl,
+            )
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def moe_blocks(self) -> Iterator[tuple[int, MoEBlock]]:
+        """(layer index, block) for every MoE layer, in layer order."""
+        for index in self.config.moe_layers:
+            yield index, self.model.layers[index].mlp
+
+    def set_experts_impl(self, impl: str) -> None:
+        """Switch every block between the Triton kernels ('triton'), the reference ('torch') and 'auto'."""
+        self.config.experts_impl = impl
+        self.config.validate_moe()
+        for _, block in self.moe_blocks():
+            block.experts.impl = impl
+
+    def freeze_original_experts(self) -> None:
+        """Split every MoE layer's storage so the original experts get no gradients (CPT stage)."""
+        frozen = self.config.num_original_experts
+        for _, block in self.moe_blocks():
+            block.experts.freeze_experts(frozen)
+
+    def unfreeze_experts(self) -> None:
+        for _, block in self.moe_blocks():
+            block.experts.unfreeze_experts()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoECausalLMOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        router_logits = tuple(block.pop_router_logits() for _, block in self.moe_blocks())
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = lm_loss = aux_loss = None
+        if router_logits and (labels is not None or output_router_logits):
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss
+            if aux_loss is not None:
+                loss = lm_loss + self.config.router_aux_loss_coef * aux_loss.to(lm_loss.device)
+        return MoECausalLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits if output_router_logits else None,
+            lm_loss=lm_loss,
+        )

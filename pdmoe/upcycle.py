@@ -1,0 +1,185 @@
+"""Upcycle a dense checkpoint into the MoE checkpoint of METHOD.md, streaming tensor by tensor.
+
+The plan (every output tensor's name, dtype and shape, and its shard) is made from headers alone;
+then each dense tensor is read from the memory-mapped input, turned into its MoE form and written
+straight into its shard. Peak memory is a few tensors (one layer's dense FFN and one expert block),
+whatever the model size.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdmoe.config import MoEConfig, check_supported_family, parse_layers
+from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
+from pdmoe.io.writer import ShardWriter, copy_side_files, ensure_free_space, parse_size, write_json
+
+_DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def router_key(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.weight"
+
+
+def gate_up_key(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.experts.gate_up_proj"
+
+
+def down_key(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.experts.down_proj"
+
+
+def dense_mlp_key(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.mlp.{part}.weight"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor and how it is made: 'copy' of the same key, 'router', 'gate_up' or 'down'."""
+
+    meta: TensorMeta
+    rule: str
+    layer: int = -1
+
+
+@dataclass(frozen=True)
+class UpcyclePlan:
+    """What will be written: the MoE config and the ordered output tensors."""
+
+    config: MoEConfig
+    tensors: list[PlannedTensor]
+
+    @property
+    def entries(self) -> list[TensorMeta]:
+        return [tensor.meta for tensor in self.tensors]
+
+
+def _check_dense_config(dense: dict) -> None:
+    check_supported_family(dense.get("model_type"))
+    if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
+        raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
+    if dense.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
+    if dense.get("mlp_bias"):
+        raise UsageError("MLPs with biases (mlp_bias=true) are not supported by the fused expert layout")
+
+
+def plan_upcycle(
+    reader: CheckpointReader,
+    num_experts: int,
+    top_k: int,
+    layers: str | list[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> UpcyclePlan:
+    """Validate the dense checkpoint and lay out the MoE checkpoint, reading headers only."""
+    dense = reader.config
+    _check_dense_config(dense)
+    moe_layers = parse_layers(layers, dense["num_hidden_layers"])
+    config = MoEConfig.from_dense(
+        dense, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, original_experts=[0]
+    )
+    if dtype is not None:
+        config.dtype = dtype
+    for layer in moe_layers:
+        missing = [dense_mlp_key(layer, p) for p in _MLP_PARTS if dense_mlp_key(layer, p) not in reader]
+        if missing:
+            raise CheckpointError(f"{reader.directory} lacks {', '.join(missing)}; is it a complete dense checkpoint?")
+
+    moe = set(moe_layers)
+    tensors: list[PlannedTensor] = []
+    for name in reader:
+        meta = reader.meta(name)
+        out_dtype = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
+        match = _DENSE_MLP.match(name)
+        if match is None or int(match[1]) not in moe:
+            tensors.append(PlannedTensor(TensorMeta(name, out_dtype, meta.shape), "copy"))
+            continue
+        layer, part = int(match[1]), match[2]
+        if part != "gate_proj":
+            continue  # the three MoE tensors of a layer are emitted once, where its gate_proj was
+        inter, hidden = meta.shape
+        tensors += [
+            PlannedTensor(TensorMeta(router_key(layer), out_dtype, (num_experts, hidden)), "router", layer),
+            PlannedTensor(TensorMeta(gate_up_key(layer), out_dtype, (num_experts, 2 * inter, hidden)), "gate_up", layer),
+            PlannedTensor(TensorMeta(down_key(layer), out_dtype, (num_experts, hidden, inter)), "down", layer),
+        ]
+    return UpcyclePlan(config=config, tensors=tensors)
+
+
+def _router_weight(meta: TensorMeta, layer: int, seed: int, std: float) -> torch.Tensor:
+    """A seeded N(0, std) router, reproducible per layer whatever the write order."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + layer)
+    return (torch.randn(meta.shape, generator=generator) * std).to(meta.dtype)
+
+
+def _write_tensor(writer: ShardWriter, reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float) -> None:
+    """Write one planned output tensor: a copy, a router, or E copies of the dense FFN."""
+    meta, layer = planned.meta, planned.layer
+    if planned.rule == "copy":
+        writer.write(meta.name, reader.get(meta.name).to(meta.dtype))
+        return
+    if planned.rule == "router":
+        writer.write(meta.name, _router_weight(meta, layer, seed, std))
+        return
+    if planned.rule == "gate_up":
+        parts = [reader.get(dense_mlp_key(layer, "gate_proj")), reader.get(dense_mlp_key(layer, "up_proj"))]
+    else:
+        parts = [reader.get(dense_mlp_key(layer, "down_proj"))]
+    expert = torch.cat(parts).to(meta.dtype).unsqueeze(0)
+    del parts
+    for _ in range(meta.shape[0]):
+        writer.write(meta.name, expert)
+
+
+def upcycle(
+    model: str | Path,
+    out: str | Path,
+    *,
+    num_experts: int = 4,
+    top_k: int = 2,
+    layers: str | list[int] | None = None,
+    router_init_std: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Turn the dense checkpoint ``model`` into an MoE checkpoint in ``out``; returns ``out``.
+
+    Expert 0 is the dense FFN and experts 1..E-1 are exact copies of it; routers are N(0, std)
+    with std = ``router_init_std`` or the dense config's ``initializer_range`` (0.02 for all
+    supported families). With identical experts and renormalised top-k the MoE computes exactly
+    what the dense model computes, whatever the routers are.
+    """
+    out = Path(out)
+    reader = CheckpointReader(model)
+    plan = plan_upcycle(reader, num_experts, top_k, layers, dtype)
+    std = router_init_std if router_init_std is not None else plan.config.initializer_range
+    if std < 0:
+        raise UsageError(f"--router-init-std must be non-negative, got {std}")
+    shards = plan_shards(plan.entries, parse_size(shard_size))
+    planned = {tensor.meta.name: tensor for tensor in plan.tensors}
+    prepare_output_dir(out, overwrite=overwrite, inputs=(Path(model),))
+    try:
+        writer = CheckpointWriter(out, shards)
+        ensure_free_space(out, writer.total_bytes)
+        write_json(out / "config.json", plan.config.to_dict())
+        copy_side_files(Path(model), out)
+        for index, shard in enumerate(shards):
+            with writer.open_shard(index) as shard_writer:
+                for meta in shard:
+                    _write_tensor(shard_writer, reader, planned[meta.name], seed, std)
+        writer.finish()
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    return out
