@@ -29,12 +29,8 @@ def parse_size(text: str | int) -> int:
         return text
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            number = upper[: -len(unit)]
-            break
-    else:
-        number, factor = upper.rstrip("B"), 1
+    unit = next((unit for unit in units if upper.endswith(unit)), None)
+    number, factor = (upper[: -len(unit)], units[unit]) if unit else (upper.rstrip("B"), 1)
     try:
         size = int(float(number) * factor)
     except ValueError:
@@ -110,17 +106,32 @@ class ShardWriter:
         self._next = 0
         self._written = 0
 
-    def write(self, name: str, block: torch.Tensor) -> None:
-        """Append ``block``: the whole tensor ``name`` or its next rows along dim 0."""
+    def _expect(self, name: str) -> TensorMeta:
         if self._next >= len(self.entries):
             raise CheckpointError(f"{self.path.name}: {name!r} is not planned for this shard")
         meta = self.entries[self._next]
         if name != meta.name:
             raise CheckpointError(f"{self.path.name}: expected {meta.name!r} next, got {name!r}")
-        if block.dtype != meta.dtype or tuple(block.shape[1:]) != meta.shape[1:]:
+        return meta
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Append ``block``: the whole tensor ``name`` or its next rows along dim 0."""
+        meta = self._expect(name)
+        if tuple(block.shape[1:]) != meta.shape[1:]:
             raise CheckpointError(
                 f"{self.path.name}: {name!r} planned as {meta.dtype} {meta.shape}, got {block.dtype} {tuple(block.shape)}"
             )
+        self.write_elements(name, block)
+
+    def write_elements(self, name: str, block: torch.Tensor) -> None:
+        """Append ``block``'s elements (any shape, C order) as the next elements of tensor ``name``.
+
+        Lets a caller stream a tensor in pieces smaller than one row of dim 0, e.g. one expert's
+        rows at a time of a fused [E, 2F, H] expert tensor.
+        """
+        meta = self._expect(name)
+        if block.dtype != meta.dtype:
+            raise CheckpointError(f"{self.path.name}: {name!r} planned as {meta.dtype}, got {block.dtype}")
         self._handle.write(tensor_bytes(block))
         self._written += block.numel() * block.element_size()
         if self._written > meta.nbytes:
@@ -179,7 +190,11 @@ class CheckpointWriter:
         except CheckpointError:
             return False
         planned = {meta.name: meta for meta in self.shards[index]}
-        return header.tensors == planned and header.data_end == path.stat().st_size
+        return (
+            header.tensors == planned
+            and header.data_end == path.stat().st_size
+            and header.metadata == {"format": "pt", **(self.metadata or {})}
+        )
 
     def open_shard(self, index: int) -> ShardWriter:
         return ShardWriter(self.out_dir / self.file_names[index], self.shards[index], self.metadata)
@@ -191,7 +206,7 @@ class CheckpointWriter:
                 raise CheckpointError(f"shard {name} is missing or incomplete; the checkpoint was not finished")
         if len(self.file_names) == 1:
             return
-        weight_map = {meta.name: name for name, shard in zip(self.file_names, self.shards) for meta in shard}
+        weight_map = {meta.name: name for name, shard in zip(self.file_names, self.shards, strict=True) for meta in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         _atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
