@@ -47,6 +47,15 @@ def expert_weight(weights: ExpertWeights, expert: int) -> torch.Tensor:
     return second[expert - first.shape[0]]
 
 
+def sort_by_expert(flat_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots grouped by expert in slot order (a stable sort) and the token count of every expert."""
+    flat_ids = flat_ids.long()
+    counts = torch.bincount(flat_ids, minlength=n_experts)
+    if counts.numel() > n_experts:
+        raise ValueError(f"topk_ids has an expert id >= {n_experts}")
+    return torch.argsort(flat_ids, stable=True), counts
+
+
 def moe_mlp_reference(
     hidden: torch.Tensor,
     gate_up_proj: ExpertWeights,
@@ -65,15 +74,10 @@ def moe_mlp_reference(
     E = num_experts(gate_up_proj)
     if num_experts(down_proj) != E:
         raise ValueError("gate_up_proj and down_proj disagree on the number of experts")
-    flat_ids = topk_ids.reshape(-1).long()
-    # Rows of the per-slot buffer, grouped by expert; a stable sort keeps the slot order inside an expert.
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=E).tolist()
-    if len(counts) > E:
-        raise ValueError(f"topk_ids has an expert id >= {E}")
+    order, counts = sort_by_expert(topk_ids.reshape(-1), E)
     per_slot = hidden.new_zeros(T * k, H)
     start = 0
-    for e, count in enumerate(counts):
+    for e, count in enumerate(counts.tolist()):
         if count == 0:
             continue
         slots = order[start : start + count]
