@@ -1,0 +1,61 @@
+"""The ``pdmoe graft`` subcommand; ``pdmoe.cli`` registers it with ``add_graft_parser``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pdmoe.graft import DTYPES, graft
+
+_DESCRIPTION = """\
+Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).
+BASE and INSTRUCT are dense checkpoints of the same architecture; CPT is the upcycled MoE after
+continued pre-training (every expert gets its layer's dense FFN delta, routers keep CPT's values)
+or a dense CPT model (classic ParamDelta / chat vector). Streams tensor by tensor in bounded memory.
+Vocabulary: BASE's rows get the delta; rows CPT added keep CPT's values (the tokenizer then comes
+from CPT, the chat template from INSTRUCT); rows INSTRUCT added keep INSTRUCT's values."""
+
+
+def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``graft``; the handler is stored as ``func`` (``args.func(args)`` returns the exit code)."""
+    parser = subparsers.add_parser(
+        "graft",
+        help="graft the post-training delta (INSTRUCT - BASE) onto a CPT model",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base", required=True, type=Path, help="dense base model directory")
+    parser.add_argument("--instruct", required=True, type=Path, help="dense post-trained model directory")
+    parser.add_argument("--cpt", required=True, type=Path, help="CPT model directory (upcycled MoE or dense)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--scale", type=float, default=1.0, metavar="ALPHA", help="delta scale (default 1.0)")
+    parser.add_argument(
+        "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: each CPT tensor's own)"
+    )
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.set_defaults(func=run_graft_command)
+    return parser
+
+
+def run_graft_command(args: argparse.Namespace) -> int:
+    report = graft(
+        args.base,
+        args.instruct,
+        args.cpt,
+        args.out,
+        scale=args.scale,
+        skip_embeddings=args.skip_embeddings,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        dry_run=args.dry_run,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+    return 0

@@ -1,0 +1,195 @@
+"""Executing a graft plan: stream blocks of rows from the inputs through the math into the shards.
+
+Memory stays bounded by a few blocks of ``BLOCK_ELEMENTS`` elements (independent of model and
+tensor size): inputs are read with positioned reads a block at a time, and a writer thread takes
+finished blocks from a short queue, so reading and arithmetic (main thread) overlap with writing
+and fsync (writer thread). Crash safety comes from ``CheckpointWriter``: each shard appears under
+its final name only when complete, ``graft.json`` and then the index come last. Every shard
+carries the plan's fingerprint in its metadata, so ``resume`` reuses exactly the shards an
+interrupted run of the same plan on the same inputs finished, and rewrites everything else.
+
+Side files: ``config.json`` is CPT's (vocabulary size and dtype adjusted to what is written),
+``generation_config.json`` INSTRUCT's; tokenizer files and chat template are INSTRUCT's, unless
+CPT extended the vocabulary: then the tokenizer is CPT's (only it knows the new tokens) and the
+chat template INSTRUCT's (file, and ``chat_template`` of ``tokenizer_config.json``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pdmoe.graft.delta import graft_block
+from pdmoe.graft.planner import GraftPlan, Piece, TensorPlan
+from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.reader import INDEX_FILE, CheckpointReader
+from pdmoe.io.writer import SIDE_FILES, CheckpointWriter, copy_side_files, ensure_free_space, write_json
+
+BLOCK_ELEMENTS = 4 * 2**20
+MANIFEST = "graft.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
+_SHARD_FILE = re.compile(r"^\.?model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?$")
+
+
+@dataclass
+class GraftReport:
+    """What a graft did (or, for a dry run, would do)."""
+
+    out_dir: Path
+    plan: GraftPlan
+    dry_run: bool = False
+    shards_written: int = 0
+    shards_skipped: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return self.plan.describe()
+        counts = ", ".join(f"{rule}={count}" for rule, count in self.plan.counts().items())
+        rate = (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9) / 2**20
+        resumed = f" ({self.shards_skipped} already complete)" if self.shards_skipped else ""
+        return (
+            f"grafted {len(self.plan.tensors)} tensors into {self.out_dir}: {self.shards_written} shard(s) written"
+            f"{resumed}, {counts}; {self.seconds:.1f} s, {rate:.0f} MiB/s read+written"
+        )
+
+
+def pdmoe_version() -> str:
+    try:
+        return importlib.metadata.version("pdmoe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Streamer:
+    """Produces the output blocks of one tensor plan, in file order, from the three readers."""
+
+    def __init__(self, base: CheckpointReader, instruct: CheckpointReader, cpt: CheckpointReader, alpha: float):
+        self.base, self.instruct, self.cpt, self.alpha = base, instruct, cpt, alpha
+        self.bytes_read = 0
+
+    def _read(self, reader: CheckpointReader, name: str, start: int, count: int) -> torch.Tensor:
+        block = reader.read_elements(name, start, count)
+        self.bytes_read += block.nbytes
+        return block
+
+    def blocks(self, plan: TensorPlan) -> Iterator[torch.Tensor]:
+        if plan.out.numel == 0:
+            yield torch.empty(0, dtype=plan.out.dtype)
+            return
+        step = max(1, BLOCK_ELEMENTS // plan.width)
+        for expert in range(max(plan.experts, 1)):
+            for piece in plan.pieces:
+                for start in range(piece.start, piece.stop, step):
+                    yield self._block(plan, expert, piece, start, min(start + step, piece.stop))
+
+    def _block(self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int) -> torch.Tensor:
+        width, name, dtype = plan.width, plan.out.name, plan.out.dtype
+        count = (stop - start) * width
+        dense_start = (piece.dense_start + start - piece.start) * width
+        if piece.source == "instruct":
+            return self._read(self.instruct, piece.dense, dense_start, count).to(dtype)
+        cpt = self._read(self.cpt, name, (expert * plan.rows + start) * width, count)
+        if piece.source == "cpt":
+            return cpt.to(dtype)
+        base = self._read(self.base, piece.dense, dense_start, count)
+        instruct = self._read(self.instruct, piece.dense, dense_start, count)
+        return graft_block(cpt, base, instruct, self.alpha, dtype)
+
+
+def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
+    return {
+        role: {"path": str(reader.directory.resolve()), "header_sha256": reader.header_digests()}
+        for role, reader in readers.items()
+    }
+
+
+def _forget_earlier_run(out_dir: Path, writer: CheckpointWriter) -> None:
+    """From here on OUT must not look finished: drop an earlier run's index, manifest and stray shards."""
+    for name in (INDEX_FILE, MANIFEST):
+        (out_dir / name).unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if _SHARD_FILE.match(path.name) and path.name not in writer.file_names:
+            path.unlink()
+
+
+def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path) -> None:
+    write_json(out_dir / "config.json", plan.config)
+    copy_side_files(instruct, out_dir, ("generation_config.json",))
+    if plan.tokenizer_source == "instruct":
+        copy_side_files(instruct, out_dir, TOKENIZER_FILES)
+        return
+    copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
+    copy_side_files(instruct, out_dir, CHAT_TEMPLATE_FILES)
+    template = json.loads((instruct / "tokenizer_config.json").read_text()).get("chat_template") if (
+        instruct / "tokenizer_config.json").is_file() else None
+    if template is not None and (out_dir / "tokenizer_config.json").is_file():
+        tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+        write_json(out_dir / "tokenizer_config.json", {**tokenizer_config, "chat_template": template})
+
+
+def execute(
+    plan: GraftPlan,
+    base: CheckpointReader,
+    instruct: CheckpointReader,
+    cpt: CheckpointReader,
+    out_dir: Path,
+    *,
+    resume: bool,
+    options: dict,
+) -> GraftReport:
+    """Write the grafted checkpoint described by ``plan`` into the prepared ``out_dir``."""
+    started = time.perf_counter()
+    inputs = _inputs_manifest({"base": base, "instruct": instruct, "cpt": cpt})
+    fingerprint = plan.fingerprint(inputs)
+    writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
+    _forget_earlier_run(out_dir, writer)
+    complete = {index for index in range(len(plan.shards)) if resume and writer.shard_is_complete(index)}
+    todo = [index for index in range(len(plan.shards)) if index not in complete]
+    ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
+    _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
+
+    streamer = _Streamer(base, instruct, cpt, plan.alpha)
+    written = 0
+    with BackgroundShardWriter(writer) as sink:
+        for tensor in plan.tensors:
+            if tensor.shard in complete:
+                continue
+            for block in streamer.blocks(tensor):
+                sink.write(tensor.shard, tensor.out.name, block)
+                written += block.nbytes
+
+    manifest = {
+        "pdmoe_version": pdmoe_version(),
+        "inputs": inputs,
+        "alpha": plan.alpha,
+        "options": options,
+        "counts": plan.counts(),
+        "tokenizer_from": plan.tokenizer_source,
+        "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
+        "moe_layers": plan.moe_layers,
+        "num_experts": plan.num_experts,
+        "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
+        "plan_sha256": fingerprint,
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    writer.finish()
+    return GraftReport(
+        out_dir=out_dir,
+        plan=plan,
+        shards_written=len(todo),
+        shards_skipped=len(complete),
+        bytes_read=streamer.bytes_read,
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,180 @@
+"""Checkpoints for the graft tests, and the independent recomputation the outputs are judged by.
+
+No tests here: the other ``test_graft_*`` modules import these helpers (pytest puts ``tests/`` on
+``sys.path``). The reference loads whole state dicts with ``safetensors.torch.load_file`` and
+computes in float64, written from METHOD.md, not from the implementation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pdmoe.io.writer import CheckpointWriter, plan_shards
+
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def save_checkpoint(
+    directory: Path, tensors: dict[str, torch.Tensor], config: dict, *, shard_bytes: int | None = None,
+    tokenizer: dict | None = None,
+) -> Path:
+    """A checkpoint directory: config, one file or shards + index, optional tokenizer files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    if shard_bytes is None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"), {"format": "pt"})
+    else:
+        from pdmoe.io.safetensors_format import TensorMeta
+
+        metas = [TensorMeta(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+        writer = CheckpointWriter(directory, plan_shards(metas, shard_bytes))
+        for index, shard in enumerate(writer.shards):
+            with writer.open_shard(index) as shard_writer:
+                for meta in shard:
+                    shard_writer.write(meta.name, tensors[meta.name])
+        writer.finish()
+    for name, payload in (tokenizer or {}).items():
+        (directory / name).write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return directory
+
+
+def load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, loaded whole."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def dense_config(layers: int = 2, hidden: int = 8, ffn: int = 12, vocab: int = 20, tied: bool = False) -> dict:
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "vocab_size": vocab, "tie_word_embeddings": tied,
+    }
+
+
+def dense_tensors(
+    layers: int = 2, hidden: int = 8, ffn: int = 12, vocab: int = 20, *, tied: bool = False, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Llama-style dense weights with random values."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden)}
+    if not tied:
+        tensors["lm_head.weight"] = rand(vocab, hidden)
+    for i in range(layers):
+        prefix = f"model.layers.{i}"
+        tensors |= {
+            f"{prefix}.input_layernorm.weight": rand(hidden),
+            f"{prefix}.self_attn.q_proj.weight": rand(hidden, hidden),
+            f"{prefix}.self_attn.o_proj.weight": rand(hidden, hidden),
+            f"{prefix}.mlp.gate_proj.weight": rand(ffn, hidden),
+            f"{prefix}.mlp.up_proj.weight": rand(ffn, hidden),
+            f"{prefix}.mlp.down_proj.weight": rand(hidden, ffn),
+        }
+    return tensors
+
+
+def perturb(tensors: dict[str, torch.Tensor], *, seed: int, only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A copy with N(0, 0.1) noise on every tensor (or only those whose name contains one of ``only``)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in tensors.items():
+        if only and not any(part in name for part in only):
+            out[name] = tensor.clone()
+            continue
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * 0.1
+        out[name] = (tensor.float() + noise).to(tensor.dtype)
+    return out
+
+
+def synthetic_upcycle(dense: dict[str, torch.Tensor], experts: int = 4, layers: tuple[int, ...] = (0, 1)) -> dict:
+    """The MoE layout of METHOD.md made by hand: E copies of each chosen layer's FFN, random routers."""
+    out = {}
+    for name, tensor in dense.items():
+        parts = name.split(".")
+        if name.endswith("mlp.gate_proj.weight") and int(parts[2]) in layers:
+            mlp = name.removesuffix(".gate_proj.weight")
+            gate_up = torch.cat([tensor, dense[f"{mlp}.up_proj.weight"]])
+            out[f"{mlp}.gate.weight"] = torch.randn(experts, tensor.shape[1]).to(tensor.dtype)
+            out[f"{mlp}.experts.gate_up_proj"] = gate_up.expand(experts, *gate_up.shape).clone()
+            down = dense[f"{mlp}.down_proj.weight"]
+            out[f"{mlp}.experts.down_proj"] = down.expand(experts, *down.shape).clone()
+        elif not (".mlp." in name and len(parts) > 2 and int(parts[2]) in layers):
+            out[name] = tensor
+    return out
+
+
+def fake_cpt(moe: dict[str, torch.Tensor], *, seed: int = 7) -> dict[str, torch.Tensor]:
+    """CPT as METHOD.md trains it: only experts 1..E-1 and the routers move."""
+    out = perturb(moe, seed=seed, only=(".mlp.gate.weight", ".experts."))
+    for name, tensor in out.items():
+        if ".experts." in name:
+            tensor[0] = moe[name][0]
+    return out
+
+
+def reference_graft(
+    base_dir: Path, instruct_dir: Path, cpt_dir: Path, *, alpha: float = 1.0, skip_embeddings: bool = False,
+    dtype: torch.dtype | None = None, work: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """The graft of METHOD.md step 4, recomputed from whole state dicts."""
+    base, instruct, cpt = load_dir(base_dir), load_dir(instruct_dir), load_dir(cpt_dir)
+
+    def delta(name: str) -> torch.Tensor:
+        rows = base[name].shape[0] if base[name].dim() else None
+        return instruct[name][:rows].to(work) - base[name].to(work)
+
+    out = {}
+    for name, value in cpt.items():
+        result = value.to(work).clone()
+        if name.endswith(".experts.gate_up_proj"):
+            mlp = name.removesuffix(".experts.gate_up_proj")
+            result += torch.cat([delta(f"{mlp}.gate_proj.weight"), delta(f"{mlp}.up_proj.weight")]) * alpha
+        elif name.endswith(".experts.down_proj"):
+            result += delta(name.replace(".experts.down_proj", ".down_proj.weight")) * alpha
+        elif name in base and value.dtype.is_floating_point:
+            rows = base[name].shape[0] if value.dim() else None
+            if not (skip_embeddings and name in VOCAB_KEYS):
+                result[:rows] += delta(name) * alpha
+            if name in VOCAB_KEYS and instruct[name].shape[0] > rows:
+                result = torch.cat([result, instruct[name][rows:].to(work)])
+        out[name] = result.to(dtype if dtype is not None and value.dtype.is_floating_point else value.dtype)
+    return out
+
+
+@dataclass
+class Pipeline:
+    """BASE, INSTRUCT and CPT directories of one test scenario."""
+
+    base: Path
+    instruct: Path
+    cpt: Path
+
+
+def real_pipeline(root: Path, *, tied: bool = False) -> Pipeline:
+    """The real pipeline on a tiny model: build_tiny_dense, an instruct stand-in, `pdmoe upcycle`, fake CPT."""
+    from pdmoe.tiny import build_tiny_dense, perturb_checkpoint
+    from pdmoe.upcycle import upcycle
+
+    base = build_tiny_dense(root / "base", tie_word_embeddings=tied)
+    instruct = perturb_checkpoint(base, root / "instruct", scale=0.05)
+    moe = upcycle(base, root / "moe", num_experts=4, top_k=2)
+    cpt = root / "cpt"
+    cpt.mkdir()
+    for path in moe.iterdir():
+        if path.suffix != ".safetensors":
+            (cpt / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(str(moe / "model.safetensors"))
+    save_file(fake_cpt(tensors), str(cpt / "model.safetensors"), {"format": "pt"})
+    return Pipeline(base, instruct, cpt)
