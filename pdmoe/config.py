@@ -73,11 +73,16 @@ class MoEConfig(PreTrainedConfig):
         dense_class = check_supported_family(self.base_model_type)
         dense = dense_class(**kwargs)
         own = {field.name for field in dataclasses.fields(PreTrainedConfig)}
-        # Fill what the dense config derives (head_dim, layer_types, rope_parameters, ...).
-        for field in dataclasses.fields(dense_class):
-            if field.name not in own:
-                kwargs.setdefault(field.name, getattr(dense, field.name))
+        # Every dense field, with what the dense config derives (head_dim, layer_types, rope_parameters):
+        # set after the base class, which would drop some of them (use_cache) as generation settings.
+        dense_fields = {
+            field.name: getattr(dense, field.name)
+            for field in dataclasses.fields(dense_class)
+            if field.name not in own
+        }
         super().__post_init__(**kwargs)
+        for name, value in dense_fields.items():
+            setattr(self, name, value)
         if self.moe_layers is None:
             self.moe_layers = list(range(self.num_hidden_layers))
         if self.original_experts is None:

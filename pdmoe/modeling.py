@@ -56,12 +56,17 @@ class MoEPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, TopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, MoEExperts) and not module.num_frozen:
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
+        init_moe_module(module, self.config.initializer_range)
+
+
+@torch.no_grad()
+def init_moe_module(module: nn.Module, std: float) -> None:
+    """N(0, std) for routers and experts; transformers' init helpers skip tensors already loaded."""
+    if isinstance(module, TopKRouter):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, MoEExperts) and not module.num_frozen:
+        init.normal_(module.gate_up_proj, mean=0.0, std=std)
+        init.normal_(module.down_proj, mean=0.0, std=std)
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
@@ -81,6 +86,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 normalize=config.norm_topk_prob,
                 impl=config.experts_impl,
             )
+        # transformers initialises a nested PreTrainedModel with that model's own _init_weights,
+        # which knows nothing of MoE modules: extend it for this instance.
+        dense_init = self.model._init_weights
+
+        def init_dense_and_moe(module: nn.Module) -> None:
+            dense_init(module)
+            init_moe_module(module, config.initializer_range)
+
+        self.model._init_weights = init_dense_and_moe
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

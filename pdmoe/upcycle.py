@@ -62,9 +62,9 @@ class UpcyclePlan:
 
 
 def _check_dense_config(dense: dict) -> None:
-    check_supported_family(dense.get("model_type"))
     if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
         raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
+    check_supported_family(dense.get("model_type"))
     if dense.get("hidden_act", "silu") != "silu":
         raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
     if dense.get("mlp_bias"):
