@@ -1,0 +1,63 @@
+"""Model-level throughput: the upcycled MoE next to the dense model it came from, in one run.
+
+pytest-benchmark groups the rows by mode, so its table shows each model's time as a ratio to the
+fastest of its group; ``extra_info`` carries tokens/s. On CUDA the sizes are realistic (bf16,
+Triton experts); on CPU they are tiny so the suite stays usable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pdmoe.tiny import build_tiny_dense
+from pdmoe.upcycle import upcycle
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SIZES = (
+    {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 16,
+     "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096}
+    if CUDA
+    else {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 512}
+)
+BATCH, SEQ = (8, 1024) if CUDA else (2, 128)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench-model")
+    dense = build_tiny_dense(root / "dense", "llama", **SIZES)
+    return {"dense": dense, "moe": upcycle(dense, root / "moe", num_experts=4, top_k=2)}
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_model_throughput(benchmark, checkpoints, kind, mode):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[kind], dtype=DTYPE).to(DEVICE)
+    tokens = torch.randint(0, 256, (BATCH, SEQ), device=DEVICE)
+    model.train(mode == "forward_backward")
+
+    def step() -> None:
+        if mode == "forward":
+            with torch.no_grad():
+                model(tokens)
+        else:
+            model(tokens, labels=tokens).loss.backward()
+        _sync()
+
+    step()  # warm-up: kernels compiled, caches filled
+    benchmark.group = f"model {mode} ({'cuda bf16' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ} tokens)"
+    benchmark.pedantic(step, rounds=10, iterations=1)
+    benchmark.extra_info["tokens_per_s"] = BATCH * SEQ / benchmark.stats.stats.mean
+    benchmark.extra_info["sizes"] = SIZES
