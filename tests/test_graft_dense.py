@@ -8,53 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from test_graft_fixtures import (
-    VOCAB_KEYS,
     dense_config,
     dense_tensors,
-    fake_cpt,
     load_dir,
+    make,
     perturb,
     reference_graft,
     save_checkpoint,
-    synthetic_upcycle,
 )
 
 from pdmoe.graft import graft
-
-TOKENIZER = {"tokenizer.json": {"model": {"vocab": {"a": 0}}}, "tokenizer_config.json": {"chat_template": "{{ base }}"}}
-
-
-def with_rows(tensors: dict[str, torch.Tensor], vocab: int, seed: int) -> dict[str, torch.Tensor]:
-    """Embedding / head rows appended up to ``vocab`` (tokens added by this checkpoint)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = dict(tensors)
-    for name in VOCAB_KEYS:
-        if name in out and vocab > out[name].shape[0]:
-            extra = torch.randn(vocab - out[name].shape[0], out[name].shape[1], generator=generator)
-            out[name] = torch.cat([out[name], extra.to(out[name].dtype)])
-    return out
-
-
-def make(root: Path, *, dtype=torch.float32, tied=False, moe=False, base_vocab=20, instruct_vocab=20, cpt_vocab=20,
-         shard_bytes=None) -> tuple[Path, Path, Path]:
-    """BASE, INSTRUCT (post-trained: everything moved) and CPT (dense, or upcycled with new experts moved)."""
-    config = dense_config(tied=tied)
-    base = dense_tensors(vocab=base_vocab, tied=tied, dtype=dtype)
-    instruct = with_rows(perturb(base, seed=1), instruct_vocab, seed=3)
-    cpt = with_rows(perturb(base, seed=2), cpt_vocab, seed=4)
-    cpt_config = dict(config, vocab_size=cpt_vocab)
-    if moe:
-        cpt = fake_cpt(synthetic_upcycle(cpt))
-        cpt_config |= {"model_type": "pdmoe", "base_model_type": "llama", "moe_layers": [0, 1], "num_experts": 4}
-    tokenizers = {"instruct": {**TOKENIZER, "tokenizer_config.json": {"chat_template": "{{ instruct }}"},
-                               "chat_template.jinja": "instruct template", "generation_config.json": {"eos": 1}},
-                  "cpt": {**TOKENIZER, "tokenizer.json": {"model": {"vocab": {"a": 0, "new": 20}}}}}
-    return (
-        save_checkpoint(root / "base", base, dict(config, vocab_size=base_vocab), shard_bytes=shard_bytes,
-                        tokenizer=TOKENIZER),
-        save_checkpoint(root / "instruct", instruct, dict(config, vocab_size=instruct_vocab), tokenizer=tokenizers["instruct"]),
-        save_checkpoint(root / "cpt", cpt, cpt_config, shard_bytes=shard_bytes, tokenizer=tokenizers["cpt"]),
-    )
 
 
 def assert_matches(out: Path, expected: dict[str, torch.Tensor]) -> None:

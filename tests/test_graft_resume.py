@@ -1,0 +1,87 @@
+"""Crash safety and --resume: an interrupted graft finishes into the same bytes as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_graft_fixtures import make
+
+from pdmoe.graft import graft
+from pdmoe.io.writer import ShardWriter
+
+SHARD_SIZE = 3000
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "graft.json"}
+
+
+def interrupt_after_first_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = ShardWriter.commit
+    calls = []
+
+    def failing_commit(self: ShardWriter) -> None:
+        calls.append(self.path.name)
+        if len(calls) == 2:
+            raise OSError("simulated crash while writing the second shard")
+        commit(self)
+
+    monkeypatch.setattr(ShardWriter, "commit", failing_commit)
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make(tmp_path, moe=True)
+
+
+def test_interrupted_run_leaves_nothing_that_looks_finished(tmp_path: Path, inputs, monkeypatch) -> None:
+    interrupt_after_first_shard(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="simulated crash"):
+        graft(*inputs, out, shard_size=SHARD_SIZE)
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (out / "graft.json").exists()
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 1 and shards[0].startswith("model-00001-of-")
+    assert not list(out.glob(".*.partial"))
+
+
+def test_resume_gives_the_same_bytes(tmp_path: Path, inputs, monkeypatch) -> None:
+    clean = tmp_path / "clean"
+    graft(*inputs, clean, shard_size=SHARD_SIZE)
+
+    out = tmp_path / "out"
+    interrupt_after_first_shard(monkeypatch)
+    with pytest.raises(OSError):
+        graft(*inputs, out, shard_size=SHARD_SIZE)
+    monkeypatch.undo()
+    report = graft(*inputs, out, shard_size=SHARD_SIZE, resume=True)
+    assert report.shards_skipped == 1
+    assert report.shards_written == len(report.plan.shards) - 1
+    assert files(out) == files(clean)
+    manifest, clean_manifest = (json.loads((d / "graft.json").read_text()) for d in (out, clean))
+    assert manifest["options"].pop("resume") and not clean_manifest["options"].pop("resume")
+    assert manifest == clean_manifest
+
+    again = graft(*inputs, out, shard_size=SHARD_SIZE, resume=True)  # a finished output: nothing to redo
+    assert again.shards_written == 0 and files(out) == files(clean)
+
+
+def test_resume_with_other_options_rewrites_every_shard(tmp_path: Path, inputs) -> None:
+    out = tmp_path / "out"
+    graft(*inputs, out, shard_size=SHARD_SIZE)
+    report = graft(*inputs, out, shard_size=SHARD_SIZE, scale=0.5, resume=True)
+    assert report.shards_skipped == 0
+    fresh = tmp_path / "fresh"
+    graft(*inputs, fresh, shard_size=SHARD_SIZE, scale=0.5)
+    assert files(out) == files(fresh)
+
+
+def test_resume_with_another_shard_size_drops_stale_shards(tmp_path: Path, inputs) -> None:
+    out = tmp_path / "out"
+    graft(*inputs, out, shard_size=SHARD_SIZE)
+    graft(*inputs, out, shard_size="1MB", resume=True)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
