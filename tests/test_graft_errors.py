@@ -1,0 +1,201 @@
+"""Bad input: a clear message, and nothing in OUT that looks like a finished output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from test_graft_fixtures import dense_config, dense_tensors, load_dir, make, save_checkpoint
+
+from pdmoe.errors import CheckpointError, PdmoeError, UsageError
+from pdmoe.graft import graft
+from pdmoe.graft.cli import add_graft_parser
+
+
+def assert_nothing_finished(out: Path) -> None:
+    assert not out.exists() or (not any(out.glob("*.safetensors")) and not (out / "graft.json").exists())
+
+
+def rewrite(directory: Path, change) -> Path:
+    tensors = load_dir(directory)
+    change(tensors)
+    (directory / "model.safetensors").unlink()
+    return save_checkpoint(directory, tensors, json.loads((directory / "config.json").read_text()))
+
+
+def test_base_and_instruct_of_different_architectures(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True)
+
+    def change(tensors: dict) -> None:
+        tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(4, 8)
+        del tensors["model.norm.weight"]
+
+    rewrite(instruct, change)
+    with pytest.raises(CheckpointError, match="BASE and INSTRUCT are not the same architecture") as info:
+        graft(base, instruct, cpt, tmp_path / "out")
+    message = str(info.value)
+    assert "model.layers.1.self_attn.q_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [4, 8] in INSTRUCT" in message
+    assert "model.norm.weight: in BASE, missing in INSTRUCT" in message
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_instruct_of_another_family(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path)
+    (instruct / "config.json").write_text(json.dumps(dense_config() | {"model_type": "qwen2", "hidden_size": 16}))
+    with pytest.raises(CheckpointError, match="config model_type: 'llama' in BASE, 'qwen2' in INSTRUCT") as info:
+        graft(base, instruct, cpt, tmp_path / "out")
+    assert "config hidden_size: 8 in BASE, 16 in INSTRUCT" in str(info.value)
+
+
+def test_many_mismatches_are_cut_short(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path)
+    rewrite(instruct, lambda tensors: [tensors.pop(name) for name in list(tensors)[:-1]])
+    with pytest.raises(CheckpointError, match=r"\.\.\. and \d+ more"):
+        graft(base, instruct, cpt, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(8, 9)),
+         "model.layers.0.self_attn.o_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [8, 9] in CPT"),
+        (lambda t: t.pop("model.layers.1.input_layernorm.weight"),
+         "model.layers.1.input_layernorm.weight: in BASE, missing in CPT"),
+        (lambda t: t.__setitem__("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(4, 20, 8)),
+         "model.layers.0.mlp.experts.gate_up_proj: [4, 20, 8] in CPT, expected [4, 24, 8] from BASE"),
+        (lambda t: t.__setitem__("model.layers.1.mlp.experts.down_proj", torch.zeros(3, 8, 12)),
+         "model.layers.1.mlp.experts.down_proj: [3, 8, 12] in CPT, expected [4, 8, 12] from BASE"),
+        (lambda t: t.__setitem__("lm_head.weight", torch.zeros(19, 8)),
+         "lm_head.weight: torch.float32 [20, 8] in BASE, torch.float32 [19, 8] in CPT"),
+    ],
+    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows"],
+)
+def test_cpt_whose_dense_part_does_not_match_base(tmp_path: Path, change, expected: str) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True)
+    rewrite(cpt, change)
+    with pytest.raises(CheckpointError, match="CPT does not match BASE") as info:
+        graft(base, instruct, cpt, tmp_path / "out")
+    assert expected in str(info.value)
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_cpt_config_of_another_family(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True)
+    config = json.loads((cpt / "config.json").read_text())
+    (cpt / "config.json").write_text(json.dumps(config | {"base_model_type": "qwen3", "moe_layers": [0]}))
+    with pytest.raises(CheckpointError, match="CPT does not match BASE") as info:
+        graft(base, instruct, cpt, tmp_path / "out")
+    assert "config model_type: 'llama' in BASE, 'qwen3' in CPT" in str(info.value)
+    assert "config moe_layers [0] in CPT, but its tensors have MoE layers [0, 1]" in str(info.value)
+
+
+def test_both_instruct_and_cpt_add_tokens(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True, instruct_vocab=22, cpt_vocab=25)
+    with pytest.raises(CheckpointError, match="the same token ids would mean different tokens"):
+        graft(base, instruct, cpt, tmp_path / "out")
+
+
+@pytest.fixture()
+def sharded(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make(tmp_path, shard_bytes=2000)
+
+
+def test_missing_shard(tmp_path: Path, sharded) -> None:
+    base, instruct, cpt = sharded
+    shard = sorted(cpt.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing shard .*{shard.name}"):
+        graft(base, instruct, cpt, tmp_path / "out")
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_truncated_shard(tmp_path: Path, sharded) -> None:
+    base, instruct, cpt = sharded
+    shard = sorted(base.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):
+        graft(base, instruct, cpt, tmp_path / "out")
+
+
+def test_index_escaping_the_checkpoint(tmp_path: Path, sharded) -> None:
+    base, instruct, cpt = sharded
+    index_path = cpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    shutil.copy(cpt / index["weight_map"][name], tmp_path / "outside.safetensors")
+    index["weight_map"][name] = "../outside.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lies outside the checkpoint directory"):
+        graft(base, instruct, cpt, tmp_path / "out")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path)
+    (instruct / "model.safetensors").unlink()
+    torch.save(dense_tensors(), instruct / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pickle checkpoints \(pytorch_model.bin\).*safetensors only"):
+        graft(base, instruct, cpt, tmp_path / "out")
+
+
+def test_non_empty_out_without_overwrite(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite"):
+        graft(base, instruct, cpt, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    graft(base, instruct, cpt, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "graft.json").is_file()
+
+
+def test_out_is_an_input(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path)
+    with pytest.raises(CheckpointError, match="is also an input"):
+        graft(base, instruct, cpt, cpt, overwrite=True)
+    assert (cpt / "model.safetensors").is_file()
+
+
+def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, instruct, cpt = make(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("pdmoe.io.writer.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(CheckpointError, match="GiB free but the output needs"):
+        graft(base, instruct, cpt, tmp_path / "out")
+    assert_nothing_finished(tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"resume": True, "overwrite": True}, UsageError, "pass only one"),
+        ({"dtype": "int8"}, UsageError, "unsupported output dtype 'int8'"),
+        ({"shard_size": "lots"}, CheckpointError, "cannot read size 'lots'"),
+        ({"scale": float("nan")}, UsageError, "--scale must be a finite number"),
+    ],
+)
+def test_bad_options(tmp_path: Path, options: dict, error: type[PdmoeError], message: str) -> None:
+    base, instruct, cpt = make(tmp_path)
+    with pytest.raises(error, match=message):
+        graft(base, instruct, cpt, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True)
+    parser = argparse.ArgumentParser(prog="pdmoe")
+    add_graft_parser(parser.add_subparsers(dest="command"))
+    common = ["graft", "--base", str(base), "--instruct", str(instruct), "--cpt", str(cpt), "--out", str(tmp_path / "o")]
+    args = parser.parse_args([*common, "--dry-run", "--scale", "0.5", "--dtype", "bf16"])
+    assert args.func(args) == 0
+    assert "ALPHA=0.5" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    args = parser.parse_args([*common, "--skip-embeddings", "--shard-size", "2KB"])
+    assert args.func(args) == 0
+    assert "embedding_kept=2" in capsys.readouterr().out
+    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
