@@ -1,0 +1,171 @@
+"""``pdmoe demo``: the whole pipeline on tiny models it builds itself, with its invariants checked.
+
+base (random tiny Llama) -> instruct (base moved by a small random "post-training" delta)
+-> upcycle(base) -> CPT on a small built-in corpus in a "new language" -> graft -> generate.
+It needs no download and runs in a minute on a laptop CPU, so a new user sees every step work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pdmoe.io import CheckpointReader, prepare_output_dir
+
+# A stand-in "new language" corpus: short Swahili sentences, repeated into a learnable text.
+NEW_LANGUAGE_TEXT = (
+    "Habari za asubuhi. Jina langu ni Amani na ninaishi karibu na bahari.",
+    "Ninapenda kusoma vitabu na kunywa chai jioni pamoja na familia yangu.",
+    "Mvua inanyesha leo, kwa hivyo watoto wanacheza ndani ya nyumba.",
+    "Soko la kijiji linafunguliwa kila Jumamosi asubuhi na watu wengi hufika.",
+    "Mwalimu anafundisha hesabu na lugha kwa wanafunzi thelathini darasani.",
+    "Tunapika wali, maharage na samaki kwa chakula cha mchana.",
+)
+
+
+@dataclass
+class DemoReport:
+    out: Path
+    dense_vs_upcycled_max_diff: float = float("nan")
+    cpt_loss_first: float = float("nan")
+    cpt_loss_last: float = float("nan")
+    instruct_tensors_equal: int = 0
+    instruct_tensors_checked: int = 0
+    routers_equal_cpt: int = 0
+    routers_checked: int = 0
+    sample: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.dense_vs_upcycled_max_diff <= 1e-5
+            and self.cpt_loss_last < self.cpt_loss_first
+            and self.instruct_tensors_equal == self.instruct_tensors_checked > 0
+            and self.routers_equal_cpt == self.routers_checked > 0
+        )
+
+    def render(self) -> str:
+        steps = ", ".join(f"{name} {secs:.1f}s" for name, secs in self.seconds.items())
+        verdict = "all checks passed" if self.ok else "SOME CHECKS FAILED"
+        return "\n".join(
+            [
+                f"pdmoe demo in {self.out} ({steps})",
+                f"  upcycled MoE vs dense logits, max |diff|:   {self.dense_vs_upcycled_max_diff:.2e}  (invariant 1: <= 1e-5)",
+                f"  CPT loss, first -> last logged step:       {self.cpt_loss_first:.3f} -> {self.cpt_loss_last:.3f}",
+                f"  grafted shared weights + expert 0 == instruct: {self.instruct_tensors_equal}/{self.instruct_tensors_checked}  (invariant 2)",
+                f"  grafted routers == CPT routers:            {self.routers_equal_cpt}/{self.routers_checked}",
+                f"  sample from the grafted model:             {self.sample!r}",
+                f"  {verdict}",
+            ]
+        )
+
+
+def _write_corpus(path: Path, repeats: int = 40) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for index in range(repeats):
+            sentence = NEW_LANGUAGE_TEXT[index % len(NEW_LANGUAGE_TEXT)]
+            handle.write(json.dumps({"text": " ".join([sentence] * 3), "lang": "sw"}) + "\n")
+    return path
+
+
+def _max_logit_diff(dense: Path, moe: Path) -> float:
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(dense).eval()(tokens).logits
+        b = AutoModelForCausalLM.from_pretrained(moe).eval()(tokens).logits
+    return (a - b).abs().max().item()
+
+
+def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> None:
+    """Invariant 2: shared tensors and expert 0 equal INSTRUCT's; routers keep CPT's values."""
+    with CheckpointReader(instruct) as dense, CheckpointReader(final) as grafted, CheckpointReader(cpt) as trained:
+        for name in grafted:
+            tensor = grafted.get(name)
+            if name.endswith(".mlp.gate.weight"):
+                report.routers_checked += 1
+                report.routers_equal_cpt += torch.equal(tensor, trained.get(name))
+                continue
+            prefix = name.rsplit(".experts.", 1)[0]
+            if name.endswith(".experts.gate_up_proj"):
+                parts = [dense.get(f"{prefix}.gate_proj.weight"), dense.get(f"{prefix}.up_proj.weight")]
+                expected, tensor = torch.cat(parts), tensor[0]
+            elif name.endswith(".experts.down_proj"):
+                expected, tensor = dense.get(f"{prefix}.down_proj.weight"), tensor[0]
+            else:
+                expected = dense.get(name)
+            report.instruct_tensors_checked += 1
+            report.instruct_tensors_equal += torch.equal(tensor, expected)
+
+
+def run_demo(out: str | Path, steps: int = 60, overwrite: bool = False, family: str = "llama") -> DemoReport:
+    """Run every pipeline step under ``out`` and check METHOD.md's two invariants on the way."""
+    from pdmoe.cpt import TrainConfig, train
+    from pdmoe.graft import graft
+    from pdmoe.tiny import build_tiny_dense, perturb_checkpoint
+    from pdmoe.upcycle import upcycle
+
+    out = Path(out)
+    prepare_output_dir(out, overwrite=overwrite)
+    report = DemoReport(out=out)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report.seconds[name] = now - clock
+        clock = now
+
+    base = build_tiny_dense(out / "base", family, seed=0)
+    instruct = perturb_checkpoint(base, out / "instruct", scale=0.02, seed=1)
+    lap("models")
+    moe = upcycle(base, out / "moe", num_experts=4, top_k=2)
+    report.dense_vs_upcycled_max_diff = _max_logit_diff(base, moe)
+    lap("upcycle")
+    corpus = _write_corpus(out / "data" / "new_language.jsonl")
+    cpt = train(
+        TrainConfig(
+            model=moe, data=[corpus], out=out / "cpt", new_langs=["sw"], seq_len=64, micro_batch_size=4,
+            max_steps=steps, lr=3e-3, warmup_steps=5, log_every=5, save_every=10**9, progress=False,
+        )
+    )
+    losses = [json.loads(line)["loss"] for line in (cpt / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    report.cpt_loss_first, report.cpt_loss_last = losses[0], losses[-1]
+    lap("cpt")
+    final = graft(base, instruct, cpt, out / "final").out_dir
+    _check_graft(report, instruct, cpt, final)
+    lap("graft")
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Habari"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    lap("generate")
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = run_demo(args.out, steps=args.steps, overwrite=args.overwrite, family=args.family)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on tiny models built on the spot, checking its invariants",
+        description="base -> instruct stand-in -> upcycle -> CPT on a built-in corpus -> graft -> generate.",
+    )
+    parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")
+    parser.add_argument("--steps", type=int, default=60, help="CPT steps (default 60)")
+    parser.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(func=_run)
