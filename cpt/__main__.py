@@ -1,0 +1,27 @@
+"""``python -m pdmoe.cpt`` / ``accelerate launch -m pdmoe.cpt``: the ``pdmoe cpt`` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pdmoe.errors import PdmoeError
+
+from .cli import add_cpt_arguments, run_cpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pdmoe.cpt", description="Continued pre-training of an upcycled MoE."
+    )
+    add_cpt_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_cpt(args)
+    except PdmoeError as error:
+        print(f"pdmoe cpt: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Files of a training run: the input MoE, resumable training checkpoints, the final HF checkpoint.
+
+A training checkpoint is ``OUT/checkpoints/step-NNNNNNNN/``: accelerate's ``save_state`` (model,
+optimizer, registered scheduler, every process's RNG state) plus ``trainer_state.json`` (step, data
+position, the run's settings). It is written into a hidden ``.partial`` directory and renamed when
+complete, so a run killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+
+from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.io.writer import copy_side_files, write_json
+from pdmoe.modeling import MoEForCausalLM
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_STEP_PREFIX = "step-"
+
+
+def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an upcycled MoE, or an error saying what the directory is instead."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory"
+        )
+    config = json.loads(path.read_text())
+    if config.get("model_type") != "pdmoe":
+        raise UsageError(
+            f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
+            f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
+        )
+    return config
+
+
+def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
+    read_moe_config(model_dir)
+    return MoEForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def load_tokenizer(model_dir: str | Path):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot load the tokenizer of {model_dir} ({error}); copy the tokenizer files into it"
+        ) from None
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype the input checkpoint was saved in (the final checkpoint is saved the same way)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: optimizer steps done, sequences consumed, and the settings it runs with."""
+
+    step: int = 0
+    position: int = 0
+    tokens_seen: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    root = Path(out_dir) / CHECKPOINTS
+    steps = sorted(root.glob(f"{_STEP_PREFIX}*")) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def save_training_checkpoint(accelerator: Accelerator, out_dir: Path, state: TrainerState, keep: int) -> Path:
+    """Atomically write a resumable checkpoint (all processes call this), keeping the newest ``keep``."""
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / f"{_STEP_PREFIX}{state.step:08d}"
+    partial = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(partial / TRAINER_STATE, asdict(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in sorted(root.glob(f"{_STEP_PREFIX}*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(checkpoint: Path, settings: dict[str, Any]) -> TrainerState:
+    """The state of ``checkpoint``, refused when it was written with other settings than ``settings``."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint} is not a training checkpoint (no {TRAINER_STATE}); pass a step-* directory"
+        )
+    state = TrainerState(**json.loads(path.read_text()))
+    differences = [
+        f"{key}: checkpoint {state.settings.get(key)!r}, this run {value!r}"
+        for key, value in settings.items()
+        if state.settings.get(key) != value
+    ]
+    if differences:
+        raise UsageError(
+            f"--resume {checkpoint} does not match this run's settings ({'; '.join(differences)}); "
+            "rerun with the original settings, or start a fresh run in a new --out"
+        )
+    return state
+
+
+def save_final_model(
+    accelerator: Accelerator, model: torch.nn.Module, model_dir: Path, out_dir: Path, dtype: torch.dtype
+) -> None:
+    """Save the trained MoE in METHOD.md's format (fused expert tensors) into ``out_dir``.
+
+    Every process joins the state-dict gather (FSDP); the main process writes a hidden directory
+    and moves its files into ``out_dir`` with ``config.json`` last, so a finished-looking
+    checkpoint is a finished one. Tensors are cast back to the input's dtype: frozen ones come back
+    bit-identical (the float32 training copy holds them exactly).
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        partial = Path(out_dir) / ".final.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        unwrapped.config.dtype = dtype
+        unwrapped.save_pretrained(partial, state_dict=state_dict)
+        copy_side_files(Path(model_dir), partial)
+        names = sorted(p.name for p in partial.iterdir())
+        for name in [*(n for n in names if n != "config.json"), "config.json"]:
+            os.replace(partial / name, Path(out_dir) / name)
+        partial.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metric lines of steps after ``after_step`` (written by a run that was then killed)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line).get("step", 0) <= after_step
+    ]
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,272 @@
+"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands (wired into ``pdmoe.cli`` by the lead).
+
+Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .data import DATA_FORMATS, CorpusSpec, data_files, declare_languages
+from .evaluate import evaluate_model, save_heatmap
+from .freezing import PARTS, STAGE_PARTS
+from .trainer import TrainConfig, train
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data options shared by cpt and eval."""
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSONL files (.jsonl/.json/.ndjson: one object per line) or plain-text files "
+        "(documents separated by blank lines)",
+    )
+    parser.add_argument(
+        "--lang",
+        dest="langs",
+        nargs="+",
+        metavar="LANG",
+        help="language of the documents of each --data file (one for all, or one per file); "
+        "a JSONL record's own lang field wins",
+    )
+    parser.add_argument(
+        "--original-langs",
+        nargs="+",
+        default=[],
+        metavar="LANG",
+        help="languages the base model already knows (routed to expert 0 by the review stage)",
+    )
+    parser.add_argument("--new-langs", nargs="+", default=[], metavar="LANG", help="languages being added")
+    parser.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default=_DEFAULTS["data_format"],
+        help="format of every --data file; auto: JSONL by extension, else plain text (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--text-field", default=_DEFAULTS["text_field"], help="JSONL text field (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lang-field", default=_DEFAULTS["lang_field"], help="JSONL language field (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where tokenised corpora are cached (default: $PDMOE_CACHE_DIR or ~/.cache/pdmoe/tokens)",
+    )
+
+
+def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
+    d = _DEFAULTS
+    parser.add_argument(
+        "--model", required=True, type=Path, help="upcycled MoE checkpoint (from pdmoe upcycle)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output directory: final HF checkpoint, metrics.jsonl, checkpoints/",
+    )
+    _add_data_arguments(parser)
+    parser.add_argument(
+        "--stage",
+        choices=tuple(STAGE_PARTS),
+        default=d["stage"],
+        help="cpt: train new experts + routers; review: routers only, with the LPR loss (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trainable",
+        metavar="PARTS",
+        help=f"override what trains: comma list of {', '.join(PARTS)} "
+        "(default: routers,new_experts for cpt; routers for review)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=d["seq_len"], help="tokens per packed sequence (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=d["micro_batch_size"],
+        help="sequences per process per forward pass (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d["grad_accum"],
+        help="micro-batches per optimizer step (default: %(default)s)",
+    )
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch of the data)")
+    parser.add_argument("--max-tokens", type=int, help="train on this many tokens instead of --max-steps")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 1%% of the steps)")
+    parser.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d["min_lr_ratio"],
+        help="cosine decays to lr × this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"],
+        help="AdamW weight decay (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=d["max_grad_norm"],
+        help="gradient clipping norm, 0 = off (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=d["seed"], help="data order seed (default: %(default)s)")
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "yes", "no"),
+        default=d["bf16"],
+        help="bf16 mixed precision; auto = on a bf16-capable GPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward"
+    )
+    parser.add_argument(
+        "--aux-loss-coef",
+        type=float,
+        help="load-balancing loss coefficient (default: the model's router_aux_loss_coef, 0.01)",
+    )
+    parser.add_argument(
+        "--lpr-coef",
+        type=float,
+        default=d["lpr_coef"],
+        help="language-prior routing loss coefficient of the review stage (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=d["save_every"],
+        help="write a resumable checkpoint every N steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=d["keep_checkpoints"],
+        help="newest checkpoints kept, 0 = all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="DIR",
+        help="continue from OUT/checkpoints/step-* (bare --resume: the newest)",
+    )
+    parser.add_argument(
+        "--eval-data", nargs="+", default=[], metavar="PATH", help="held-out files evaluated during training"
+    )
+    parser.add_argument(
+        "--eval-lang", dest="eval_langs", nargs="+", metavar="LANG", help="--lang of the --eval-data files"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=d["eval_every"],
+        help="evaluate every N steps and at the end; 0 = at the end only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-max-sequences",
+        type=int,
+        default=d["eval_max_sequences"],
+        help="eval sequences used (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=d["log_every"],
+        help="steps per metrics.jsonl line (default: %(default)s)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar or log lines"
+    )
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    )
+
+
+def run_cpt(args: argparse.Namespace) -> int:
+    out = train(train_config_from_args(args))
+    print(f"pdmoe cpt: wrote {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    languages, num_original = declare_languages(args.original_langs, args.new_langs)
+    corpus = CorpusSpec(
+        data_files(args.data, args.langs, args.data_format),
+        languages,
+        num_original,
+        args.text_field,
+        args.lang_field,
+    )
+    result = evaluate_model(
+        args.model,
+        corpus,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_sequences=args.max_sequences or None,
+        cache_dir=args.cache_dir,
+    )
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot:
+        if save_heatmap(result, args.plot):
+            print(f"pdmoe eval: heatmap written to {args.plot}")
+        else:
+            print("pdmoe eval: heatmap skipped: matplotlib is not installed (pip install 'pdmoe[plot]')")
+    return 0
+
+
+def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "cpt",
+        help="continued pre-training (or the review stage) of an upcycled MoE",
+        description="Train the new experts and routers of an upcycled MoE on new-language text "
+        "(--stage review: routers only, with language-prior routing). "
+        "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
+    )
+    add_cpt_arguments(parser)
+    parser.set_defaults(func=run_cpt)
+    return parser
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval",
+        help="per-language perplexity and expert routing shares of an MoE checkpoint",
+        description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="MoE checkpoint directory")
+    _add_data_arguments(parser)
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-sequences", type=int, default=256, help="sequences evaluated, 0 = all (default: %(default)s)"
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw a heatmap (needs the plot extra: matplotlib)"
+    )
+    parser.set_defaults(func=run_eval)
+    return parser

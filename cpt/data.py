@@ -1,0 +1,365 @@
+"""Training text: read JSONL / plain-text files, tokenise once into a memory-mapped cache, pack, order.
+
+Corpora larger than RAM work because documents are streamed file by file, tokenised in chunks and
+appended to two flat files (token ids, language ids) that are then memory-mapped; a restart with
+the same inputs, tokenizer and settings finds the finished cache by its key and reuses it.
+Packed sequence i is tokens[i·L : (i+1)·L] of that flat stream (EOS after every document, the
+incomplete tail dropped); each token carries the language id of its document, so the LPR loss and
+the routing statistics know which tokens are original-language ones. The order of sequences is a
+seeded permutation per epoch: a position (sequences consumed so far) is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pdmoe.errors import PdmoeError, UsageError
+
+DATA_FORMATS = ("auto", "jsonl", "text")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_TOKENIZE_CHUNK_DOCS = 1024
+_CACHE_VERSION = 1
+
+
+class DataError(PdmoeError):
+    """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One input file, its format ('jsonl' or 'text') and the language of documents without a tag."""
+
+    path: Path
+    format: str
+    lang: str | None = None
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Everything that decides the token stream: files, field names and the declared languages.
+
+    ``languages`` lists the original languages first; a token's language id is its index here.
+    """
+
+    files: tuple[DataFile, ...]
+    languages: tuple[str, ...]
+    num_original_languages: int
+    text_field: str = "text"
+    lang_field: str = "lang"
+
+    @property
+    def original_languages(self) -> tuple[str, ...]:
+        return self.languages[: self.num_original_languages]
+
+
+def default_cache_dir() -> Path:
+    """``$PDMOE_CACHE_DIR`` or ``$XDG_CACHE_HOME/pdmoe/tokens`` (``~/.cache/pdmoe/tokens``)."""
+    if os.environ.get("PDMOE_CACHE_DIR"):
+        return Path(os.environ["PDMOE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdmoe" / "tokens"
+
+
+def declare_languages(original: Sequence[str], new: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """The declared languages (originals first) and how many are original; each declared once."""
+    languages = (*original, *new)
+    repeated = sorted({lang for lang in languages if languages.count(lang) > 1})
+    if repeated:
+        raise UsageError(
+            f"language(s) {', '.join(repeated)} declared more than once in --original-langs/--new-langs"
+        )
+    if not languages:
+        raise UsageError("declare the languages of the data with --original-langs and/or --new-langs")
+    return languages, len(original)
+
+
+def data_files(
+    paths: Sequence[str | Path], langs: Sequence[str] | None, data_format: str = "auto"
+) -> tuple[DataFile, ...]:
+    """Pair every path with its format and ``--lang`` (one for all files, or one per file)."""
+    if data_format not in DATA_FORMATS:
+        raise UsageError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, not {data_format!r}")
+    if not paths:
+        raise UsageError("give at least one data file")
+    langs = list(langs or [])
+    if len(langs) == 1:
+        langs = langs * len(paths)
+    if langs and len(langs) != len(paths):
+        raise UsageError(
+            f"--lang takes one language for all files or one per file: got {len(langs)} for {len(paths)} files"
+        )
+    files = []
+    for index, raw in enumerate(paths):
+        path = Path(raw)
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist (or is not a file); check the path")
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+        fmt = data_format
+        if fmt == "auto":
+            fmt = "jsonl" if path.suffix.lower() in _JSONL_SUFFIXES else "text"
+        files.append(DataFile(path, fmt, langs[index] if langs else None))
+    return tuple(files)
+
+
+def _text_documents(path: Path) -> Iterator[tuple[str, int]]:
+    """Documents of a plain-text file: paragraphs separated by blank lines, with their first line number."""
+    paragraph: list[str] = []
+    start = 1
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    if not paragraph:
+                        start = number
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "".join(paragraph).rstrip("\n"), start
+                    paragraph = []
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); is it the right file?"
+        ) from None
+    if paragraph:
+        yield "".join(paragraph).rstrip("\n"), start
+
+
+def _jsonl_documents(path: Path, text_field: str, lang_field: str) -> Iterator[tuple[str, str | None, int]]:
+    """(text, lang tag or None, line number) of every record of a JSONL file."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(
+                        f"{path} line {number} is not JSON; JSONL needs one object per line "
+                        "(for plain text use a .txt file or --data-format text)"
+                    ) from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(
+                        f"{path} line {number} has no string field {text_field!r} (found: {keys}); "
+                        "name the text field with --text-field"
+                    )
+                lang = record.get(lang_field)
+                yield record[text_field], None if lang is None else str(lang), number
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); is it the right file?"
+        ) from None
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[tuple[str, int]]:
+    """(text, language id) of every document, in file order, checking every language tag."""
+    lang_ids = {lang: index for index, lang in enumerate(spec.languages)}
+    declared = ", ".join(spec.languages)
+    for file in spec.files:
+        count = 0
+        if file.format == "jsonl":
+            records = _jsonl_documents(file.path, spec.text_field, spec.lang_field)
+        else:
+            records = ((text, None, number) for text, number in _text_documents(file.path))
+        for text, tag, number in records:
+            lang = tag if tag is not None else file.lang
+            if lang is None:
+                raise DataError(
+                    f"{file.path} line {number} has no {spec.lang_field!r} field and the file has no --lang; "
+                    "tag the documents or pass --lang"
+                )
+            if lang not in lang_ids:
+                raise DataError(
+                    f"{file.path} line {number}: language {lang!r} is not declared (declared: {declared}); "
+                    "add it to --original-langs or --new-langs"
+                )
+            count += 1
+            yield text, lang_ids[lang]
+        if count == 0:
+            raise DataError(f"data file {file.path} holds no documents (only blank lines)")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides token ids: the serialised tokenizer and its EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\0{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def cache_key(spec: CorpusSpec, tokenizer) -> str:
+    """Inputs (resolved path, size, mtime), tokenizer and settings: what a cached token stream depends on."""
+    files = [
+        {
+            "path": str(f.path.resolve()),
+            "size": f.path.stat().st_size,
+            "mtime_ns": f.path.stat().st_mtime_ns,
+            "format": f.format,
+            "lang": f.lang,
+        }
+        for f in spec.files
+    ]
+    payload = {
+        "version": _CACHE_VERSION,
+        "files": files,
+        "languages": spec.languages,
+        "text_field": spec.text_field,
+        "lang_field": spec.lang_field,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TokenCache:
+    """The memory-mapped token stream of a corpus: ``tokens`` (uint32) and ``langs`` (uint8) per token."""
+
+    TOKENS = "tokens.u32"
+    LANGS = "langs.u8"
+    META = "meta.json"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        meta = json.loads((self.directory / self.META).read_text())
+        self.key: str = meta["key"]
+        self.languages: tuple[str, ...] = tuple(meta["languages"])
+        self.num_tokens: int = meta["num_tokens"]
+        self.num_documents: int = meta["num_documents"]
+        self.tokens = np.memmap(
+            self.directory / self.TOKENS, dtype=np.uint32, mode="r", shape=(self.num_tokens,)
+        )
+        self.langs = np.memmap(
+            self.directory / self.LANGS, dtype=np.uint8, mode="r", shape=(self.num_tokens,)
+        )
+
+    @classmethod
+    def build(cls, spec: CorpusSpec, tokenizer, cache_dir: str | Path | None = None) -> TokenCache:
+        """The cache of ``spec`` under ``cache_dir``: reused when complete, otherwise tokenised now.
+
+        Written into a ``.partial`` directory renamed when complete, so a killed tokenisation is
+        redone, never half-used. In a multi-process run call it on the main process first.
+        """
+        if len(spec.languages) > 255:
+            raise UsageError("at most 255 languages can be declared")
+        if tokenizer.eos_token_id is None:
+            raise UsageError("the model's tokenizer has no EOS token to put between documents")
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        key = cache_key(spec, tokenizer)
+        final = root / key
+        if (final / cls.META).is_file():
+            return cls(final)
+        partial = root / f".{key}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        num_tokens = num_documents = 0
+        with (partial / cls.TOKENS).open("wb") as tokens_out, (partial / cls.LANGS).open("wb") as langs_out:
+            for texts, lang_ids in _chunks(iter_documents(spec), _TOKENIZE_CHUNK_DOCS):
+                encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+                for ids, lang in zip(encoded, lang_ids, strict=True):
+                    ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.uint32)
+                    ids.tofile(tokens_out)
+                    np.full(len(ids), lang, dtype=np.uint8).tofile(langs_out)
+                    num_tokens += len(ids)
+                num_documents += len(texts)
+        meta = {
+            "key": key,
+            "languages": list(spec.languages),
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "spec": _spec_summary(spec),
+        }
+        (partial / cls.META).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():  # another run finished the same cache meanwhile
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        return cls(final)
+
+
+def _spec_summary(spec: CorpusSpec) -> dict:
+    summary = asdict(spec)
+    summary["files"] = [{**asdict(f), "path": str(f.path)} for f in spec.files]
+    return summary
+
+
+def _chunks(documents: Iterator[tuple[str, int]], size: int) -> Iterator[tuple[list[str], list[int]]]:
+    texts: list[str] = []
+    langs: list[int] = []
+    for text, lang in documents:
+        texts.append(text)
+        langs.append(lang)
+        if len(texts) == size:
+            yield texts, langs
+            texts, langs = [], []
+    if texts:
+        yield texts, langs
+
+
+class PackedSequences:
+    """Fixed-length sequences over a token cache, read from the memory map on demand."""
+
+    def __init__(self, cache: TokenCache, seq_len: int) -> None:
+        if seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+        self.cache = cache
+        self.seq_len = seq_len
+        self.num_sequences = cache.num_tokens // seq_len
+        if self.num_sequences == 0:
+            raise DataError(
+                f"the data has {cache.num_tokens} tokens, fewer than one sequence of {seq_len}; "
+                "add data or lower --seq-len"
+            )
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids [B, L] int64, language ids [B, L] int64) of the sequences ``indices``."""
+        length = self.seq_len
+        tokens = np.stack([self.cache.tokens[i * length : (i + 1) * length] for i in indices])
+        langs = np.stack([self.cache.langs[i * length : (i + 1) * length] for i in indices])
+        return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(langs.astype(np.int64))
+
+
+class SequenceOrder:
+    """A seeded permutation of the sequences per epoch; ``take(position, n)`` crosses epochs freely."""
+
+    def __init__(self, num_sequences: int, seed: int) -> None:
+        self.num_sequences = num_sequences
+        self.seed = seed
+        self._epoch = -1
+        self._permutation = np.empty(0, dtype=np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutation = rng.permutation(self.num_sequences)
+            self._epoch = epoch
+        return self._permutation
+
+    def take(self, position: int, count: int) -> list[int]:
+        """Sequence indices at global positions position .. position+count-1."""
+        indices = []
+        for pos in range(position, position + count):
+            epoch, offset = divmod(pos, self.num_sequences)
+            indices.append(int(self._epoch_order(epoch)[offset]))
+        return indices
+
+
+def micro_batch_slice(
+    step_indices: Sequence[int], micro_step: int, rank: int, world_size: int, micro_batch_size: int
+) -> list[int]:
+    """This process's share of one optimizer step's sequences for one accumulation micro-step.
+
+    Laid out micro-step-major, so N processes × A micro-steps see the same sequences in the same
+    groups as one process × N·A micro-steps: a multi-process run matches a single-process one.
+    """
+    start = (micro_step * world_size + rank) * micro_batch_size
+    return list(step_indices[start : start + micro_batch_size])

@@ -1,0 +1,210 @@
+"""Per-language perplexity and routing statistics of an MoE (``pdmoe eval``, and the trainer's eval).
+
+Perplexity of a language is exp(mean next-token NLL) over the target tokens of that language.
+A layer's expert share for a language is the fraction of that language's (token, top-k slot)
+routing choices that went to each expert: the numbers that show whether original-language text
+still goes to expert 0 (the dense FFN) after CPT and the review stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pdmoe.errors import UsageError
+from pdmoe.modeling import MoEForCausalLM
+
+from .checkpoints import checkpoint_dtype, load_moe_model, load_tokenizer, read_moe_config
+from .data import CorpusSpec, PackedSequences, TokenCache
+
+
+def expert_token_counts(
+    router_logits: Sequence[torch.Tensor], langs: torch.Tensor, num_langs: int, top_k: int
+) -> torch.Tensor:
+    """[layers, languages, experts] counts of (token, slot) routing choices, ``langs`` [B*S] per token."""
+    flat_langs = langs.reshape(-1, 1)
+    counts = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # softmax is monotonic
+        keys = (flat_langs * num_experts + chosen).reshape(-1)
+        counts.append(torch.bincount(keys, minlength=num_langs * num_experts).reshape(num_langs, num_experts))
+    return torch.stack(counts)
+
+
+def expert_shares(counts: torch.Tensor) -> torch.Tensor:
+    """Counts [..., E] -> fractions over experts (0 where a language had no tokens)."""
+    counts = counts.double()
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def shares_by_language(counts: torch.Tensor, languages: Sequence[str], moe_layers: Sequence[int]) -> dict:
+    """{language: {layer: [share per expert]}} of [layers, languages, experts] counts (JSON-ready)."""
+    shares = expert_shares(counts.cpu())
+    return {
+        lang: {
+            str(layer): [round(x, 6) for x in shares[row, i].tolist()] for row, layer in enumerate(moe_layers)
+        }
+        for i, lang in enumerate(languages)
+        if counts[:, i].sum() > 0
+    }
+
+
+def per_language_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, langs: torch.Tensor, num_langs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL sum, target count) per language of next-token prediction, by the target token's language."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    target_langs = langs[:, 1:].flatten()
+    sums = torch.zeros(num_langs, dtype=torch.float64, device=nll.device).index_add_(
+        0, target_langs, nll.double()
+    )
+    return sums, torch.bincount(target_langs, minlength=num_langs)
+
+
+@dataclass
+class EvalResult:
+    """Sums over evaluated tokens; combine processes by summing the tensors."""
+
+    languages: tuple[str, ...]
+    moe_layers: list[int]
+    nll_sum: torch.Tensor  # [languages] float64
+    target_tokens: torch.Tensor  # [languages] int64
+    expert_counts: torch.Tensor  # [layers, languages, experts] int64
+
+    def perplexity(self) -> dict[str, float]:
+        """exp(mean NLL) per language that had tokens."""
+        return {
+            lang: math.exp(self.nll_sum[i].item() / self.target_tokens[i].item())
+            for i, lang in enumerate(self.languages)
+            if self.target_tokens[i] > 0
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "perplexity": self.perplexity(),
+            "tokens": {lang: int(self.target_tokens[i]) for i, lang in enumerate(self.languages)},
+            "expert_share": shares_by_language(self.expert_counts, self.languages, self.moe_layers),
+        }
+
+    def table(self) -> str:
+        """Perplexity per language, then each layer's expert shares per language (percent)."""
+        shares = expert_shares(self.expert_counts) * 100
+        ppl = self.perplexity()
+        lang_width = max(8, *(len(lang) for lang in self.languages))
+        lines = [f"{'language':<{lang_width}}  {'tokens':>10}  {'perplexity':>12}"]
+        for i, lang in enumerate(self.languages):
+            value = f"{ppl[lang]:12.3f}" if lang in ppl else f"{'-':>12}"
+            lines.append(f"{lang:<{lang_width}}  {int(self.target_tokens[i]):>10}  {value}")
+        num_experts = self.expert_counts.shape[-1]
+        header = "  ".join(f"{'e' + str(e):>6}" for e in range(num_experts))
+        lines += ["", f"{'layer':>5}  {'language':<{lang_width}}  {header}   (% of routed token slots)"]
+        for row, layer in enumerate(self.moe_layers):
+            for i, lang in enumerate(self.languages):
+                cells = "  ".join(f"{x:6.1f}" for x in shares[row, i].tolist())
+                lines.append(f"{layer:>5}  {lang:<{lang_width}}  {cells}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model: MoEForCausalLM,
+    sequences: PackedSequences,
+    indices: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+) -> EvalResult:
+    """Evaluate ``model`` (unwrapped or wrapped; in eval mode) on the sequences ``indices``."""
+    config = getattr(model, "module", model).config
+    languages = sequences.cache.languages
+    num_langs = len(languages)
+    nll_sum = torch.zeros(num_langs, dtype=torch.float64, device=device)
+    targets = torch.zeros(num_langs, dtype=torch.int64, device=device)
+    counts = torch.zeros(
+        len(config.moe_layers), num_langs, config.num_experts, dtype=torch.int64, device=device
+    )
+    for start in range(0, len(indices), batch_size):
+        input_ids, langs = (t.to(device) for t in sequences.batch(indices[start : start + batch_size]))
+        out = model(input_ids=input_ids, output_router_logits=True)
+        batch_nll, batch_targets = per_language_nll(out.logits, input_ids, langs, num_langs)
+        nll_sum += batch_nll
+        targets += batch_targets
+        counts += expert_token_counts(out.router_logits, langs, num_langs, config.num_experts_per_tok)
+    return EvalResult(languages, list(config.moe_layers), nll_sum, targets, counts)
+
+
+def save_heatmap(result: EvalResult, path: str | Path) -> bool:
+    """Write the expert shares as one heatmap per language (rows: layers, columns: experts).
+
+    Returns False, without raising, when matplotlib (the ``plot`` extra) is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shares = expert_shares(result.expert_counts).numpy()
+    num_langs = len(result.languages)
+    fig, axes = plt.subplots(
+        1,
+        num_langs,
+        figsize=(2 + 1.2 * shares.shape[-1] * num_langs, 1 + 0.4 * len(result.moe_layers)),
+        squeeze=False,
+    )
+    for i, lang in enumerate(result.languages):
+        ax = axes[0, i]
+        image = ax.imshow(shares[:, i, :], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(lang)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(shares.shape[-1]))
+        ax.set_yticks(range(len(result.moe_layers)), [str(layer) for layer in result.moe_layers])
+        if i == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of routed token slots")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    corpus: CorpusSpec,
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_sequences: int | None = 256,
+    cache_dir: str | Path | None = None,
+) -> EvalResult:
+    """``pdmoe eval``: the first ``max_sequences`` packed sequences of ``corpus`` (all when None).
+
+    Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
+    """
+    config = read_moe_config(model_dir)
+    max_positions = config.get("max_position_embeddings") or 1024
+    seq_len = min(1024, max_positions) if seq_len is None else seq_len
+    if seq_len > max_positions:
+        raise UsageError(
+            f"--seq-len {seq_len} is larger than the model's maximum ({max_positions} positions)"
+        )
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    sequences = PackedSequences(TokenCache.build(corpus, load_tokenizer(model_dir), cache_dir), seq_len)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_moe_model(model_dir, checkpoint_dtype(config) if device.type == "cuda" else torch.float32)
+    model.to(device).eval()
+    count = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
+    result = evaluation_sums(model, sequences, range(count), batch_size, device)
+    return EvalResult(
+        result.languages,
+        result.moe_layers,
+        result.nll_sum.cpu(),
+        result.target_tokens.cpu(),
+        result.expert_counts.cpu(),
+    )

@@ -1,0 +1,29 @@
+"""The language-prior routing (LPR) loss of the review stage (MoE-LPR).
+
+The load-balancing loss of the CPT objective is ``pdmoe.load_balancing.load_balancing_loss``
+(returned by the model as ``aux_loss``); this module adds only what the review stage needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def language_prior_loss(
+    router_logits: tuple[torch.Tensor, ...], is_original: torch.Tensor, num_original_experts: int = 1
+) -> torch.Tensor:
+    """Mean over original-language tokens and MoE layers of −log p_orig, p = router softmax.
+
+    p_orig is the probability of expert 0 (of experts 0..n-1 together when n > 1 experts are the
+    original ones), so the loss pulls original-language tokens back to the unchanged dense FFN.
+    ``is_original`` is a bool mask over the flattened [B*S] tokens. Without any original-language
+    token the loss is a zero that still depends on the logits (every process runs the same graph).
+    """
+    mask = is_original.reshape(-1)
+    count = mask.sum()
+    losses = []
+    for logits in router_logits:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_p_orig = torch.logsumexp(log_probs[:, :num_original_experts], dim=-1)
+        losses.append(-(log_p_orig * mask).sum() / count.clamp_min(1))
+    return torch.stack(losses).mean()
