@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pdmoe.kernels import moe_mlp_reference
+from pdmoe.kernels.testing import random_moe_inputs
 
 
 def naive(x, gate_up, down, w, ids):
@@ -19,14 +20,8 @@ def naive(x, gate_up, down, w, ids):
     return out
 
 
-def make(T, H, Fd, E, k, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g, dtype=dtype)
-    gate_up = torch.randn(E, 2 * Fd, H, generator=g, dtype=dtype) / H**0.5
-    down = torch.randn(E, H, Fd, generator=g, dtype=dtype) / Fd**0.5
-    w = torch.rand(T, k, generator=g, dtype=dtype) + 0.1
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    return x, gate_up, down, w, ids
+def make(T, H, Fd, E, k, seed=0):
+    return random_moe_inputs(T, H, Fd, E, k, dtype=torch.float64, seed=seed)
 
 
 @pytest.mark.parametrize(("T", "H", "Fd", "E", "k"), [(1, 4, 3, 2, 1), (9, 8, 6, 4, 2), (13, 5, 7, 8, 3)])
@@ -36,9 +31,15 @@ def test_reference_matches_naive_loop(T, H, Fd, E, k):
 
 
 def test_reference_int32_ids_and_unused_experts():
-    x, gate_up, down, w, ids = make(6, 8, 4, 5, 2)
+    x, gate_up, down, w, _ = make(6, 8, 4, 5, 2)
     ids = torch.tensor([[0, 3], [3, 0], [0, 3], [3, 0], [0, 3], [3, 0]], dtype=torch.int32)
     torch.testing.assert_close(moe_mlp_reference(x, gate_up, down, w, ids), naive(x, gate_up, down, w, ids.long()))
+
+
+def test_reference_rejects_out_of_range_ids():
+    x, gate_up, down, w, ids = make(3, 4, 3, 2, 1)
+    with pytest.raises(ValueError, match="expert id"):
+        moe_mlp_reference(x, gate_up, down, w, ids + 2)
 
 
 def test_reference_tuple_form_grads_only_for_trainable():
