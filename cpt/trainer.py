@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -202,6 +203,12 @@ def train(config: TrainConfig) -> Path:
         )
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.bf16))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
+            "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...)"
+        )
     main = accelerator.is_main_process
     if main:
         prepare_output_dir(
