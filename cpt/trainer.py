@@ -182,6 +182,14 @@ class _Interval:
         self.start = time.perf_counter()
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: the MoE blocks stash router logits as a side output, which
+    reentrant checkpointing would cut from the graph (no router gradient from the auxiliary losses)."""
+    # transformers renamed gradient_checkpointing_enable (deprecated in recent 5.x).
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(config: TrainConfig) -> Path:
     """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
     _check_numbers(config)
@@ -238,10 +246,7 @@ def train(config: TrainConfig) -> Path:
     model.config.use_cache = False
     apply_trainable(model, parts)
     if config.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     accelerator.print(
         f"pdmoe cpt: stage {config.stage}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"

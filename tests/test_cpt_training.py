@@ -187,13 +187,14 @@ def test_bad_model_and_sequence_length(setup):
 def test_gradient_checkpointing_keeps_router_gradients(setup):
     from pdmoe.cpt.checkpoints import load_moe_model
     from pdmoe.cpt.freezing import apply_trainable
+    from pdmoe.cpt.trainer import enable_activation_checkpointing
 
     grads = []
     for checkpointing in (False, True):
         model = load_moe_model(setup["moe"])
         apply_trainable(model, ("routers", "new_experts"))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()

@@ -1,0 +1,84 @@
+"""``pdmoe cpt`` / ``python -m pdmoe.cpt`` options and ``pdmoe eval`` output (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+from pdmoe.cpt.__main__ import main as cpt_main
+from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
+
+from pdmoe.tiny import build_tiny_dense
+from pdmoe.upcycle import upcycle
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and a busy 2-core CI box loses a lot to them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpt-cli")
+    return upcycle(build_tiny_dense(root / "dense"), root / "moe", num_experts=4, top_k=2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdmoe")
+    subparsers = parser.add_subparsers(dest="command")
+    add_cpt_parser(subparsers)
+    add_eval_parser(subparsers)
+    return parser
+
+
+def test_cpt_options_default_to_the_method(tmp_path):
+    args = _parser().parse_args(["cpt", "--model", "m", "--data", "a.jsonl", "b.txt", "--out", "o", "--resume"])
+    config = train_config_from_args(args)
+    assert (config.stage, config.lr, config.lpr_coef, config.seq_len) == ("cpt", 5e-5, 0.1, 1024)
+    assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
+    assert args.func.__name__ == "run_cpt"
+
+
+def test_module_entry_point_reports_bad_input_without_traceback(moe, tmp_path, capsys):
+    code = cpt_main(["--model", str(moe), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"),
+                     "--new-langs", "fr", "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pdmoe cpt: error: data file" in err and "nope.jsonl does not exist" in err and "Traceback" not in err
+
+
+def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "mixed.jsonl"
+    lines = [{"text": "bonjour le monde " * 6, "lang": "fr"}, {"text": "hello world " * 8, "lang": "en"}] * 6
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plot extra is missing
+    args = _parser().parse_args(
+        ["eval", "--model", str(moe), "--data", str(data), "--original-langs", "en", "--new-langs", "fr",
+         "--seq-len", "32", "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "heat.png"),
+         "--cache-dir", str(tmp_path / "cache")]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "heatmap skipped: matplotlib is not installed (pip install 'pdmoe[plot]')" in out
+    layer_rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert [row[1] for row in layer_rows] == ["en", "fr"] * 3
+    assert all(sum(float(x) for x in row[2:]) == pytest.approx(100, abs=0.2) for row in layer_rows)
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    assert set(numbers["perplexity"]) == {"en", "fr"} and all(p > 1 for p in numbers["perplexity"].values())
+    assert not (tmp_path / "heat.png").exists()
+
+
+def test_eval_heatmap_with_the_plot_extra(moe, tmp_path):
+    pytest.importorskip("matplotlib")
+    from pdmoe.cpt.evaluate import EvalResult, save_heatmap
+
+    counts = torch.tensor([[[6, 2, 0, 0], [1, 1, 1, 1]]] * 3)
+    result = EvalResult(("en", "fr"), [0, 1, 2], torch.ones(2, dtype=torch.float64), torch.ones(2), counts)
+    assert save_heatmap(result, tmp_path / "heat.png") and (tmp_path / "heat.png").stat().st_size > 0
