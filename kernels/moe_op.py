@@ -1,4 +1,4 @@
-"""``moe_mlp``: the expert computation of METHOD.md on fused Triton kernels, differentiable.
+"""``moe_mlp`` (module ``moe_op``, named apart so the package attribute does not shadow it): the expert computation of METHOD.md on fused Triton kernels, differentiable.
 
 Pipeline (grouped_gemm.py has the kernels, routing.py the permutation):
   forward   route → gate_up_fwd (gather + [gate|up] GEMM + SwiGLU) → scatter_gemm (down GEMM ·

@@ -1,0 +1,187 @@
+"""Triton ``moe_mlp`` (CPU interpreter, fp32) against the float64 reference: output and all four
+gradients over random routings and the edge cases of issue 4, the (frozen, trainable) form, strided
+inputs, determinism, int64 offsets and the torch.compile/custom-op plumbing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import pdmoe.kernels.moe_op as mm
+from pdmoe.kernels import moe_mlp, moe_mlp_reference
+from pdmoe.kernels.grouped_gemm import _offset
+from pdmoe.kernels.testing import random_moe_inputs
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32 kernel vs float64 reference: relative to the tensor's scale."""
+    scale = want.abs().max().item() or 1.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def run(fn, x, gate_up, down, w, ids, dy, grads=(True, True, True, True)):
+    """y and the gradients of (x, gate_up, down, w) that ``grads`` asks for (None otherwise)."""
+    leaves = [t.detach().clone().requires_grad_(g) for t, g in zip((x, gate_up, down, w), grads, strict=True)]
+    y = fn(*leaves, ids)
+    if any(grads):
+        y.backward(dy)
+    return y.detach(), [t.grad for t in leaves]
+
+
+def check(x, gate_up, down, w, ids, grads=(True, True, True, True)):
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    y, g = run(moe_mlp, x, gate_up, down, w, ids, dy, grads)
+    f64 = [t.double() for t in (x, gate_up, down, w)]
+    y_ref, g_ref = run(moe_mlp_reference, *f64, ids, dy.double(), grads)
+    close(y, y_ref)
+    for name, got, want in zip(("hidden", "gate_up", "down", "weights"), g, g_ref, strict=True):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            close(got, want)
+    return y, g
+
+
+# (T, H, F, E, k): H and F are no multiples of the interpreter's 16/32 blocks; T = 1 is the decode edge.
+@pytest.mark.parametrize(
+    ("T", "H", "F", "E", "k", "seed"),
+    [(13, 40, 24, 4, 2, 0), (37, 24, 40, 8, 3, 1), (1, 40, 24, 4, 2, 2), (9, 17, 9, 3, 1, 3)],
+)
+def test_random_routing(T, H, F, E, k, seed):
+    check(*random_moe_inputs(T, H, F, E, k, seed=seed))
+
+
+def test_all_tokens_on_one_expert():
+    # 40 rows on expert 2: several row tiles for one expert, every other expert empty.
+    ids = torch.full((40, 1), 2)
+    check(*random_moe_inputs(40, 24, 20, 4, 1, seed=4, topk_ids=ids))
+
+
+def test_experts_without_tokens_and_int32_ids():
+    ids = torch.tensor([[1, 5], [5, 1], [1, 6]] * 5, dtype=torch.int32)
+    check(*random_moe_inputs(15, 24, 20, 8, 2, seed=5, topk_ids=ids))
+
+
+def test_gradients_only_where_asked():
+    # Frozen weights and hidden: only d(topk_weights), which goes through the SwiGLU-backward kernel.
+    check(*random_moe_inputs(11, 24, 20, 4, 2, seed=6), grads=(False, False, False, True))
+    check(*random_moe_inputs(11, 24, 20, 4, 2, seed=6), grads=(False, False, True, False))
+
+
+def test_nan_propagates():
+    x, gate_up, down, w, ids = random_moe_inputs(10, 24, 20, 4, 2, seed=8)
+    x[3, 5] = float("nan")
+    y = moe_mlp(x, gate_up, down, w, ids)
+    assert torch.isnan(y[3]).all()
+    assert not torch.isnan(y[torch.arange(10) != 3]).any()
+
+
+def test_deterministic():
+    inputs = random_moe_inputs(21, 24, 20, 4, 2, seed=9)
+    dy = torch.randn(21, 24)
+    y1, g1 = run(moe_mlp, *inputs, dy)
+    y2, g2 = run(moe_mlp, *inputs, dy)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_strided_inputs():
+    x, gate_up, down, w, ids = random_moe_inputs(12, 24, 20, 4, 2, seed=10)
+    x = torch.cat([x, torch.randn(12, 5)], dim=1)[:, :24]  # row stride 29
+    gate_up = gate_up.transpose(1, 2).contiguous().transpose(1, 2)  # H is the slow axis
+    w = torch.stack([w, torch.rand_like(w)], dim=2)[..., 0]  # column stride 2
+    assert not (x.is_contiguous() or gate_up.is_contiguous() or w.is_contiguous())
+    check(x, gate_up, down, w, ids)
+
+
+def test_frozen_trainable_pair(monkeypatch):
+    """Frozen expert 0 + trainable experts 1..3: same result, grads only (and only sized) for the trainable part."""
+    x, gate_up, down, w, ids = random_moe_inputs(14, 24, 20, 4, 2, seed=11)
+    launched = []
+    weight_grad = mm.gg.weight_grad
+
+    def spy(a, b, expert_base, n_local, *args, **kwargs):
+        launched.append((expert_base, n_local))
+        return weight_grad(a, b, expert_base, n_local, *args, **kwargs)
+
+    monkeypatch.setattr(mm.gg, "weight_grad", spy)
+    frozen_gu, frozen_d = gate_up[:1].clone(), down[:1].clone()
+    train_gu, train_d = gate_up[1:].clone().requires_grad_(True), down[1:].clone().requires_grad_(True)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = moe_mlp(xg, (frozen_gu, train_gu), (frozen_d, train_d), wg, ids)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert frozen_gu.grad is None and frozen_d.grad is None
+    assert launched == [(1, 3), (1, 3)]  # one launch per weight, experts 1..3 only
+    y_ref, (gx, ggu, gd, gw) = run(moe_mlp_reference, *(t.double() for t in (x, gate_up, down, w)), ids, dy.double())
+    close(y.detach(), y_ref)
+    close(xg.grad, gx)
+    close(wg.grad, gw)
+    assert train_gu.grad.shape == train_gu.shape and train_d.grad.shape == train_d.shape
+    close(train_gu.grad, ggu[1:])
+    close(train_d.grad, gd[1:])
+
+
+def test_inference_saves_nothing(monkeypatch):
+    x, gate_up, down, w, ids = random_moe_inputs(6, 24, 20, 4, 2, seed=12)
+    saved = []
+    gate_up_fwd = mm.gg.gate_up_fwd
+
+    def spy(*args):
+        h, preact = gate_up_fwd(*args)
+        saved.append(preact.numel())
+        return h, preact
+
+    monkeypatch.setattr(mm.gg, "gate_up_fwd", spy)
+    with torch.no_grad():
+        y = moe_mlp(x, gate_up.requires_grad_(True), down, w, ids)
+    moe_mlp(x, gate_up, down, w, ids)
+    assert saved == [0, 12 * 2 * 20]  # [gate | up] of T·k rows only when a backward can follow
+    close(y, moe_mlp_reference(*(t.double() for t in (x, gate_up.detach(), down, w)), ids))
+
+
+@triton.jit
+def _offset_probe(rows_ptr, out_ptr, stride, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    rows = tl.load(rows_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, _offset(rows, stride), mask=i < n)
+
+
+def test_offsets_are_64_bit():
+    """Every kernel addresses rows through ``_offset``; past 2^31 elements it must not wrap.
+
+    T·k·H > 2^31 cannot be allocated here, so check the helper the kernels use on int32 row indices
+    (like the routing tensors) times a row stride, as the kernels do."""
+    rows = torch.tensor([0, 1, 2**20 + 3, 2**31 - 1, 3 * 2**20], dtype=torch.int32)
+    stride = 14336  # T·k rows of down-projection width: row 2^20 already starts past 2^33
+    out = torch.empty(5, dtype=torch.int64)
+    _offset_probe[(1,)](rows, out, stride, 5, BLOCK=8)
+    assert out.tolist() == [r * stride for r in rows.tolist()]
+    assert max(out.tolist()) > 2**31
+
+
+def test_fake_tensor_and_compile():
+    """The custom op traces with fake tensors and runs under torch.compile (aot_eager on CPU)."""
+    inputs = random_moe_inputs(8, 24, 20, 4, 2, seed=13)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in inputs]
+        assert moe_mlp(*fake).shape == (8, 24)
+
+    def step(x, gu, d, w, ids):
+        return moe_mlp(x, gu, d, w, ids).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+    compiled(*leaves, inputs[4]).backward()
+    eager = [t.clone().requires_grad_(True) for t in inputs[:4]]
+    step(*eager, inputs[4]).backward()
+    for a, b in zip(leaves, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_opcheck():
+    x, gate_up, down, w, ids = random_moe_inputs(5, 16, 16, 3, 2, seed=14)
+    args = (x.requires_grad_(True), gate_up, None, down, None, w, ids, True)
+    torch.library.opcheck(torch.ops.pdmoe.moe_mlp_fwd, args, test_utils=("test_schema", "test_faketensor"))
