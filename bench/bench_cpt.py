@@ -1,0 +1,102 @@
+"""Training throughput (forward + backward + AdamW step) of the upcycled MoE next to transformers' MoE.
+
+The reference is ``Qwen3MoeForCausalLM`` of the same shape (an upcycled Qwen3: same attention,
+norms, E experts of the same size, top-k with renormalisation) with transformers' ``grouped_mm``
+experts, in the same run. Two trainable sets per model:
+
+* ``cpt``: what ``pdmoe cpt`` trains. pdmoe: routers + new experts, expert 0 split off frozen (no
+  gradient, no optimizer state). transformers has no per-expert freezing, so: routers + all experts.
+* ``all``: every parameter, the like-for-like kernel comparison.
+
+On CUDA the size is realistic (bf16 autocast over float32 weights, as the trainer runs; pdmoe's
+experts use the Triton kernels); on CPU it is tiny (float32, pdmoe's experts use the PyTorch
+reference). ``extra_info["tokens_per_s"]`` is the number to read.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from pdmoe.cpt.freezing import apply_trainable
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from pdmoe.tiny import build_tiny_dense
+from pdmoe.upcycle import upcycle
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+NUM_EXPERTS, TOP_K = 4, 2
+SIZES = (
+    {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 16,
+     "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 32000, "max_position_embeddings": 4096}
+    if CUDA
+    else {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512}
+)
+BATCH, SEQ = (4, 1024) if CUDA else (4, 128)
+_SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "max_position_embeddings", "rms_norm_eps", "attention_bias", "tie_word_embeddings")
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench-cpt")
+    dense = build_tiny_dense(root / "dense", "qwen3", **SIZES)
+    return upcycle(dense, root / "moe", num_experts=NUM_EXPERTS, top_k=TOP_K)
+
+
+def _transformers_twin(moe_config) -> torch.nn.Module:
+    """Qwen3-MoE with the upcycled model's shapes and transformers' grouped_mm experts."""
+    config = Qwen3MoeConfig(
+        **{name: getattr(moe_config, name) for name in _SHARED_FIELDS},
+        moe_intermediate_size=moe_config.intermediate_size,
+        intermediate_size=moe_config.intermediate_size,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=moe_config.router_aux_loss_coef,
+        output_router_logits=True,
+    )
+    return AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm")
+
+
+def _freeze_like_cpt(model: torch.nn.Module) -> None:
+    """transformers' MoE: routers + (all) experts train, everything else frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".mlp.gate." in name or ".mlp.experts." in name)
+
+
+@pytest.mark.parametrize("trainable", ["cpt", "all"])
+@pytest.mark.parametrize("kind", ["pdmoe", "transformers_qwen3moe_grouped_mm"])
+def test_training_throughput(benchmark, upcycled, kind, trainable):
+    model = AutoModelForCausalLM.from_pretrained(upcycled, dtype=torch.float32)
+    if kind != "pdmoe":
+        model = _transformers_twin(model.config)
+    if trainable == "cpt":
+        apply_trainable(model, ("routers", "new_experts")) if kind == "pdmoe" else _freeze_like_cpt(model)
+    model.to(DEVICE).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    tokens = torch.randint(0, 256, (BATCH, SEQ), device=DEVICE)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens, output_router_logits=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if CUDA:
+            torch.cuda.synchronize()
+
+    step()  # warm-up: kernels compiled/tuned, optimizer state allocated
+    benchmark.group = f"cpt train step ({'cuda bf16 autocast' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ} tokens)"
+    benchmark.pedantic(step, rounds=5 if CUDA else 10, iterations=1)
+    benchmark.extra_info["tokens_per_s"] = BATCH * SEQ / benchmark.stats.stats.mean
+    benchmark.extra_info["trainable_parameters"] = sum(p.numel() for p in params)
+    benchmark.extra_info["sizes"] = SIZES
