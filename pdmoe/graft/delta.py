@@ -22,10 +22,6 @@ def param_delta(base: torch.Tensor, instruct: torch.Tensor, alpha: float, dtype:
     return delta if alpha == 1.0 else delta.mul_(alpha)
 
 
-def graft_block(
-    cpt: torch.Tensor, base: torch.Tensor, instruct: torch.Tensor, alpha: float, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """Rows of ``cpt + alpha * (instruct - base)``, rounded once to ``out_dtype``."""
-    work = work_dtype(cpt.dtype, base.dtype, instruct.dtype)
-    return param_delta(base, instruct, alpha, work).add_(cpt).to(out_dtype)
-
+def apply_delta(cpt: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``cpt + delta`` rounded once to ``out_dtype``; ``delta`` is left alone (it serves every expert)."""
+    return torch.add(delta, cpt).to(out_dtype)
