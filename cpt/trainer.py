@@ -185,9 +185,10 @@ class _Interval:
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing: the MoE blocks stash router logits as a side output, which
     reentrant checkpointing would cut from the graph (no router gradient from the auxiliary losses)."""
-    # transformers renamed gradient_checkpointing_enable (deprecated in recent 5.x).
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # recent transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(config: TrainConfig) -> Path:
@@ -290,22 +291,18 @@ def train(config: TrainConfig) -> Path:
             input_ids, langs = (t.to(accelerator.device) for t in sequences.batch(indices))
             sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
             with sync:
-                out_ = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
-                lpr = (
-                    language_prior_loss(
-                        out_.router_logits, langs < corpus.num_original_languages, moe.num_original_experts
-                    )
-                    if lpr_coef
-                    else out_.lm_loss.new_zeros(())
+                losses, router_logits = _forward_backward(
+                    accelerator,
+                    model,
+                    input_ids,
+                    langs < corpus.num_original_languages,
+                    aux_coef,
+                    lpr_coef,
+                    moe.num_original_experts,
+                    config.grad_accum,
                 )
-                loss = out_.lm_loss + aux_coef * out_.aux_loss + lpr_coef * lpr
-                accelerator.backward(loss / config.grad_accum)
-            interval.losses += (
-                torch.stack([loss, out_.lm_loss, out_.aux_loss, lpr]).detach().double() / config.grad_accum
-            )
-            interval.counts += expert_token_counts(
-                out_.router_logits, langs, num_langs, moe.num_experts_per_tok
-            )
+            interval.losses += losses / config.grad_accum
+            interval.counts += expert_token_counts(router_logits, langs, num_langs, moe.num_experts_per_tok)
         grad_norm = (
             accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
         )
@@ -346,6 +343,29 @@ def train(config: TrainConfig) -> Path:
     save_final_model(accelerator, model, model_dir, out, checkpoint_dtype(model_config))
     accelerator.end_training()
     return out
+
+
+def _forward_backward(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    is_original: torch.Tensor,
+    aux_coef: float,
+    lpr_coef: float,
+    num_original_experts: int,
+    grad_accum: int,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One micro-batch: loss = LM + aux_coef·load balancing (+ lpr_coef·LPR), backward scaled for
+    accumulation. Returns the detached (total, lm, aux, lpr) losses and the router logits."""
+    output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+    lpr = (
+        language_prior_loss(output.router_logits, is_original, num_original_experts)
+        if lpr_coef
+        else output.lm_loss.new_zeros(())
+    )
+    loss = output.lm_loss + aux_coef * output.aux_loss + lpr_coef * lpr
+    accelerator.backward(loss / grad_accum)
+    return torch.stack([loss, output.lm_loss, output.aux_loss, lpr]).detach().double(), output.router_logits
 
 
 def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:

@@ -196,8 +196,11 @@ def test_gradient_checkpointing_keeps_router_gradients(setup):
         if checkpointing:
             enable_activation_checkpointing(model)
         model.train()
+        calls = []
+        model.model.layers[0].mlp.gate.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1), "the router was not recomputed in backward"
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     plain, checkpointed = grads
     assert plain.keys() == checkpointed.keys() and any(n.endswith("mlp.gate.weight") for n in plain)
@@ -230,3 +233,17 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     for a, b in zip(_metrics(one), _metrics(out), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["expert_load"] == b["expert_load"]
+
+
+def test_bf16_checkpoint_keeps_its_dtype_and_frozen_bits(setup):
+    dense = build_tiny_dense(setup["root"] / "dense-bf16", "qwen3", seed=3, dtype=torch.bfloat16)
+    moe = upcycle(dense, setup["root"] / "moe-bf16", num_experts=4, top_k=2, layers="0,2")
+    out = train(_config(setup, "cpt-bf16", model=moe, max_steps=3, bf16="no"))
+    before, after = _tensors(moe), _tensors(out)
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    for name, tensor in before.items():
+        if ".mlp.experts." in name:
+            assert torch.equal(tensor[0], after[name][0])
+        elif not name.endswith(".mlp.gate.weight"):
+            assert torch.equal(tensor, after[name]), name
+    assert json.loads((out / "config.json").read_text())["moe_layers"] == [0, 2]
