@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,11 +241,34 @@ class TokenCache:
         )
 
     @classmethod
+    def _tokenize_into(cls, directory: Path, spec: CorpusSpec, tokenizer) -> dict:
+        """Stream every document through the tokenizer into the two flat files of ``directory``."""
+        num_tokens = num_documents = 0
+        with (
+            (directory / cls.TOKENS).open("wb") as tokens_out,
+            (directory / cls.LANGS).open("wb") as langs_out,
+        ):
+            for texts, lang_ids in _chunks(iter_documents(spec), _TOKENIZE_CHUNK_DOCS):
+                encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+                for ids, lang in zip(encoded, lang_ids, strict=True):
+                    ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.uint32)
+                    ids.tofile(tokens_out)
+                    np.full(len(ids), lang, dtype=np.uint8).tofile(langs_out)
+                    num_tokens += len(ids)
+                num_documents += len(texts)
+        return {
+            "languages": list(spec.languages),
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "spec": _spec_summary(spec),
+        }
+
+    @classmethod
     def build(cls, spec: CorpusSpec, tokenizer, cache_dir: str | Path | None = None) -> TokenCache:
         """The cache of ``spec`` under ``cache_dir``: reused when complete, otherwise tokenised now.
 
         Written into a ``.partial`` directory renamed when complete, so a killed tokenisation is
-        redone, never half-used. In a multi-process run call it on the main process first.
+        redone, never half-used. In a multi-process run call it on each node's main process first.
         """
         if len(spec.languages) > 255:
             raise UsageError("at most 255 languages can be declared")
@@ -255,31 +279,23 @@ class TokenCache:
         final = root / key
         if (final / cls.META).is_file():
             return cls(final)
-        partial = root / f".{key}.partial"
+        # One partial directory per process: nodes that share the cache may tokenise at once.
+        partial = root / f".{key}.{socket.gethostname()}.{os.getpid()}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        num_tokens = num_documents = 0
-        with (partial / cls.TOKENS).open("wb") as tokens_out, (partial / cls.LANGS).open("wb") as langs_out:
-            for texts, lang_ids in _chunks(iter_documents(spec), _TOKENIZE_CHUNK_DOCS):
-                encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-                for ids, lang in zip(encoded, lang_ids, strict=True):
-                    ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.uint32)
-                    ids.tofile(tokens_out)
-                    np.full(len(ids), lang, dtype=np.uint8).tofile(langs_out)
-                    num_tokens += len(ids)
-                num_documents += len(texts)
-        meta = {
-            "key": key,
-            "languages": list(spec.languages),
-            "num_tokens": num_tokens,
-            "num_documents": num_documents,
-            "spec": _spec_summary(spec),
-        }
-        (partial / cls.META).write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():  # another run finished the same cache meanwhile
+        try:
+            meta = cls._tokenize_into(partial, spec, tokenizer)
+            (partial / cls.META).write_text(json.dumps({"key": key, **meta}, indent=2) + "\n")
+        except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
-        else:
-            os.replace(partial, final)
+            raise
+        try:
+            os.rename(partial, final)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not (final / cls.META).is_file():
+                raise
+            # else another process finished the same cache first: use theirs
         return cls(final)
 
 

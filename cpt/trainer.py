@@ -224,7 +224,7 @@ def train(config: TrainConfig) -> Path:
             out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
         )
     tokenizer = load_tokenizer(model_dir)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         sequences = PackedSequences(TokenCache.build(corpus, tokenizer, config.cache_dir), config.seq_len)
         eval_sequences = (
             PackedSequences(TokenCache.build(eval_corpus, tokenizer, config.cache_dir), config.seq_len)
