@@ -41,14 +41,19 @@ def _device_table(device_name: str) -> dict[str, Any]:
     return {}
 
 
-def get_config(kernel: str, n_tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for ``kernel`` at ``n_tokens`` tokens."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(_INTERPRETER)
-    table = _device_table(torch.cuda.get_device_name(device))
+def config_for(device_name: str, kernel: str, n_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for ``kernel`` at ``n_tokens`` on a named CUDA device."""
+    table = _device_table(device_name)
     cfg = dict(table.get(kernel, {}).get(bucket(n_tokens), _DEFAULT))
     if dtype == torch.float32:
         # Twice the bytes per tile: halve K and keep the pipeline shallow to stay within shared memory.
         cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
         cfg["num_stages"] = min(cfg["num_stages"], 3)
     return cfg
+
+
+def get_config(kernel: str, n_tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The configuration for ``kernel`` on ``device`` (the interpreter's when not on CUDA)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(_INTERPRETER)
+    return config_for(torch.cuda.get_device_name(device), kernel, n_tokens, dtype)
