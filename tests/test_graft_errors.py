@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections import namedtuple
@@ -12,9 +11,9 @@ import pytest
 import torch
 from test_graft_fixtures import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
+from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, PdmoeError, UsageError
 from pdmoe.graft import graft
-from pdmoe.graft.cli import add_graft_parser
 
 
 def assert_nothing_finished(out: Path) -> None:
@@ -72,8 +71,10 @@ def test_many_mismatches_are_cut_short(tmp_path: Path) -> None:
          "model.layers.1.mlp.experts.down_proj: [3, 8, 12] in CPT, expected [4, 8, 12] from BASE"),
         (lambda t: t.__setitem__("lm_head.weight", torch.zeros(19, 8)),
          "lm_head.weight: torch.float32 [20, 8] in BASE, torch.float32 [19, 8] in CPT"),
+        (lambda t: t.pop("lm_head.weight"),
+         "lm_head.weight: in BASE, missing in CPT (CPT ties lm_head to the embeddings, BASE does not)"),
     ],
-    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows"],
+    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows", "tied-cpt"],
 )
 def test_cpt_whose_dense_part_does_not_match_base(tmp_path: Path, change, expected: str) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
@@ -188,14 +189,16 @@ def test_bad_options(tmp_path: Path, options: dict, error: type[PdmoeError], mes
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`pdmoe graft` through the real entry point: plan, run, and bad input as a one-line error, exit 2."""
     base, instruct, cpt = make(tmp_path, moe=True)
-    parser = argparse.ArgumentParser(prog="pdmoe")
-    add_graft_parser(parser.add_subparsers(dest="command"))
-    common = ["graft", "--base", str(base), "--instruct", str(instruct), "--cpt", str(cpt), "--out", str(tmp_path / "o")]
-    args = parser.parse_args([*common, "--dry-run", "--scale", "0.5", "--dtype", "bf16"])
-    assert args.func(args) == 0
-    assert "ALPHA=0.5" in capsys.readouterr().out and not (tmp_path / "o").exists()
-    args = parser.parse_args([*common, "--skip-embeddings", "--shard-size", "2KB"])
-    assert args.func(args) == 0
+    out = tmp_path / "o"
+    common = ["graft", "--base", str(base), "--instruct", str(instruct), "--cpt", str(cpt), "--out", str(out)]
+    assert main([*common, "--dry-run", "--scale", "0.5", "--dtype", "bf16"]) == 0
+    assert "ALPHA=0.5" in capsys.readouterr().out and not out.exists()
+    assert main([*common, "--skip-embeddings", "--shard-size", "2KB"]) == 0
     assert "embedding_kept=2" in capsys.readouterr().out
-    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+    assert (out / "model.safetensors.index.json").is_file()
+    assert main(common) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("pdmoe graft: error: output directory") and "--overwrite" in captured.err
+    assert "Traceback" not in captured.err

@@ -214,8 +214,8 @@ def _check_base_instruct(base: CheckpointReader, instruct: CheckpointReader) -> 
 
 
 def _tied_counterpart(name: str, base: CheckpointReader) -> str | None:
-    """BASE's embeddings stand for a head that CPT has but BASE ties to them."""
-    if not name.endswith("lm_head.weight") or not base.config.get("tie_word_embeddings", False):
+    """BASE's embeddings stand for a head that CPT has and BASE lacks (a model without one ties it)."""
+    if not name.endswith("lm_head.weight"):
         return None
     embeddings = [key for key in base if key.endswith("embed_tokens.weight")]
     return embeddings[0] if len(embeddings) == 1 else None

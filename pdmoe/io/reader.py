@@ -138,7 +138,10 @@ class CheckpointReader:
         position = shard.data_start + shard.offsets[name][0] + start * meta.dtype.itemsize
         fd = self._fds.get(shard_name)
         if fd is None:
-            fd = self._fds[shard_name] = os.open(self.directory / shard_name, os.O_RDONLY)
+            try:
+                fd = self._fds[shard_name] = os.open(self.directory / shard_name, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointError(f"shard {self.directory / shard_name} disappeared while being read") from None
         done = 0
         while done < len(buffer):
             got = os.preadv(fd, [buffer[done:]], position + done)
