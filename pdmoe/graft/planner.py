@@ -239,14 +239,12 @@ class _Builder:
             if match is None:
                 continue
             mlp = match.group("mlp")
-            gate_up, down = self.cpt.meta(name), self.cpt.meta(f"{mlp}.experts.down_proj") if (
-                f"{mlp}.experts.down_proj" in self.cpt) else None
             dense = [f"{mlp}.{part}_proj.weight" for part in ("gate", "up", "down")]
-            missing = [key for key in dense if key not in self.base]
-            if missing or down is None:
-                what = f"BASE has no {missing[0]}" if missing else "CPT has no experts.down_proj"
-                self.problems.append(f"{name}: MoE layer in CPT, but {what}")
+            missing = [key for key in [*dense, f"{mlp}.experts.down_proj"] if key not in self.base and key not in self.cpt]
+            if missing:
+                self.problems.append(f"{name}: MoE layer in CPT, but {missing[0]} is in neither BASE nor CPT")
                 continue
+            gate_up, down = self.cpt.meta(name), self.cpt.meta(f"{mlp}.experts.down_proj")
             gate, up, dense_down = (self.base.meta(key) for key in dense)
             experts = gate_up.shape[0] if gate_up.shape else 0
             want_gate_up = (experts, gate.shape[0] + up.shape[0], *gate.shape[1:])

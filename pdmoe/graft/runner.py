@@ -130,6 +130,14 @@ def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
     }
 
 
+def _file_stamps(readers: dict[str, CheckpointReader]) -> dict[str, list[tuple[str, int, int]]]:
+    """Size and mtime of every input shard: a header hash cannot see inputs rewritten with new values."""
+    return {
+        role: [(name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns) for name, shard in sorted(reader.shards.items())]
+        for role, reader in readers.items()
+    }
+
+
 def _forget_earlier_run(out_dir: Path, writer: CheckpointWriter) -> None:
     """From here on OUT must not look finished: drop an earlier run's index, manifest and stray shards."""
     for name in (INDEX_FILE, MANIFEST):
@@ -181,13 +189,14 @@ def execute(
 ) -> GraftReport:
     """Write the grafted checkpoint described by ``plan`` into the prepared ``out_dir``."""
     started = time.perf_counter()
-    inputs = _inputs_manifest({"base": base, "instruct": instruct, "cpt": cpt})
-    fingerprint = plan.fingerprint(inputs)
+    readers = {"base": base, "instruct": instruct, "cpt": cpt}
+    inputs = _inputs_manifest(readers)
+    fingerprint = plan.fingerprint({"manifest": inputs, "files": _file_stamps(readers)})
     writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
-    _forget_earlier_run(out_dir, writer)
     complete = {index for index in range(len(plan.shards)) if resume and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
     ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
+    _forget_earlier_run(out_dir, writer)
     _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
 
     streamer = _Streamer(base, instruct, cpt, plan.alpha)
