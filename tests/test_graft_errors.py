@@ -71,10 +71,12 @@ def test_many_mismatches_are_cut_short(tmp_path: Path) -> None:
          "model.layers.1.mlp.experts.down_proj: [3, 8, 12] in CPT, expected [4, 8, 12] from BASE"),
         (lambda t: t.__setitem__("lm_head.weight", torch.zeros(19, 8)),
          "lm_head.weight: torch.float32 [20, 8] in BASE, torch.float32 [19, 8] in CPT"),
+        (lambda t: t.pop("model.layers.1.mlp.experts.down_proj"),
+         "model.layers.1.mlp.experts.gate_up_proj: MoE layer in CPT, but no model.layers.1.mlp.experts.down_proj in CPT"),
         (lambda t: t.pop("lm_head.weight"),
          "lm_head.weight: in BASE, missing in CPT (CPT ties lm_head to the embeddings, BASE does not)"),
     ],
-    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows", "tied-cpt"],
+    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows", "no-experts-down", "tied-cpt"],
 )
 def test_cpt_whose_dense_part_does_not_match_base(tmp_path: Path, change, expected: str) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)

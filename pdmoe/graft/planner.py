@@ -240,9 +240,10 @@ class _Builder:
                 continue
             mlp = match.group("mlp")
             dense = [f"{mlp}.{part}_proj.weight" for part in ("gate", "up", "down")]
-            missing = [key for key in [*dense, f"{mlp}.experts.down_proj"] if key not in self.base and key not in self.cpt]
+            missing = [f"{key} in BASE" for key in dense if key not in self.base]
+            missing += [f"{mlp}.experts.down_proj in CPT"] if f"{mlp}.experts.down_proj" not in self.cpt else []
             if missing:
-                self.problems.append(f"{name}: MoE layer in CPT, but {missing[0]} is in neither BASE nor CPT")
+                self.problems.append(f"{name}: MoE layer in CPT, but no {missing[0]}")
                 continue
             gate_up, down = self.cpt.meta(name), self.cpt.meta(f"{mlp}.experts.down_proj")
             gate, up, dense_down = (self.base.meta(key) for key in dense)
