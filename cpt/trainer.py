@@ -67,6 +67,7 @@ _FREE_SETTINGS = (
     "eval_max_sequences",
     "cache_dir",
     "progress",
+    "gradient_checkpointing",
 )
 
 

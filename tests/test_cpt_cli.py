@@ -75,6 +75,17 @@ def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, ca
     assert not (tmp_path / "heat.png").exists()
 
 
+def test_eval_refuses_sequences_longer_than_the_model(moe, tmp_path):
+    from pdmoe.cpt import CorpusSpec, data_files, evaluate_model
+
+    from pdmoe.errors import UsageError
+
+    (tmp_path / "fr.txt").write_text("bonjour")
+    corpus = CorpusSpec(data_files([tmp_path / "fr.txt"], ["fr"]), ("fr",), 0)
+    with pytest.raises(UsageError, match=r"--seq-len 300 is larger than the model's maximum \(256 positions\)"):
+        evaluate_model(moe, corpus, seq_len=300, cache_dir=tmp_path / "cache")
+
+
 def test_eval_heatmap_with_the_plot_extra(moe, tmp_path):
     pytest.importorskip("matplotlib")
     from pdmoe.cpt.evaluate import EvalResult, save_heatmap

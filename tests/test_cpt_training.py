@@ -78,7 +78,7 @@ def _metrics(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cpt_run(setup) -> Path:
-    return train(_config(setup, "cpt"))
+    return train(_config(setup, "cpt", eval_data=[setup["fr"]], eval_every=15, eval_max_sequences=8))
 
 
 def test_cpt_loss_decreases_on_learnable_text(cpt_run):
@@ -90,6 +90,10 @@ def test_cpt_loss_decreases_on_learnable_text(cpt_run):
     assert last["tokens_per_s"] > 0 and last["tokens_seen"] == 30 * 4 * 32
     shares = last["expert_load"]["fr"]
     assert set(shares) == {"0", "1", "2"} and all(sum(s) == pytest.approx(1, abs=1e-4) for s in shares.values())
+    evals = [r for r in _metrics(cpt_run) if "eval" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[1]["eval"]["perplexity"]["fr"] < evals[0]["eval"]["perplexity"]["fr"]
+    assert evals[1]["eval"]["tokens"]["fr"] == 8 * 31
 
 
 def test_cpt_changes_only_new_experts_and_routers(setup, cpt_run):
