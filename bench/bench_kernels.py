@@ -1,0 +1,187 @@
+"""Expert-MLP kernels against transformers' experts implementations, in one run (issue 4).
+
+On CUDA (bf16): for each (H, F, E, k) and T, forward and forward+backward of
+  * ``pdmoe``      — the Triton kernels (``moe_mlp``),
+  * ``loop``       — transformers' eager experts forward (one cuBLAS GEMM pair per expert),
+  * ``grouped_mm`` — transformers' ``torch._grouped_mm`` experts path,
+with ms, TFLOP/s and % of a dense 8192³ bf16 matmul measured in the same session in ``extra_info``;
+and decode (T = 1, 8, 32, forward) as GB/s of active expert weights read, against the device's copy
+bandwidth, with and without CUDA-graph capture. On CPU only the plain-PyTorch paths at a tiny size
+(the Triton interpreter would measure nothing useful), so ``pytest --benchmark`` stays quick.
+
+FLOPs: forward 6·T·k·H·F (gate_up 4·T·k·H·F + down 2·T·k·H·F), forward+backward three times that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pdmoe.kernels import moe_mlp_reference  # importing the package registers the "pdmoe" experts
+from pdmoe.kernels.testing import random_routing
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SHAPES = [(4096, 14336, 8, 2), (1536, 8960, 4, 2), (2048, 1408, 64, 8)] if CUDA else [(64, 128, 4, 2)]
+TOKENS = [16384, 4096, 256] if CUDA else [256]
+DECODE_TOKENS = [1, 8, 32]
+IMPLS = ["pdmoe", "loop", "grouped_mm"] if CUDA else ["reference", "loop"]
+EXPERTS_IMPL = {"pdmoe": "pdmoe", "loop": "eager", "grouped_mm": "grouped_mm", "reference": "eager"}
+ROUNDS = 10 if CUDA else 3
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _cuda_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds of ``fn`` by CUDA events, after a warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@pytest.fixture(scope="module")
+def device_peaks() -> dict[str, float]:
+    """Dense bf16 matmul TFLOP/s and copy GB/s of this device, measured once per run."""
+    if not CUDA:
+        return {}
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    dense_tflops = 2 * 8192**3 / _cuda_ms(lambda: a @ b) / 1e9
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / _cuda_ms(lambda: dst.copy_(src)) / 1e6
+    return {"dense_bf16_tflops": dense_tflops, "copy_gbs": copy_gbs}
+
+
+_EXPERTS: dict[tuple[int, int, int, int], MixtralExperts] = {}
+
+
+def _experts(shape: tuple[int, int, int, int], impl: str) -> MixtralExperts:
+    """A transformers experts module of ``shape`` (weights shared by all impls), dispatching to ``impl``."""
+    H, F, E, k = shape
+    if shape not in _EXPERTS:
+        _EXPERTS.clear()  # one shape's weights at a time on the device
+        config = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k)
+        with torch.device("meta"):
+            module = MixtralExperts(config)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        module.gate_up_proj = torch.nn.Parameter(
+            torch.randn(E, 2 * F, H, device=DEVICE, dtype=DTYPE, generator=g) * H**-0.5
+        )
+        module.down_proj = torch.nn.Parameter(torch.randn(E, H, F, device=DEVICE, dtype=DTYPE, generator=g) * F**-0.5)
+        _EXPERTS[shape] = module
+    module = _EXPERTS[shape]
+    module.config._experts_implementation = EXPERTS_IMPL[impl]
+    return module
+
+
+def _run(experts: MixtralExperts, impl: str, hidden, ids, weights) -> torch.Tensor:
+    """One experts forward with ``impl``; ``reference`` calls the PyTorch reference directly (on CPU the
+    "pdmoe" implementation would run the Triton interpreter)."""
+    if impl == "reference":
+        return moe_mlp_reference(hidden, experts.gate_up_proj, experts.down_proj, weights, ids)
+    return experts(hidden, ids, weights)
+
+
+def _inputs(T: int, shape: tuple[int, int, int, int], seed: int = 0):
+    H, _, E, k = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g).to(DEVICE, DTYPE)
+    ids = random_routing(T, E, k, generator=g, device=DEVICE)
+    weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1).to(DEVICE, DTYPE)
+    return hidden, ids, weights
+
+
+def _label(shape) -> str:
+    return "H{}-F{}-E{}-k{}".format(*shape)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
+    H, F, _, k = shape
+    experts = _experts(shape, impl)
+    hidden, ids, weights = _inputs(T, shape)
+    train = mode == "forward_backward"
+    for p in experts.parameters():
+        p.requires_grad_(train)
+        p.grad = None
+    hidden.requires_grad_(train)
+    weights.requires_grad_(train)
+
+    def step() -> None:
+        if train:
+            hidden.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+            _run(experts, impl, hidden, ids, weights).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                _run(experts, impl, hidden, ids, weights)
+        _sync()
+
+    step()  # warm-up: Triton compiles, cuBLAS picks algorithms
+    benchmark.group = f"experts {mode} {_label(shape)} T={T} ({'cuda bf16' if CUDA else 'cpu fp32'})"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    flops = 6 * T * k * H * F * (3 if train else 1)
+    benchmark.extra_info.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+    if device_peaks:
+        benchmark.extra_info.update(device_peaks)
+        benchmark.extra_info["pct_of_dense_bf16"] = 100 * flops / seconds / 1e12 / device_peaks["dense_bf16_tflops"]
+    for p in experts.parameters():
+        p.grad = None
+
+
+@pytest.mark.skipif(not CUDA, reason="decode bandwidth is a GPU measurement")
+@pytest.mark.parametrize("impl", ["pdmoe", "pdmoe+graph", "loop", "grouped_mm", "grouped_mm+graph"])
+@pytest.mark.parametrize("T", DECODE_TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
+    H, F, _, _ = shape
+    base, _, graphed = impl.partition("+")
+    experts = _experts(shape, base)
+    for p in experts.parameters():
+        p.requires_grad_(False)
+    hidden, ids, weights = _inputs(T, shape)
+
+    def forward() -> torch.Tensor:
+        return experts(hidden, ids, weights)
+
+    forward()
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                forward()
+        except RuntimeError as err:  # e.g. a host sync inside the implementation
+            pytest.skip(f"{base} cannot be captured: {err}")
+
+        def step() -> None:
+            graph.replay()
+            torch.cuda.synchronize()
+    else:
+
+        def step() -> None:
+            forward()
+            torch.cuda.synchronize()
+
+    step()
+    benchmark.group = f"decode {_label(shape)} T={T} (cuda bf16)"
+    benchmark.pedantic(step, rounds=50, iterations=1, warmup_rounds=5)
+    seconds = benchmark.stats.stats.median
+    weight_bytes = ids.unique().numel() * 3 * H * F * experts.down_proj.element_size()
+    gbs = weight_bytes / seconds / 1e9
+    benchmark.extra_info.update(
+        ms=seconds * 1e3, weight_gb_per_s=gbs, pct_of_copy_bw=100 * gbs / device_peaks["copy_gbs"], **device_peaks
+    )
