@@ -185,3 +185,11 @@ def test_opcheck():
     x, gate_up, down, w, ids = random_moe_inputs(5, 16, 16, 3, 2, seed=14)
     args = (x.requires_grad_(True), gate_up.requires_grad_(True), None, down, None, w.requires_grad_(True), ids, True)
     torch.library.opcheck(torch.ops.pdmoe.moe_mlp_fwd, args)
+
+
+def test_no_tokens():
+    x, gate_up, down, w, ids = random_moe_inputs(0, 24, 20, 4, 2)
+    x.requires_grad_(True)
+    y = moe_mlp(x, gate_up, down, w, ids)
+    y.sum().backward()
+    assert y.shape == (0, 24) and x.grad.shape == (0, 24)
