@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .data import CorpusSpec, DataError, data_files, declare_languages
+from .data import CorpusSpec, DataError, corpus_spec
 from .evaluate import EvalResult, evaluate_model
 from .freezing import PARTS, apply_trainable, trainable_parts
 from .losses import language_prior_loss
@@ -18,8 +18,7 @@ __all__ = [
     "EvalResult",
     "TrainConfig",
     "apply_trainable",
-    "data_files",
-    "declare_languages",
+    "corpus_spec",
     "evaluate_model",
     "language_prior_loss",
     "train",

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .data import DATA_FORMATS, CorpusSpec, data_files, declare_languages
+from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
 from .freezing import PARTS, STAGE_PARTS
 from .trainer import TrainConfig, train
@@ -209,11 +209,12 @@ def run_cpt(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    languages, num_original = declare_languages(args.original_langs, args.new_langs)
-    corpus = CorpusSpec(
-        data_files(args.data, args.langs, args.data_format),
-        languages,
-        num_original,
+    corpus = corpus_spec(
+        args.data,
+        args.langs,
+        args.original_langs,
+        args.new_langs,
+        args.data_format,
         args.text_field,
         args.lang_field,
     )

@@ -111,6 +111,20 @@ def data_files(
     return tuple(files)
 
 
+def corpus_spec(
+    paths: Sequence[str | Path],
+    langs: Sequence[str] | None,
+    original_langs: Sequence[str],
+    new_langs: Sequence[str],
+    data_format: str = "auto",
+    text_field: str = "text",
+    lang_field: str = "lang",
+) -> CorpusSpec:
+    """The corpus of command-line style options: files, their ``--lang`` and the declared languages."""
+    languages, num_original = declare_languages(original_langs, new_langs)
+    return CorpusSpec(data_files(paths, langs, data_format), languages, num_original, text_field, lang_field)
+
+
 def _text_documents(path: Path) -> Iterator[tuple[str, int]]:
     """Documents of a plain-text file: paragraphs separated by blank lines, with their first line number."""
     paragraph: list[str] = []

@@ -44,8 +44,7 @@ from .data import (
     PackedSequences,
     SequenceOrder,
     TokenCache,
-    data_files,
-    declare_languages,
+    corpus_spec,
     micro_batch_slice,
 )
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language
@@ -140,11 +139,12 @@ def _check_numbers(config: TrainConfig) -> None:
 
 
 def _corpus(config: TrainConfig, paths: list, langs: list[str] | None) -> CorpusSpec:
-    languages, num_original = declare_languages(config.original_langs, config.new_langs)
-    return CorpusSpec(
-        data_files(paths, langs, config.data_format),
-        languages,
-        num_original,
+    return corpus_spec(
+        paths,
+        langs,
+        config.original_langs,
+        config.new_langs,
+        config.data_format,
         config.text_field,
         config.lang_field,
     )

@@ -76,12 +76,12 @@ def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, ca
 
 
 def test_eval_refuses_sequences_longer_than_the_model(moe, tmp_path):
-    from pdmoe.cpt import CorpusSpec, data_files, evaluate_model
+    from pdmoe.cpt import corpus_spec, evaluate_model
 
     from pdmoe.errors import UsageError
 
     (tmp_path / "fr.txt").write_text("bonjour")
-    corpus = CorpusSpec(data_files([tmp_path / "fr.txt"], ["fr"]), ("fr",), 0)
+    corpus = corpus_spec([tmp_path / "fr.txt"], ["fr"], [], ["fr"])
     with pytest.raises(UsageError, match=r"--seq-len 300 is larger than the model's maximum \(256 positions\)"):
         evaluate_model(moe, corpus, seq_len=300, cache_dir=tmp_path / "cache")
 

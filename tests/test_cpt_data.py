@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from pdmoe.cpt import data
 from pdmoe.cpt.data import (
-    CorpusSpec,
     DataError,
     PackedSequences,
     SequenceOrder,
     TokenCache,
+    corpus_spec,
     data_files,
     declare_languages,
     micro_batch_slice,
@@ -27,9 +27,8 @@ def tokenizer():
     return byte_tokenizer()
 
 
-def _corpus(tmp_path, files, langs=None, original=("en",), new=("fr",), data_format="auto"):
-    languages, num_original = declare_languages(original, new)
-    return CorpusSpec(data_files(files, langs, data_format), languages, num_original)
+def _corpus(tmp_path, files, langs=None, original=("en",), new=("fr",)):
+    return corpus_spec(files, langs, original, new)
 
 
 def test_packing_puts_eos_between_documents_and_tags_every_token(tmp_path, tokenizer):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from pdmoe.cpt import TrainConfig, train
-from pdmoe.cpt.data import PackedSequences
+from pdmoe.cpt.data import PackedSequences, corpus_spec
 from pdmoe.cpt.evaluate import evaluate_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -133,10 +133,7 @@ def test_review_stage_trains_routers_towards_expert_zero(setup, cpt_run):
 
 
 def _spec(config: TrainConfig):
-    from pdmoe.cpt.data import CorpusSpec, data_files, declare_languages
-
-    languages, num_original = declare_languages(config.original_langs, config.new_langs)
-    return CorpusSpec(data_files(config.data, config.langs), languages, num_original)
+    return corpus_spec(config.data, config.langs, config.original_langs, config.new_langs)
 
 
 def test_killed_run_resumed_equals_uninterrupted_run(setup, monkeypatch):
