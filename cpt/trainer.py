@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -212,7 +213,12 @@ def train(config: TrainConfig) -> Path:
             f"{out} already holds training checkpoints; pass --resume to continue or --overwrite to restart"
         )
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.bf16))
+    # The frozen experts are buffers, identical on every process: DDP must not re-broadcast them
+    # from rank 0 before every forward (the whole dense FFN stack, every step).
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config.bf16),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UsageError(
