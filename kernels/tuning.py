@@ -3,6 +3,7 @@
 No autotuning at run time (it would cost minutes on the first call of every shape). The tables in
 ``configs/<device>.json`` are keyed by kernel and by a token-count bucket (decode / small / large);
 they are untuned starting points (see the ``_note`` in the files) until measured on the hardware.
+In the decode bucket the row tile is sized to the token count instead (see ``config_for``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def config_for(device_name: str, kernel: str, n_tokens: int, dtype: torch.dtype)
     """BLOCK_M/N/K, GROUP_M, num_warps, num_stages for ``kernel`` at ``n_tokens`` on a named CUDA device."""
     table = _device_table(device_name)
     cfg = dict(table.get(kernel, {}).get(bucket(n_tokens), _DEFAULT))
+    if bucket(n_tokens) == "decode" and kernel != "weight_grad":  # weight_grad's BLOCK_M tiles H or F
+        # Top-k experts are distinct per token, so an expert owns at most T rows: a row tile of
+        # next_pow2(T) (>= 16 for tl.dot) holds all of them and each active expert's weights are
+        # streamed exactly once, by cdiv(N, BLOCK_N) programs.
+        cfg["BLOCK_M"] = max(16, 1 << max(n_tokens - 1, 0).bit_length())
     if dtype == torch.float32:
         # Twice the bytes per tile: halve K and keep the pipeline shallow to stay within shared memory.
         cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)

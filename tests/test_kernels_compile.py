@@ -77,7 +77,7 @@ def main(every_bucket: bool) -> int:
     dtypes = (("bf16", torch.bfloat16), ("fp32", torch.float32)) if every_bucket else (("bf16", torch.bfloat16),)
     for dtype, torch_dtype in dtypes:
         for kernel, fn, ones, flags in _variants():
-            for n_tokens in (16384, 256, 1) if every_bucket else (16384,):
+            for n_tokens in (16384, 256, 64, 1) if every_bucket else (16384,):
                 cfg = config_for(DEVICE, kernel, n_tokens, torch_dtype)
                 label = f"{fn.__name__} {flags} {dtype} T={n_tokens}"
                 try:
