@@ -4,9 +4,9 @@
 
 This is the judge for the Triton kernels (run it in float64) and the CPU training path of the model,
 so it loops only over experts that received tokens and stays autograd-friendly and deterministic:
-each (token, slot) contribution is written to its own row of a [T·k, H] buffer (no duplicate
-indices, so no order-dependent accumulation, unlike ``index_add_`` which uses atomics on CUDA) and
-the k contributions of a token are summed in slot order.
+the experts' outputs are concatenated in expert-sorted slot order, permuted back to slot order (each
+row written once, so no order-dependent accumulation, unlike ``index_add_`` which uses atomics on
+CUDA) and the k contributions of a token are summed in slot order.
 
 Expert weights may be one tensor or a ``(frozen, trainable)`` pair meaning their concatenation along
 dim 0; the pair is never concatenated: each expert's slice is taken from the tensor that holds it, so
@@ -75,16 +75,17 @@ def moe_mlp_reference(
     if num_experts(down_proj) != E:
         raise ValueError("gate_up_proj and down_proj disagree on the number of experts")
     order, counts = sort_by_expert(topk_ids.reshape(-1), E)
-    per_slot = hidden.new_zeros(T * k, H)
-    start = 0
+    outputs, start = [], 0
     for e, count in enumerate(counts.tolist()):
         if count == 0:
             continue
-        slots = order[start : start + count]
+        x = hidden[order[start : start + count] // k]
         start += count
-        x = hidden[slots // k]
         gate, up = F.linear(x, expert_weight(gate_up_proj, e)).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, expert_weight(down_proj, e))
-        per_slot = per_slot.index_copy(0, slots, y.to(hidden.dtype))
+        outputs.append(F.linear(F.silu(gate) * up, expert_weight(down_proj, e)).to(hidden.dtype))
+    # Rows are in expert-sorted slot order; gathering with the inverse permutation puts every slot's
+    # row back in place (each written once: no accumulation order to depend on).
+    sorted_rows = torch.cat(outputs) if outputs else hidden.new_zeros(0, H)
+    per_slot = sorted_rows[torch.argsort(order)]
     weighted = per_slot.view(T, k, H) * topk_weights.to(hidden.dtype).unsqueeze(-1)
     return weighted.sum(dim=1)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,3 +75,20 @@ def test_reference_propagates_nan():
     x[2, 3] = float("nan")
     y = moe_mlp_reference(x, gate_up, down, w, ids)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
+
+
+def test_import_without_triton(tmp_path):
+    """``import pdmoe`` works where Triton is missing; the reference runs, only moe_mlp refuses."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import pdmoe\n"
+        "from pdmoe.kernels import moe_mlp, moe_mlp_reference\n"
+        "from pdmoe.kernels.testing import random_moe_inputs\n"
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+        "args = random_moe_inputs(3, 8, 4, 2, 1)\n"
+        "assert moe_mlp_reference(*args).shape == (3, 8) and 'pdmoe' in ALL_EXPERTS_FUNCTIONS\n"
+        "try:\n    moe_mlp(*args)\nexcept ImportError:\n    print('refused')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", proc.stderr[-3000:]
