@@ -12,6 +12,7 @@ seeded permutation per epoch: a position (sequences consumed so far) is all a re
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -258,17 +259,22 @@ class TokenCache:
     def _tokenize_into(cls, directory: Path, spec: CorpusSpec, tokenizer) -> dict:
         """Stream every document through the tokenizer into the two flat files of ``directory``."""
         num_tokens = num_documents = 0
+        eos = tokenizer.eos_token_id
         with (
             (directory / cls.TOKENS).open("wb") as tokens_out,
             (directory / cls.LANGS).open("wb") as langs_out,
         ):
             for texts, lang_ids in _chunks(iter_documents(spec), _TOKENIZE_CHUNK_DOCS):
-                encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-                for ids, lang in zip(encoded, lang_ids, strict=True):
-                    ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.uint32)
-                    ids.tofile(tokens_out)
-                    np.full(len(ids), lang, dtype=np.uint8).tofile(langs_out)
-                    num_tokens += len(ids)
+                encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+                ends = np.cumsum(lengths)
+                tokens = np.full(int(ends[-1]), eos, dtype=np.uint32)
+                is_text = np.ones(len(tokens), dtype=bool)
+                is_text[ends - 1] = False  # one EOS after every document
+                tokens[is_text] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint32)
+                tokens.tofile(tokens_out)
+                np.repeat(np.asarray(lang_ids, dtype=np.uint8), lengths).tofile(langs_out)
+                num_tokens += len(tokens)
                 num_documents += len(texts)
         return {
             "languages": list(spec.languages),
