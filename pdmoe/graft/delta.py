@@ -16,12 +16,18 @@ def work_dtype(*inputs: torch.dtype) -> torch.dtype:
     return torch.float64 if any(dtype.itemsize >= 4 for dtype in inputs) else torch.float32
 
 
-def param_delta(base: torch.Tensor, instruct: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """``alpha * (instruct - base)`` in ``dtype`` (a new tensor; the inputs are left alone)."""
-    delta = instruct.to(dtype, copy=True).sub_(base)
+def param_delta(
+    base: torch.Tensor, instruct: torch.Tensor, alpha: float, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``alpha * (instruct - base)`` in ``dtype``, into ``out`` if given (the inputs are left alone)."""
+    delta = torch.empty(instruct.shape, dtype=dtype) if out is None else out
+    delta.copy_(instruct).sub_(base)
     return delta if alpha == 1.0 else delta.mul_(alpha)
 
 
-def apply_delta(cpt: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``cpt + delta`` rounded once to ``out_dtype``; ``delta`` is left alone (it serves every expert)."""
-    return torch.add(delta, cpt).to(out_dtype)
+def apply_delta(
+    cpt: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``cpt + delta`` rounded once to ``out_dtype``, as a new tensor; ``delta`` is left alone (it
+    serves every expert); ``scratch`` (shaped and typed like ``delta``) saves an allocation."""
+    return torch.add(delta, cpt, out=scratch).to(out_dtype, copy=True)

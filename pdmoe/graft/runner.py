@@ -75,12 +75,22 @@ def pdmoe_version() -> str:
 class _Streamer:
     """Produces the output blocks of one tensor plan, in file order, from the three readers."""
 
-    def __init__(self, base: CheckpointReader, instruct: CheckpointReader, cpt: CheckpointReader, alpha: float):
-        self.base, self.instruct, self.cpt, self.alpha = base, instruct, cpt, alpha
+    def __init__(self, readers: dict[str, CheckpointReader], alpha: float):
+        self.readers, self.alpha = readers, alpha
         self.bytes_read = 0
+        self._buffers: dict[str, torch.Tensor] = {}
 
-    def _read(self, reader: CheckpointReader, name: str, start: int, count: int) -> torch.Tensor:
-        block = reader.read_elements(name, start, count)
+    def _scratch(self, role: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable buffer per role: a fresh allocation per block would cost a page fault per 4 KiB."""
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
+            buffer = self._buffers[role] = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
+        return buffer[:count]
+
+    def _read(self, role: str, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements of tensor ``name`` of input ``role``, in that role's buffer: valid until its next read."""
+        reader = self.readers[role]
+        block = reader.read_elements(name, start, count, out=self._scratch(role, count, reader.meta(name).dtype))
         self.bytes_read += block.nbytes
         return block
 
@@ -96,31 +106,35 @@ class _Streamer:
         step = max(1, BLOCK_ELEMENTS // plan.width)
         spans = [(piece, start, min(start + step, piece.stop))
                  for piece in plan.pieces for start in range(piece.start, piece.stop, step)]
-        shared = {index: self._delta(plan, *span) for index, span in enumerate(spans)
+        shared = {index: self._delta(plan, *span, keep=True) for index, span in enumerate(spans)
                   if plan.experts and span[0].source == "delta"}
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
                 yield self._block(plan, expert, *span, shared.get(index))
 
-    def _delta(self, plan: TensorPlan, piece: Piece, start: int, stop: int) -> torch.Tensor:
+    def _delta(self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, keep: bool = False) -> torch.Tensor:
+        """The delta of these rows; in a scratch buffer unless it must be ``keep``-t across experts."""
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
-        base = self._read(self.base, piece.dense, offset, count)
-        instruct = self._read(self.instruct, piece.dense, offset, count)
-        cpt_dtype = self.cpt.meta(plan.out.name).dtype
-        return param_delta(base, instruct, self.alpha, work_dtype(base.dtype, instruct.dtype, cpt_dtype))
+        base = self._read("base", piece.dense, offset, count)
+        instruct = self._read("instruct", piece.dense, offset, count)
+        work = work_dtype(base.dtype, instruct.dtype, self.readers["cpt"].meta(plan.out.name).dtype)
+        return param_delta(base, instruct, self.alpha, work, out=None if keep else self._scratch("delta", count, work))
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
     ) -> torch.Tensor:
+        """A new tensor (the writer thread owns it) with output rows [start, stop) of ``expert``."""
         width, dtype = plan.width, plan.out.dtype
         count = (stop - start) * width
         if piece.source == "instruct":
             offset = (piece.dense_start + start - piece.start) * width
-            return self._read(self.instruct, piece.dense, offset, count).to(dtype)
-        cpt = self._read(self.cpt, plan.out.name, (expert * plan.rows + start) * width, count)
+            return self._read("instruct", piece.dense, offset, count).to(dtype, copy=True)
+        cpt = self._read("cpt", plan.out.name, (expert * plan.rows + start) * width, count)
         if piece.source == "cpt":
-            return cpt.to(dtype)
-        return apply_delta(cpt, delta if delta is not None else self._delta(plan, piece, start, stop), dtype)
+            return cpt.to(dtype, copy=True)
+        if delta is None:
+            delta = self._delta(plan, piece, start, stop)
+        return apply_delta(cpt, delta, dtype, scratch=self._scratch("sum", count, delta.dtype))
 
 
 def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
@@ -199,7 +213,7 @@ def execute(
     _forget_earlier_run(out_dir, writer)
     _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
 
-    streamer = _Streamer(base, instruct, cpt, plan.alpha)
+    streamer = _Streamer(readers, plan.alpha)
     written = 0
     with _one_compute_thread(), BackgroundShardWriter(writer) as sink:
         for tensor in plan.tensors:

@@ -121,8 +121,10 @@ class CheckpointReader:
         """Rows [start, stop) of dim 0 only: lets callers stream a huge tensor in bounded memory."""
         return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
 
-    def read_elements(self, name: str, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start + count) of tensor ``name`` in C order, as a 1-D tensor of its dtype.
+    def read_elements(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of tensor ``name`` in C order, as a 1-D tensor of its dtype
+        (into ``out``, a contiguous tensor of ``count`` elements of that dtype, when given: saves
+        the page faults of a fresh allocation per block).
 
         A positioned read of the page cache rather than a memory map: pages read this way do not
         pile up in the process's resident set (a mapped 70B checkpoint would), and the read
@@ -133,7 +135,10 @@ class CheckpointReader:
         meta = shard.tensors[name]
         if start < 0 or count < 0 or start + count > meta.numel:
             raise ValueError(f"elements [{start}, {start + count}) are outside {name!r} ({meta.numel} elements)")
-        out = torch.empty(count, dtype=meta.dtype)
+        if out is None:
+            out = torch.empty(count, dtype=meta.dtype)
+        elif out.dtype != meta.dtype or out.numel() != count or not out.is_contiguous():
+            raise ValueError(f"out must be {count} contiguous {meta.dtype} elements for {name!r}")
         buffer = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
         position = shard.data_start + shard.offsets[name][0] + start * meta.dtype.itemsize
         fd = self._fds.get(shard_name)
