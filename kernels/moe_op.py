@@ -157,7 +157,8 @@ def moe_mlp(
 
     hidden [T, H]; gate_up_proj [E, 2F, H] and down_proj [E, H, F], each a tensor or a
     ``(frozen, trainable)`` pair split at the same expert; topk_weights [T, k]; topk_ids [T, k] int.
-    Differentiable w.r.t. hidden, every weight part that requires grad, and topk_weights.
+    Differentiable w.r.t. hidden, every weight part that requires grad, and topk_weights. Under
+    autocast, computes in the autocast dtype like ``F.linear``; otherwise all dtypes must agree.
     """
     gu1, gu2 = split_experts(gate_up_proj)
     d1, d2 = split_experts(down_proj)
@@ -169,6 +170,11 @@ def moe_mlp(
         d1, d2 = d1.contiguous(), d2.contiguous()
     if hidden.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError("expected hidden [T, H], topk_weights and topk_ids [T, k]")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # Custom ops are not autocast by PyTorch: cast like F.linear would (fp32 master weights under
+        # bf16 autocast); the casts are differentiable, so gradients still reach the fp32 parameters.
+        amp = torch.get_autocast_dtype(hidden.device.type)
+        hidden, gu1, gu2, d1, d2 = (None if t is None else t.to(amp) for t in (hidden, gu1, gu2, d1, d2))
     if any(w.dtype != hidden.dtype for w in (gu1, d1)):
         raise ValueError(f"expert weights must have the dtype of hidden ({hidden.dtype})")
     parts = (hidden, gu1, gu2, d1, d2, topk_weights)

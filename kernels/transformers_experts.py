@@ -45,7 +45,8 @@ def make_experts_forward(moe_mlp: Callable[..., torch.Tensor]) -> Callable[..., 
                 f"in the [E, 2F, H] / [E, H, F] layout; {type(self).__name__} is not"
             )
         gate_up, down = self.gate_up_proj, self.down_proj
-        if gate_up.dtype != hidden_states.dtype:  # e.g. fp32 master weights under autocast
+        autocast = torch.is_autocast_enabled(hidden_states.device.type)  # moe_mlp casts by itself then
+        if gate_up.dtype != hidden_states.dtype and not autocast:
             gate_up, down = gate_up.to(hidden_states.dtype), down.to(hidden_states.dtype)
         fn = moe_mlp if _uses_triton(hidden_states) else moe_mlp_reference
         return fn(hidden_states, gate_up, down, top_k_weights, top_k_index)

@@ -193,3 +193,18 @@ def test_no_tokens():
     y = moe_mlp(x, gate_up, down, w, ids)
     y.sum().backward()
     assert y.shape == (0, 24) and x.grad.shape == (0, 24)
+
+
+def test_autocast_casts_like_linear():
+    """fp32 master weights under (CPU, fp16) autocast: computed in fp16, gradients reach the fp32 weights."""
+    x, gate_up, down, w, ids = random_moe_inputs(9, 24, 20, 4, 2, seed=15)
+    gate_up.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = moe_mlp(x, gate_up, down, w, ids)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16 and gate_up.grad.dtype == torch.float32
+    gate_up64 = gate_up.detach().double().requires_grad_(True)
+    want = moe_mlp_reference(x.double(), gate_up64, down.double(), w.double(), ids)
+    want.sum().backward()
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gate_up.grad.double(), gate_up64.grad, rtol=1e-2, atol=1e-2)
