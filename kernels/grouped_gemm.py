@@ -273,7 +273,7 @@ def gate_up_fwd(
         _gate_up_fwd_kernel[grid](
             x, w_first, w_second, h, preact, sorted_slots, offsets, n_experts, n_first, top_k, num_m, H, F,
             x.stride(0), x.stride(1), w_first.stride(0), w_first.stride(1), w_first.stride(2),
-            h.stride(0), max(preact.stride(0), 1),
+            h.stride(0), preact.stride(0),
             SAVE_PREACT=save_preact, PRECISION=_precision(x.dtype),
             BLOCK_E=triton.next_power_of_2(n_experts), **_launch_opts(cfg),
         )

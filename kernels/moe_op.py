@@ -1,4 +1,6 @@
-"""``moe_mlp`` (module ``moe_op``, named apart so the package attribute does not shadow it): the expert computation of METHOD.md on fused Triton kernels, differentiable.
+"""``moe_mlp``: the expert computation of METHOD.md on fused Triton kernels, differentiable.
+
+(The module is ``moe_op`` rather than ``moe_mlp`` so the package attribute does not shadow it.)
 
 Pipeline (grouped_gemm.py has the kernels, routing.py the permutation):
   forward   route → gate_up_fwd (gather + [gate|up] GEMM + SwiGLU) → scatter_gemm (down GEMM ·
@@ -7,15 +9,17 @@ Pipeline (grouped_gemm.py has the kernels, routing.py the permutation):
             → scatter_gemm with W_gate_up for d(hidden) → weight_grad per expert for both weights.
 
 Saved for backward, per token: the pre-activations [gate | up] (k·2F elements in the activation
-dtype: k·4F bytes in bf16) and two int32 indices per slot (8k bytes); plus 4(E+1) bytes per call.
-The gathered inputs, h = silu(g)·u, the per-slot outputs and the inputs' copies are never saved: h is
-recomputed in the epilogue/operand load of the backward kernels; hidden, the weights and the routing
-weights are the op's inputs (no extra memory).
+dtype: k·4F bytes in bf16, 114,688 B for F = 14336, k = 2) and two int32 indices per slot (8k bytes);
+plus 4(E+1) bytes per call. The gathered inputs, h = silu(g)·u, the down projection's per-slot
+outputs are never saved: h is recomputed where the backward kernels load it (elementwise, free next
+to the GEMMs); hidden, the weights and the routing weights are the op's inputs (no extra memory).
+Recomputing [gate | up] too would cost a third more FLOPs (a full GEMM), so it is kept.
 
-Decode: for T ≤ 64 tokens the configs use 16-row tiles with wide K and narrow N (tuning.py), and the
-row-tile grid is bounded by the number of slots, so a step launches about one program per
-(active expert, N tile) and its time is the time to stream the active experts' weights once; nothing
-syncs with the host, so the whole call can be captured in a CUDA graph.
+Decode (T ≤ 64): each token's k experts are distinct, so an expert owns at most T rows and a row tile
+of next_pow2(T) rows holds them all (tuning.py); narrow N tiles with a wide K then give about one
+program per (active expert, N tile), and the step streams each active expert's weights exactly once.
+The row-tile grid is bounded by the number of slots and nothing syncs with the host, so the whole
+call can be captured in a CUDA graph.
 
 Weights may be a ``(frozen, trainable)`` pair (see reference.py): both parts are passed to the kernels
 as two pointers, nothing is concatenated, and weight gradients are computed and allocated only for the
