@@ -55,6 +55,14 @@ def shares_by_language(counts: torch.Tensor, languages: Sequence[str], moe_layer
     }
 
 
+def spread_indices(num_sequences: int, count: int) -> list[int]:
+    """``count`` sequence indices spread evenly over the corpus, so every file (language) is seen
+    even when only a few sequences are evaluated; all of them when ``count >= num_sequences``."""
+    if count >= num_sequences:
+        return list(range(num_sequences))
+    return [(i * num_sequences) // count for i in range(count)]
+
+
 def per_language_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, langs: torch.Tensor, num_langs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +112,10 @@ class EvalResult:
         num_experts = self.expert_counts.shape[-1]
         header = "  ".join(f"{'e' + str(e):>6}" for e in range(num_experts))
         lines += ["", f"{'layer':>5}  {'language':<{lang_width}}  {header}   (% of routed token slots)"]
+        present = [i for i, lang in enumerate(self.languages) if self.expert_counts[:, i].sum() > 0]
         for row, layer in enumerate(self.moe_layers):
-            for i, lang in enumerate(self.languages):
+            for i in present:
+                lang = self.languages[i]
                 cells = "  ".join(f"{x:6.1f}" for x in shares[row, i].tolist())
                 lines.append(f"{layer:>5}  {lang:<{lang_width}}  {cells}")
         return "\n".join(lines)
@@ -182,7 +192,7 @@ def evaluate_model(
     max_sequences: int | None = 256,
     cache_dir: str | Path | None = None,
 ) -> EvalResult:
-    """``pdmoe eval``: the first ``max_sequences`` packed sequences of ``corpus`` (all when None).
+    """``pdmoe eval``: ``max_sequences`` packed sequences spread over ``corpus`` (all when None).
 
     Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
     """
@@ -199,8 +209,8 @@ def evaluate_model(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_moe_model(model_dir, checkpoint_dtype(config) if device.type == "cuda" else torch.float32)
     model.to(device).eval()
-    count = len(sequences) if max_sequences is None else min(max_sequences, len(sequences))
-    result = evaluation_sums(model, sequences, range(count), batch_size, device)
+    count = len(sequences) if max_sequences is None else max_sequences
+    result = evaluation_sums(model, sequences, spread_indices(len(sequences), count), batch_size, device)
     return EvalResult(
         result.languages,
         result.moe_layers,

@@ -48,7 +48,7 @@ from .data import (
     corpus_spec,
     micro_batch_slice,
 )
-from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language
+from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import apply_trainable, count_parameters, trainable_parts
 from .losses import language_prior_loss
 
@@ -422,11 +422,11 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def _evaluate(accelerator: Accelerator, model, sequences: PackedSequences, config: TrainConfig) -> EvalResult:
-    """Every process evaluates an equal share of the first ``eval_max_sequences`` sequences."""
+    """Every process evaluates an equal share of ``eval_max_sequences`` sequences spread over the data."""
     world = accelerator.num_processes
     count = min(config.eval_max_sequences, len(sequences)) // world * world
     model.eval()
-    mine = list(range(accelerator.process_index, count, world))
+    mine = spread_indices(len(sequences), count)[accelerator.process_index :: world]
     result = evaluation_sums(model, sequences, mine, config.micro_batch_size, accelerator.device)
     result.nll_sum = accelerator.reduce(result.nll_sum, "sum").cpu()
     result.target_tokens = accelerator.reduce(result.target_tokens, "sum").cpu()

@@ -134,3 +134,10 @@ def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"5 tokens, fewer than one sequence of 64.*lower --seq-len"):
         PackedSequences(cache, 64)
     assert np.asarray(cache.tokens).dtype == np.uint32
+
+
+def test_eval_sequences_spread_over_the_corpus():
+    from pdmoe.cpt.evaluate import spread_indices
+
+    assert spread_indices(10, 4) == [0, 2, 5, 7]
+    assert spread_indices(3, 8) == [0, 1, 2]
