@@ -263,7 +263,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)"
     )
     parser.add_argument(
-        "--max-sequences", type=int, default=256, help="sequences evaluated, spread evenly over the data; 0 = all (default: %(default)s)"
+        "--max-sequences",
+        type=int,
+        default=256,
+        help="sequences evaluated, spread evenly over the data; 0 = all (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     parser.add_argument(
