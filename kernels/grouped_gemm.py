@@ -243,8 +243,11 @@ def _weight_grad_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get IEEE products like torch's default matmul; bf16/fp16 ignore the setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 products follow torch's matmul setting (IEEE at the default "highest", TF32 once
+    ``torch.set_float32_matmul_precision("high")``); bf16/fp16 ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def row_tiles_upper_bound(n_rows: int, n_experts: int, block_m: int) -> int:
