@@ -84,7 +84,11 @@ def test_beyond_int32_offsets():
     T, H, F, E, k = 2**20 + 5, 1024, 64, 4, 2
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs ~12 GiB free plus headroom")
-    x, gate_up, down, w, ids = random_moe_inputs(T, H, F, E, k, dtype=torch.bfloat16, device=CUDA)
+    _, gate_up, down, _, _ = random_moe_inputs(1, H, F, E, k, dtype=torch.bfloat16, device=CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(T, H, device=CUDA, dtype=torch.bfloat16, generator=g)  # 2 GiB, made on the device
+    ids = torch.rand(T, E, device=CUDA, generator=g).argsort(dim=1)[:, :k]
+    w = torch.rand(T, k, device=CUDA, generator=g).softmax(dim=1).to(torch.bfloat16)
     with torch.no_grad():
         y = moe_mlp(x, gate_up, down, w, ids)
         rows = torch.tensor([0, 1, T // 2, T - 2, T - 1], device=CUDA)
