@@ -208,3 +208,16 @@ def test_autocast_casts_like_linear():
     want.sum().backward()
     torch.testing.assert_close(y.double(), want.detach(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gate_up.grad.double(), gate_up64.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(("T", "bucket_tokens"), [(5, None), (40, None), (45, 16384)])
+def test_shipped_hopper_tiles(monkeypatch, T, bucket_tokens):
+    """The H100 table's tile shapes (decode: one row tile of next_pow2(T) per expert; training:
+    128-row tiles spanning several experts' rows), run in the interpreter."""
+    from pdmoe.kernels.tuning import config_for
+
+    def hopper(kernel, n_tokens, device, dtype):
+        return config_for("NVIDIA H100 80GB HBM3", kernel, bucket_tokens or n_tokens, dtype)
+
+    monkeypatch.setattr(mm, "get_config", hopper)
+    check(*random_moe_inputs(T, 40, 24, 4, 2, seed=16 + T))
