@@ -5,8 +5,10 @@ tensor size): inputs are read with positioned reads a block at a time, and a wri
 finished blocks from a short queue, so reading and arithmetic (main thread) overlap with writing
 and fsync (writer thread). Crash safety comes from ``CheckpointWriter``: each shard appears under
 its final name only when complete, ``graft.json`` and then the index come last. Every shard
-carries the plan's fingerprint in its metadata, so ``resume`` reuses exactly the shards an
-interrupted run of the same plan on the same inputs finished, and rewrites everything else.
+carries the plan's fingerprint (plan, options, input header hashes) in its metadata, and the
+run records each input file's size and mtime (``.graft-inputs.json`` while it runs, then in
+``graft.json``), so ``resume`` reuses exactly the shards that a run of the same plan on unchanged
+inputs finished, and rewrites everything else.
 
 Side files: ``config.json`` is CPT's (vocabulary size and dtype adjusted to what is written),
 ``generation_config.json`` INSTRUCT's; tokenizer files and chat template are INSTRUCT's, unless
@@ -35,6 +37,7 @@ from pdmoe.io.writer import SIDE_FILES, CheckpointWriter, copy_side_files, ensur
 
 BLOCK_ELEMENTS = 4 * 2**20
 MANIFEST = "graft.json"
+RUN_STAMPS = ".graft-inputs.json"
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 _SHARD_FILE = re.compile(r"^\.?model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?$")
@@ -144,12 +147,25 @@ def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
     }
 
 
-def _file_stamps(readers: dict[str, CheckpointReader]) -> dict[str, list[tuple[str, int, int]]]:
-    """Size and mtime of every input shard: a header hash cannot see inputs rewritten with new values."""
+def _file_stamps(readers: dict[str, CheckpointReader]) -> dict[str, list[list]]:
+    """Name, size and mtime of every input shard: header hashes cannot see values rewritten in place."""
     return {
-        role: [(name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns) for name, shard in sorted(reader.shards.items())]
+        role: [[name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns] for name, shard in sorted(reader.shards.items())]
         for role, reader in readers.items()
     }
+
+
+def _earlier_file_stamps(out_dir: Path) -> dict | None:
+    """The input stamps of the run that left ``out_dir`` as it is: interrupted, or finished."""
+    try:
+        if (out_dir / RUN_STAMPS).is_file():
+            return json.loads((out_dir / RUN_STAMPS).read_text())
+        if (out_dir / MANIFEST).is_file():
+            inputs = json.loads((out_dir / MANIFEST).read_text())["inputs"]
+            return {role: entry["files"] for role, entry in inputs.items()}
+    except (ValueError, KeyError, TypeError):
+        pass  # unreadable: trust no shard
+    return None
 
 
 def _forget_earlier_run(out_dir: Path, writer: CheckpointWriter) -> None:
@@ -205,12 +221,15 @@ def execute(
     started = time.perf_counter()
     readers = {"base": base, "instruct": instruct, "cpt": cpt}
     inputs = _inputs_manifest(readers)
-    fingerprint = plan.fingerprint({"manifest": inputs, "files": _file_stamps(readers)})
+    fingerprint = plan.fingerprint(inputs)
     writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
-    complete = {index for index in range(len(plan.shards)) if resume and writer.shard_is_complete(index)}
+    stamps = _file_stamps(readers)
+    trusted = resume and _earlier_file_stamps(out_dir) == stamps
+    complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
     ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
     _forget_earlier_run(out_dir, writer)
+    write_json(out_dir / RUN_STAMPS, stamps)
     _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
 
     streamer = _Streamer(readers, plan.alpha)
@@ -225,7 +244,7 @@ def execute(
 
     manifest = {
         "pdmoe_version": pdmoe_version(),
-        "inputs": inputs,
+        "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
         "alpha": plan.alpha,
         "options": options,
         "counts": plan.counts(),
@@ -238,6 +257,7 @@ def execute(
     }
     write_json(out_dir / MANIFEST, manifest)
     writer.finish()
+    (out_dir / RUN_STAMPS).unlink()
     return GraftReport(
         out_dir=out_dir,
         plan=plan,
