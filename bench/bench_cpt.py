@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pdmoe.cpt.freezing import apply_trainable
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+from pdmoe.cpt.freezing import apply_trainable
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 

@@ -132,7 +132,7 @@ def run_demo(out: str | Path, steps: int = 60, overwrite: bool = False, family: 
     corpus = _write_corpus(out / "data" / "new_language.jsonl")
     cpt = train(
         TrainConfig(
-            model=moe, data=[corpus], out=out / "cpt", new_langs=["sw"], seq_len=64, micro_batch_size=4,
+            model=moe, data=[corpus], out=out / "cpt", cache_dir=out / "token-cache", new_langs=["sw"], seq_len=64, micro_batch_size=4,
             max_steps=steps, lr=3e-3, warmup_steps=5, log_every=5, save_every=10**9, progress=False,
         )
     )

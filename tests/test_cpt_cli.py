@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
-
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
@@ -77,7 +77,6 @@ def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, ca
 
 def test_eval_refuses_sequences_longer_than_the_model(moe, tmp_path):
     from pdmoe.cpt import corpus_spec, evaluate_model
-
     from pdmoe.errors import UsageError
 
     (tmp_path / "fr.txt").write_text("bonjour")

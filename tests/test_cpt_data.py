@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from pdmoe.cpt import data
 from pdmoe.cpt.data import (
     DataError,
@@ -17,7 +18,6 @@ from pdmoe.cpt.data import (
     declare_languages,
     micro_batch_slice,
 )
-
 from pdmoe.errors import UsageError
 from pdmoe.tiny import byte_tokenizer
 

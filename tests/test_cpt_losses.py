@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+
 from pdmoe.cpt.freezing import trainable_parts
 from pdmoe.cpt.losses import language_prior_loss
-
 from pdmoe.errors import UsageError
 
 

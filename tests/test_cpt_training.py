@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from pdmoe.cpt import TrainConfig, train
-from pdmoe.cpt.data import PackedSequences, corpus_spec
-from pdmoe.cpt.evaluate import evaluate_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import pdmoe  # noqa: F401  (registers the MoE with the Auto classes)
+from pdmoe.cpt import TrainConfig, train
+from pdmoe.cpt.data import PackedSequences, corpus_spec
+from pdmoe.cpt.evaluate import evaluate_model
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
