@@ -108,14 +108,11 @@ class GraftPlan:
     shards: list[list[TensorMeta]]
     alpha: float
     skip_embeddings: bool
-    dtype: torch.dtype | None
-    shard_bytes: int
     config: dict[str, Any]
     tokenizer_source: str
     vocab: VocabRows | None
     moe_layers: list[int]
     num_experts: int
-    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -365,8 +362,6 @@ def build_plan(
         shards=shards,
         alpha=alpha,
         skip_embeddings=skip_embeddings,
-        dtype=dtype,
-        shard_bytes=shard_bytes,
         config=_output_config(cpt_config, vocab, dtype),
         tokenizer_source="cpt" if vocab is not None and vocab.cpt > vocab.base else "instruct",
         vocab=vocab,

@@ -5,7 +5,7 @@ tensor size): inputs are read with positioned reads a block at a time, and a wri
 finished blocks from a short queue, so reading and arithmetic (main thread) overlap with writing
 and fsync (writer thread). Crash safety comes from ``CheckpointWriter``: each shard appears under
 its final name only when complete, ``graft.json`` and then the index come last. Every shard
-carries the plan's fingerprint (plan, options, input header hashes) in its metadata, and the
+carries the plan's fingerprint (plan, options, input header hashes, pdmoe version) in its metadata, and the
 run records each input file's size and mtime (``.graft-inputs.json`` while it runs, then in
 ``graft.json``), so ``resume`` reuses exactly the shards that a run of the same plan on unchanged
 inputs finished, and rewrites everything else.
@@ -221,7 +221,7 @@ def execute(
     started = time.perf_counter()
     readers = {"base": base, "instruct": instruct, "cpt": cpt}
     inputs = _inputs_manifest(readers)
-    fingerprint = plan.fingerprint(inputs)
+    fingerprint = plan.fingerprint({"version": pdmoe_version(), **{role: e["header_sha256"] for role, e in inputs.items()}})
     writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
     stamps = _file_stamps(readers)
     trusted = resume and _earlier_file_stamps(out_dir) == stamps
