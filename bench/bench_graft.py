@@ -149,7 +149,7 @@ def test_graft_throughput_and_memory(benchmark, checkpoints, tmp_path: Path, kin
     shutil.rmtree(out)
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, *map(str, inputs), str(out), SHARD_SIZE],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     memory = json.loads(child.stdout.strip().splitlines()[-1])
     largest = max(meta.nbytes for d in inputs for meta in _layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe"))
