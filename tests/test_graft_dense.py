@@ -137,3 +137,11 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     text = report.summary()
     assert "model.layers.0.mlp.experts.gate_up_proj  expert_delta" in text
     assert "model.layers.0.mlp.gate.weight  router" in text
+
+
+def test_config_fields_only_one_side_spells_out_are_no_mismatch(tmp_path: Path) -> None:
+    base, instruct, cpt = make(tmp_path, moe=True)
+    config = json.loads((cpt / "config.json").read_text())
+    (cpt / "config.json").write_text(json.dumps(config | {"head_dim": 4}))  # derived, absent from BASE's config
+    graft(base, instruct, cpt, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == 4

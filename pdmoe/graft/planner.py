@@ -187,8 +187,8 @@ def _config_problems(a: dict, b: dict, a_label: str, b_label: str, b_type: str |
     problems = []
     if a.get("model_type") != b_type:
         problems.append(f"config model_type: {a.get('model_type')!r} in {a_label}, {b_type!r} in {b_label}")
-    for key in _STRUCTURE:
-        if a.get(key) != b.get(key):
+    for key in _STRUCTURE:  # a field only one side spells out (e.g. a derived head_dim) is no mismatch
+        if key in a and key in b and a[key] != b[key]:
             problems.append(f"config {key}: {a.get(key)!r} in {a_label}, {b.get(key)!r} in {b_label}")
     return problems
 
