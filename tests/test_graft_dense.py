@@ -85,12 +85,13 @@ def test_cpt_extended_vocabulary(tmp_path: Path) -> None:
     assert manifest["tokenizer_from"] == "cpt"
 
 
-def test_instruct_extended_vocabulary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("skip_embeddings", [False, True])
+def test_instruct_extended_vocabulary(tmp_path: Path, skip_embeddings: bool) -> None:
     """Tokens INSTRUCT added (chat markers) are appended with INSTRUCT's rows; vocab_size follows."""
     base, instruct, cpt = make(tmp_path, moe=True, instruct_vocab=22)
-    report = graft(base, instruct, cpt, tmp_path / "out")
+    report = graft(base, instruct, cpt, tmp_path / "out", skip_embeddings=skip_embeddings)
     out = tmp_path / "out"
-    assert_matches(out, reference_graft(base, instruct, cpt))
+    assert_matches(out, reference_graft(base, instruct, cpt, skip_embeddings=skip_embeddings))
     got, instruct_tensors = load_dir(out), load_dir(instruct)
     assert got["model.embed_tokens.weight"].shape == (22, 8)
     assert torch.equal(got["model.embed_tokens.weight"][20:], instruct_tensors["model.embed_tokens.weight"][20:])
