@@ -75,3 +75,13 @@ def test_grafted_moe_loads_with_transformers(grafted) -> None:
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_tied_embeddings_on_the_real_pipeline(tmp_path) -> None:
+    tied = real_pipeline(tmp_path, tied=True)
+    graft(tied.base, tied.instruct, tied.cpt, tmp_path / "out")
+    expected = reference_graft(tied.base, tied.instruct, tied.cpt)
+    got = load_dir(tmp_path / "out")
+    assert "lm_head.weight" not in got and got.keys() == expected.keys()
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+    assert torch.equal(got["model.embed_tokens.weight"], load_dir(tied.instruct)["model.embed_tokens.weight"])
