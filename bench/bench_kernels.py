@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pdmoe.kernels import moe_mlp_reference  # importing the package registers the "pdmoe" experts
-from pdmoe.kernels.testing import random_routing
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+from pdmoe.kernels import moe_mlp_reference  # importing the package registers the "pdmoe" experts
+from pdmoe.kernels.testing import random_routing
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

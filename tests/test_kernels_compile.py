@@ -71,6 +71,7 @@ def main(every_bucket: bool) -> int:
     """Compile the variants in bf16 and fp32 at every token bucket with ``every_bucket``, else only bf16 at
     the training bucket (largest tiles and shared memory; the test's subset, quick on a cold cache)."""
     import torch
+
     from pdmoe.kernels.tuning import config_for
 
     failures = 0

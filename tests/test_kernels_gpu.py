@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdmoe.kernels import moe_mlp, moe_mlp_reference
 from pdmoe.kernels.testing import random_moe_inputs
 

@@ -4,11 +4,12 @@ inputs, determinism, int64 offsets and the torch.compile/custom-op plumbing."""
 
 from __future__ import annotations
 
-import pdmoe.kernels.moe_op as mm
 import pytest
 import torch
 import triton
 import triton.language as tl
+
+import pdmoe.kernels.moe_op as mm
 from pdmoe.kernels import moe_mlp, moe_mlp_reference
 from pdmoe.kernels.grouped_gemm import _offset
 from pdmoe.kernels.testing import random_moe_inputs

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pdmoe.kernels import moe_mlp_reference
 from pdmoe.kernels.testing import random_moe_inputs
 

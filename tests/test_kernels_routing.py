@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdmoe.kernels.routing import route, route_reference
 from pdmoe.kernels.testing import random_routing
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib
 
-import pdmoe.kernels.moe_op as moe_op
 import pytest
 import torch
-from pdmoe.kernels import moe_mlp  # noqa: F401  (importing the package registers "pdmoe")
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import pdmoe.kernels.moe_op as moe_op
+from pdmoe.kernels import moe_mlp  # noqa: F401  (importing the package registers "pdmoe")
 
 COMMON = {
     "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdmoe.kernels.tuning import DECODE_MAX_TOKENS, config_for
 
 KERNELS = ("gate_up_fwd", "scatter_gemm", "act_bwd", "weight_grad")
