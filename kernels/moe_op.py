@@ -160,7 +160,8 @@ def moe_mlp(
     """Fused-kernel expert MLP, same signature and result as ``moe_mlp_reference``.
 
     hidden [T, H]; gate_up_proj [E, 2F, H] and down_proj [E, H, F], each a tensor or a
-    ``(frozen, trainable)`` pair split at the same expert; topk_weights [T, k]; topk_ids [T, k] int.
+    ``(frozen, trainable)`` pair split at the same expert; topk_weights [T, k]; topk_ids [T, k] int in
+    [0, E) (the reference checks this; the kernels cannot without a host sync, so they do not).
     Differentiable w.r.t. hidden, every weight part that requires grad, and topk_weights. Under
     autocast, computes in the autocast dtype like ``F.linear``; otherwise all dtypes must agree.
     """

@@ -63,6 +63,12 @@ def test_experts_without_tokens_and_int32_ids():
     check(*random_moe_inputs(15, 24, 20, 8, 2, seed=5, topk_ids=ids))
 
 
+def test_repeated_expert_within_a_token():
+    # Not what top-k produces, but allowed: both slots of token 0 go to expert 1.
+    ids = torch.tensor([[1, 1], [2, 1], [0, 3]] * 4)
+    check(*random_moe_inputs(12, 24, 20, 4, 2, seed=17, topk_ids=ids))
+
+
 def test_gradients_only_where_asked():
     # Frozen weights and hidden: only d(topk_weights), which goes through the SwiGLU-backward kernel.
     check(*random_moe_inputs(11, 24, 20, 4, 2, seed=6), grads=(False, False, False, True))
