@@ -1,9 +1,9 @@
 """Upcycle a dense checkpoint into the MoE checkpoint of METHOD.md, streaming tensor by tensor.
 
 The plan (every output tensor's name, dtype and shape, and its shard) is made from headers alone;
-then each dense tensor is read from the memory-mapped input, turned into its MoE form and written
-straight into its shard. Peak memory is a few tensors (one layer's dense FFN and one expert block),
-whatever the model size.
+then each dense tensor is read, turned into its MoE form and written straight into its shard.
+Tensors kept as they are stream in blocks of elements; peak memory is one layer's dense FFN plus
+one expert block, whatever the model size.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pdmoe.io.writer import ShardWriter, copy_side_files, ensure_free_space, par
 
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+COPY_BLOCK_ELEMENTS = 4 * 2**20  # tensors copied unchanged (embeddings, attention) stream in blocks
 
 
 def router_key(layer: int) -> str:
@@ -123,7 +124,9 @@ def _write_tensor(writer: ShardWriter, reader: CheckpointReader, planned: Planne
     """Write one planned output tensor: a copy, a router, or E copies of the dense FFN."""
     meta, layer = planned.meta, planned.layer
     if planned.rule == "copy":
-        writer.write(meta.name, reader.get(meta.name).to(meta.dtype))
+        for start in range(0, meta.numel, COPY_BLOCK_ELEMENTS):
+            count = min(COPY_BLOCK_ELEMENTS, meta.numel - start)
+            writer.write_elements(meta.name, reader.read_elements(meta.name, start, count).to(meta.dtype))
         return
     if planned.rule == "router":
         writer.write(meta.name, _router_weight(meta, layer, seed, std))

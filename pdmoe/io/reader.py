@@ -1,8 +1,8 @@
 """A Hugging Face checkpoint directory, read lazily.
 
 Opening validates the whole layout from headers alone (index, shard names, truncation), so a
-command fails before it writes anything; tensor data is read only when asked for, optionally a
-block of rows at a time, from memory-mapped files.
+command fails before it writes anything; tensor data is read only when asked for, whole or a block
+of elements at a time, with positioned reads that keep the resident set small.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from pdmoe.errors import CheckpointError
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
@@ -40,7 +39,6 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
         self.shards: dict[str, ShardHeader] = {}
         self.weight_map: dict[str, str] = {}
-        self._handles: dict[str, Any] = {}
         self._fds: dict[str, int] = {}
         index_path = self.directory / INDEX_FILE
         if index_path.is_file():
@@ -106,20 +104,10 @@ class CheckpointReader:
         """SHA-256 of each shard's header: identifies the inputs cheaply in manifests."""
         return {name: shard.digest for name, shard in sorted(self.shards.items())}
 
-    def _handle(self, shard_name: str) -> Any:
-        handle = self._handles.get(shard_name)
-        if handle is None:
-            handle = safe_open(str(self.directory / shard_name), framework="pt", device="cpu")
-            self._handles[shard_name] = handle
-        return handle
-
     def get(self, name: str) -> torch.Tensor:
-        """The whole tensor, read from the memory-mapped shard."""
-        return self._handle(self.weight_map[name]).get_tensor(name)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 only: lets callers stream a huge tensor in bounded memory."""
-        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+        """The whole tensor, read with positioned reads (see ``read_elements``)."""
+        meta = self.meta(name)
+        return self.read_elements(name, 0, meta.numel).view(meta.shape)
 
     def read_elements(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, start + count) of tensor ``name`` in C order, as a 1-D tensor of its dtype
@@ -156,7 +144,6 @@ class CheckpointReader:
         return out
 
     def close(self) -> None:
-        self._handles.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
