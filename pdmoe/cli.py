@@ -6,20 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
+from pdmoe.dtypes import DTYPES
 from pdmoe.errors import PdmoeError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_argument(name: str) -> torch.dtype:
-    """argparse type for --dtype: float32, bfloat16 (bf16) or float16 (fp16)."""
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    try:
-        return DTYPES[aliases.get(name, name)]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
@@ -61,7 +49,7 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
         help="std of the N(0, std) router init (default: the dense config's initializer_range, 0.02)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router init (default 0)")
-    parser.add_argument("--dtype", type=dtype_argument, default=None, help="output dtype (default: keep the input's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: keep the input's)")
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=_run_upcycle)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pdmoe.config import MoEConfig, check_supported_family, parse_layers
+from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
 from pdmoe.io.writer import ShardWriter, copy_side_files, ensure_free_space, parse_size, write_json
@@ -150,7 +151,7 @@ def upcycle(
     layers: str | list[int] | None = None,
     router_init_std: float | None = None,
     seed: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
@@ -163,7 +164,7 @@ def upcycle(
     """
     out = Path(out)
     reader = CheckpointReader(model)
-    plan = plan_upcycle(reader, num_experts, top_k, layers, dtype)
+    plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
     std = router_init_std if router_init_std is not None else plan.config.initializer_range
     if std < 0:
         raise UsageError(f"--router-init-std must be non-negative, got {std}")

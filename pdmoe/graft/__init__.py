@@ -14,31 +14,14 @@ from pathlib import Path
 
 import torch
 
+from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import UsageError
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftReport, execute
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.writer import parse_size, prepare_output_dir
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-__all__ = ["DTYPES", "GraftPlan", "GraftReport", "graft", "parse_dtype"]
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """An output dtype by name (``bf16``, ``float32``...); None keeps each CPT tensor's dtype."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise UsageError(f"unsupported output dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+__all__ = ["GraftPlan", "GraftReport", "graft"]
 
 
 def graft(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdmoe.graft import DTYPES, graft
+from pdmoe.dtypes import DTYPES
+from pdmoe.graft import graft
 
 _DESCRIPTION = """\
 Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).
