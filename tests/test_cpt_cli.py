@@ -14,14 +14,7 @@ from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_arg
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and a busy 2-core CI box loses a lot to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

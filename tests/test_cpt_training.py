@@ -26,13 +26,7 @@ FR = ["le", "chat", "est", "sur", "le", "tapis", "et", "le", "chien", "court", "
 EN = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park", "with", "a", "mouse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and a busy 2-core CI box loses a lot to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_words(path: Path, words: list[str], docs: int, lang: str | None, seed: int) -> Path:
