@@ -105,7 +105,7 @@ def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> 
             report.instruct_tensors_equal += torch.equal(tensor, expected)
 
 
-def run_demo(out: str | Path, steps: int = 60, overwrite: bool = False, family: str = "llama") -> DemoReport:
+def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family: str = "llama") -> DemoReport:
     """Run every pipeline step under ``out`` and check METHOD.md's two invariants on the way."""
     from pdmoe.cpt import TrainConfig, train
     from pdmoe.graft import graft
@@ -133,7 +133,7 @@ def run_demo(out: str | Path, steps: int = 60, overwrite: bool = False, family: 
     cpt = train(
         TrainConfig(
             model=moe, data=[corpus], out=out / "cpt", cache_dir=out / "token-cache", new_langs=["sw"], seq_len=64, micro_batch_size=4,
-            max_steps=steps, lr=3e-3, warmup_steps=5, log_every=5, save_every=10**9, progress=False,
+            max_steps=steps, lr=1e-2, warmup_steps=5, log_every=5, save_every=10**9, progress=False,
         )
     )
     losses = [json.loads(line)["loss"] for line in (cpt / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -165,7 +165,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         description="base -> instruct stand-in -> upcycle -> CPT on a built-in corpus -> graft -> generate.",
     )
     parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")
-    parser.add_argument("--steps", type=int, default=60, help="CPT steps (default 60)")
+    parser.add_argument("--steps", type=int, default=150, help="CPT steps (default 150)")
     parser.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=_run)
