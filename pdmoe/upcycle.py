@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from pdmoe.config import MoEConfig, check_supported_family, parse_layers
 from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
-from pdmoe.io.writer import ShardWriter, copy_side_files, ensure_free_space, parse_size, write_json
+from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.writer import copy_side_files, ensure_free_space, parse_size, write_json
 
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -121,25 +123,25 @@ def _router_weight(meta: TensorMeta, layer: int, seed: int, std: float) -> torch
     return (torch.randn(meta.shape, generator=generator) * std).to(meta.dtype)
 
 
-def _write_tensor(writer: ShardWriter, reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float) -> None:
-    """Write one planned output tensor: a copy, a router, or E copies of the dense FFN."""
+def _output_blocks(reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float) -> Iterator[torch.Tensor]:
+    """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN."""
     meta, layer = planned.meta, planned.layer
     if planned.rule == "copy":
         for start in range(0, meta.numel, COPY_BLOCK_ELEMENTS):
             count = min(COPY_BLOCK_ELEMENTS, meta.numel - start)
-            writer.write_elements(meta.name, reader.read_elements(meta.name, start, count).to(meta.dtype))
+            yield reader.read_elements(meta.name, start, count).to(meta.dtype)
         return
     if planned.rule == "router":
-        writer.write(meta.name, _router_weight(meta, layer, seed, std))
+        yield _router_weight(meta, layer, seed, std)
         return
     if planned.rule == "gate_up":
         parts = [reader.get(dense_mlp_key(layer, "gate_proj")), reader.get(dense_mlp_key(layer, "up_proj"))]
     else:
         parts = [reader.get(dense_mlp_key(layer, "down_proj"))]
-    expert = torch.cat(parts).to(meta.dtype).unsqueeze(0)
+    expert = torch.cat(parts).to(meta.dtype)
     del parts
     for _ in range(meta.shape[0]):
-        writer.write(meta.name, expert)
+        yield expert  # the same block E times: queued writes share it, nothing is copied
 
 
 def upcycle(
@@ -176,10 +178,11 @@ def upcycle(
         ensure_free_space(out, writer.total_bytes)
         write_json(out / "config.json", plan.config.to_dict())
         copy_side_files(Path(model), out)
-        for index, shard in enumerate(shards):
-            with writer.open_shard(index) as shard_writer:
+        with BackgroundShardWriter(writer) as background:  # reads and writes overlap
+            for index, shard in enumerate(shards):
                 for meta in shard:
-                    _write_tensor(shard_writer, reader, planned[meta.name], seed, std)
+                    for block in _output_blocks(reader, planned[meta.name], seed, std):
+                        background.write(index, meta.name, block)
         writer.finish()
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
