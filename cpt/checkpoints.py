@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from pdmoe.errors import CheckpointError, UsageError
-from pdmoe.io.writer import copy_side_files, write_json
+from pdmoe.io.writer import copy_side_files, write_json, write_text_atomic
 from pdmoe.modeling import MoEForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -157,6 +157,4 @@ def truncate_metrics(path: Path, after_step: int) -> None:
         for line in path.read_text().splitlines()
         if line and json.loads(line).get("step", 0) <= after_step
     ]
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))

@@ -83,7 +83,8 @@ def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
         )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -208,12 +209,12 @@ class CheckpointWriter:
             return
         weight_map = {meta.name: name for name, shard in zip(self.file_names, self.shards, strict=True) for meta in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        _atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_text_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 def write_json(path: Path, payload: dict) -> None:
     """Write a JSON side file atomically (configs, manifests)."""
-    _atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 SIDE_FILES = (
