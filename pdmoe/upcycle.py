@@ -21,11 +21,11 @@ from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
 from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.reader import BLOCK_ELEMENTS
 from pdmoe.io.writer import copy_side_files, ensure_free_space, parse_size, write_json
 
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-COPY_BLOCK_ELEMENTS = 4 * 2**20  # tensors copied unchanged (embeddings, attention) stream in blocks
 
 
 def router_key(layer: int) -> str:
@@ -127,8 +127,8 @@ def _output_blocks(reader: CheckpointReader, planned: PlannedTensor, seed: int, 
     """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN."""
     meta, layer = planned.meta, planned.layer
     if planned.rule == "copy":
-        for start in range(0, meta.numel, COPY_BLOCK_ELEMENTS):
-            count = min(COPY_BLOCK_ELEMENTS, meta.numel - start)
+        for start in range(0, meta.numel, BLOCK_ELEMENTS):
+            count = min(BLOCK_ELEMENTS, meta.numel - start)
             yield reader.read_elements(meta.name, start, count).to(meta.dtype)
         return
     if planned.rule == "router":

@@ -32,10 +32,9 @@ import torch
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.planner import GraftPlan, Piece, TensorPlan
 from pdmoe.io.background import BackgroundShardWriter
-from pdmoe.io.reader import INDEX_FILE, CheckpointReader
+from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.writer import SIDE_FILES, CheckpointWriter, copy_side_files, ensure_free_space, write_json
 
-BLOCK_ELEMENTS = 4 * 2**20
 MANIFEST = "graft.json"
 RUN_STAMPS = ".graft-inputs.json"
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")

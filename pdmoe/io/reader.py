@@ -18,6 +18,8 @@ import torch
 from pdmoe.errors import CheckpointError
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
 
+# Elements per block when a tensor is streamed (16 MiB of fp32): bounds memory, amortises calls.
+BLOCK_ELEMENTS = 4 * 2**20
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
