@@ -37,35 +37,54 @@ MiB = 2**20
 
 def _config(layers: int, moe: bool) -> dict:
     config = {
-        "model_type": "qwen2", "hidden_size": H, "intermediate_size": F, "num_hidden_layers": layers,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
-        "tie_word_embeddings": True, "dtype": "bfloat16",
+        "model_type": "qwen2",
+        "hidden_size": H,
+        "intermediate_size": F,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
     }
     if moe:
-        config |= {"model_type": "pdmoe", "base_model_type": "qwen2", "num_experts": EXPERTS,
-                   "moe_layers": list(range(layers))}
+        config |= {
+            "model_type": "pdmoe",
+            "base_model_type": "qwen2",
+            "num_experts": EXPERTS,
+            "moe_layers": list(range(layers)),
+        }
     return config
 
 
 def _layout(layers: int, moe: bool) -> list[TensorMeta]:
     kv = H // HEADS * KV_HEADS
-    metas = [TensorMeta("model.embed_tokens.weight", DTYPE, (VOCAB, H)), TensorMeta("model.norm.weight", DTYPE, (H,))]
+    metas = [
+        TensorMeta("model.embed_tokens.weight", DTYPE, (VOCAB, H)),
+        TensorMeta("model.norm.weight", DTYPE, (H,)),
+    ]
     for i in range(layers):
         p = f"model.layers.{i}"
-        metas += [TensorMeta(f"{p}.input_layernorm.weight", DTYPE, (H,)),
-                  TensorMeta(f"{p}.post_attention_layernorm.weight", DTYPE, (H,)),
-                  TensorMeta(f"{p}.self_attn.q_proj.weight", DTYPE, (H, H)),
-                  TensorMeta(f"{p}.self_attn.k_proj.weight", DTYPE, (kv, H)),
-                  TensorMeta(f"{p}.self_attn.v_proj.weight", DTYPE, (kv, H)),
-                  TensorMeta(f"{p}.self_attn.o_proj.weight", DTYPE, (H, H))]
+        metas += [
+            TensorMeta(f"{p}.input_layernorm.weight", DTYPE, (H,)),
+            TensorMeta(f"{p}.post_attention_layernorm.weight", DTYPE, (H,)),
+            TensorMeta(f"{p}.self_attn.q_proj.weight", DTYPE, (H, H)),
+            TensorMeta(f"{p}.self_attn.k_proj.weight", DTYPE, (kv, H)),
+            TensorMeta(f"{p}.self_attn.v_proj.weight", DTYPE, (kv, H)),
+            TensorMeta(f"{p}.self_attn.o_proj.weight", DTYPE, (H, H)),
+        ]
         if moe:
-            metas += [TensorMeta(f"{p}.mlp.gate.weight", DTYPE, (EXPERTS, H)),
-                      TensorMeta(f"{p}.mlp.experts.gate_up_proj", DTYPE, (EXPERTS, 2 * F, H)),
-                      TensorMeta(f"{p}.mlp.experts.down_proj", DTYPE, (EXPERTS, H, F))]
+            metas += [
+                TensorMeta(f"{p}.mlp.gate.weight", DTYPE, (EXPERTS, H)),
+                TensorMeta(f"{p}.mlp.experts.gate_up_proj", DTYPE, (EXPERTS, 2 * F, H)),
+                TensorMeta(f"{p}.mlp.experts.down_proj", DTYPE, (EXPERTS, H, F)),
+            ]
         else:
-            metas += [TensorMeta(f"{p}.mlp.gate_proj.weight", DTYPE, (F, H)),
-                      TensorMeta(f"{p}.mlp.up_proj.weight", DTYPE, (F, H)),
-                      TensorMeta(f"{p}.mlp.down_proj.weight", DTYPE, (H, F))]
+            metas += [
+                TensorMeta(f"{p}.mlp.gate_proj.weight", DTYPE, (F, H)),
+                TensorMeta(f"{p}.mlp.up_proj.weight", DTYPE, (F, H)),
+                TensorMeta(f"{p}.mlp.down_proj.weight", DTYPE, (H, F)),
+            ]
     return metas
 
 
@@ -74,7 +93,9 @@ def _synthetic(directory: Path, layers: int, moe: bool, seed: int) -> Path:
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(_config(layers, moe)))
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(2**24 + 1, generator=generator).to(DTYPE)  # tiled: the values do not matter, speed does
+    pool = torch.randn(2**24 + 1, generator=generator).to(
+        DTYPE
+    )  # tiled: the values do not matter, speed does
     writer = CheckpointWriter(directory, plan_shards(_layout(layers, moe), 300 * 10**6))
     for index, shard in enumerate(writer.shards):
         with writer.open_shard(index) as shard_writer:
@@ -95,10 +116,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     dense_base = _synthetic(root / "dense-base", LAYERS["dense"], False, 0)
     moe_base = _synthetic(root / "moe-base", LAYERS["moe"], False, 3)
     return {
-        "dense": (dense_base, _synthetic(root / "dense-instruct", LAYERS["dense"], False, 1),
-                  _synthetic(root / "dense-cpt", LAYERS["dense"], False, 2)),
-        "moe": (moe_base, _synthetic(root / "moe-instruct", LAYERS["moe"], False, 4),
-                _synthetic(root / "moe-cpt", LAYERS["moe"], True, 5)),
+        "dense": (
+            dense_base,
+            _synthetic(root / "dense-instruct", LAYERS["dense"], False, 1),
+            _synthetic(root / "dense-cpt", LAYERS["dense"], False, 2),
+        ),
+        "moe": (
+            moe_base,
+            _synthetic(root / "moe-instruct", LAYERS["moe"], False, 4),
+            _synthetic(root / "moe-cpt", LAYERS["moe"], True, 5),
+        ),
     }
 
 
@@ -149,22 +176,31 @@ def test_graft_throughput_and_memory(benchmark, checkpoints, tmp_path: Path, kin
     shutil.rmtree(out)
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, *map(str, inputs), str(out), SHARD_SIZE],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     memory = json.loads(child.stdout.strip().splitlines()[-1])
-    largest = max(meta.nbytes for d in inputs for meta in _layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe"))
+    largest = max(
+        meta.nbytes
+        for d in inputs
+        for meta in _layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe")
+    )
     target_rss = 2 * largest + 256 * MiB
-    benchmark.extra_info.update({
-        "bytes_moved_gib": round(moved / 2**30, 3),
-        "graft_mib_per_s": round(graft_rate / MiB),
-        "copy_mib_per_s": round(copy_rate / MiB),
-        "graft_over_copy": round(graft_rate / copy_rate, 3),
-        "peak_rss_mib": round(memory["peak_rss"] / MiB),
-        "rss_after_imports_mib": round(memory["rss_after_imports"] / MiB),
-        "graft_working_set_mib": round((memory["peak_rss"] - memory["rss_after_imports"]) / MiB),
-        "largest_tensor_mib": round(largest / MiB),
-        "target_peak_rss_mib": round(target_rss / MiB),
-        "child_graft_seconds": round(memory["seconds"], 2),
-    })
+    benchmark.extra_info.update(
+        {
+            "bytes_moved_gib": round(moved / 2**30, 3),
+            "graft_mib_per_s": round(graft_rate / MiB),
+            "copy_mib_per_s": round(copy_rate / MiB),
+            "graft_over_copy": round(graft_rate / copy_rate, 3),
+            "peak_rss_mib": round(memory["peak_rss"] / MiB),
+            "rss_after_imports_mib": round(memory["rss_after_imports"] / MiB),
+            "graft_working_set_mib": round((memory["peak_rss"] - memory["rss_after_imports"]) / MiB),
+            "largest_tensor_mib": round(largest / MiB),
+            "target_peak_rss_mib": round(target_rss / MiB),
+            "child_graft_seconds": round(memory["seconds"], 2),
+        }
+    )
     assert graft_rate >= 0.4 * copy_rate, benchmark.extra_info
     assert memory["peak_rss"] < target_rss, benchmark.extra_info

@@ -79,7 +79,9 @@ def _experts(shape: tuple[int, int, int, int]) -> MixtralExperts:
         module.gate_up_proj = torch.nn.Parameter(
             torch.randn(E, 2 * F, H, device=DEVICE, dtype=DTYPE, generator=g) * H**-0.5
         )
-        module.down_proj = torch.nn.Parameter(torch.randn(E, H, F, device=DEVICE, dtype=DTYPE, generator=g) * F**-0.5)
+        module.down_proj = torch.nn.Parameter(
+            torch.randn(E, H, F, device=DEVICE, dtype=DTYPE, generator=g) * F**-0.5
+        )
         _EXPERTS[shape] = module
     return _EXPERTS[shape]
 
@@ -140,7 +142,9 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
     benchmark.extra_info.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
     if device_peaks:
         benchmark.extra_info.update(device_peaks)
-        benchmark.extra_info["pct_of_dense_bf16"] = 100 * flops / seconds / 1e12 / device_peaks["dense_bf16_tflops"]
+        benchmark.extra_info["pct_of_dense_bf16"] = (
+            100 * flops / seconds / 1e12 / device_peaks["dense_bf16_tflops"]
+        )
     for p in experts.parameters():
         p.grad = None
 
@@ -185,5 +189,8 @@ def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
     weight_bytes = ids.unique().numel() * 3 * H * F * experts.down_proj.element_size()
     gbs = weight_bytes / seconds / 1e9
     benchmark.extra_info.update(
-        ms=seconds * 1e3, weight_gb_per_s=gbs, pct_of_copy_bw=100 * gbs / device_peaks["copy_gbs"], **device_peaks
+        ms=seconds * 1e3,
+        weight_gb_per_s=gbs,
+        pct_of_copy_bw=100 * gbs / device_peaks["copy_gbs"],
+        **device_peaks,
     )

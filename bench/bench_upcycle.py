@@ -51,18 +51,23 @@ def test_upcycle_throughput_and_memory(benchmark, dense: Path, tmp_path: Path) -
     shutil.rmtree(out)
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, str(dense), str(out), str(EXPERTS)],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     memory = json.loads(child.stdout.strip().splitlines()[-1])
     working_set = memory["peak_rss"] - memory["rss_after_imports"]
     ffn_and_expert = 5 * F * H * DTYPE.itemsize  # gate + up + down, then one [2F, H] expert block
     target = 2 * ffn_and_expert + 64 * MiB
-    benchmark.extra_info.update({
-        "upcycle_mib_per_s": round(rate / MiB),
-        "copy_mib_per_s": round(copy_rate / MiB),
-        "upcycle_over_copy": round(rate / copy_rate, 3),
-        "working_set_mib": round(working_set / MiB),
-        "target_working_set_mib": round(target / MiB),
-        "output_gib": round(_tensor_bytes(out) / 2**30, 3),
-    })
+    benchmark.extra_info.update(
+        {
+            "upcycle_mib_per_s": round(rate / MiB),
+            "copy_mib_per_s": round(copy_rate / MiB),
+            "upcycle_over_copy": round(rate / copy_rate, 3),
+            "working_set_mib": round(working_set / MiB),
+            "target_working_set_mib": round(target / MiB),
+            "output_gib": round(_tensor_bytes(out) / 2**30, 3),
+        }
+    )
     assert working_set < target, benchmark.extra_info

@@ -69,11 +69,33 @@ def _expert_weights(first_ptr, second_ptr, n_first, expert, stride_e):
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    x_ptr, w1_ptr, w2_ptr, h_ptr, preact_ptr, sorted_slots_ptr, offsets_ptr,
-    n_experts, n_first, top_k, num_m, H, F,
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_hr, stride_pr,
-    SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w1_ptr,
+    w2_ptr,
+    h_ptr,
+    preact_ptr,
+    sorted_slots_ptr,
+    offsets_ptr,
+    n_experts,
+    n_first,
+    top_k,
+    num_m,
+    H,
+    F,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_hr,
+    stride_pr,
+    SAVE_PREACT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     num_n = tl.cdiv(F, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -114,11 +136,31 @@ def _gate_up_fwd_kernel(
 
 @triton.jit
 def _scatter_gemm_kernel(
-    a_ptr, w1_ptr, w2_ptr, scale_ptr, out_ptr, sorted_slots_ptr, offsets_ptr,
-    n_experts, n_first, num_m, N, K,
-    stride_ar, stride_ak, stride_we, stride_wn, stride_wk, stride_or,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    w1_ptr,
+    w2_ptr,
+    scale_ptr,
+    out_ptr,
+    sorted_slots_ptr,
+    offsets_ptr,
+    n_experts,
+    n_first,
+    num_m,
+    N,
+    K,
+    stride_ar,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_or,
+    HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -150,11 +192,35 @@ def _scatter_gemm_kernel(
 
 @triton.jit
 def _act_bwd_kernel(
-    dy_ptr, w1_ptr, w2_ptr, scale_ptr, preact_ptr, dpreact_ptr, dscale_part_ptr, sorted_slots_ptr,
-    offsets_ptr, n_experts, n_first, top_k, num_m, H, F,
-    stride_dt, stride_dh, stride_we, stride_wh, stride_wf, stride_pr, stride_dr,
-    NEED_DSCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dy_ptr,
+    w1_ptr,
+    w2_ptr,
+    scale_ptr,
+    preact_ptr,
+    dpreact_ptr,
+    dscale_part_ptr,
+    sorted_slots_ptr,
+    offsets_ptr,
+    n_experts,
+    n_first,
+    top_k,
+    num_m,
+    H,
+    F,
+    stride_dt,
+    stride_dh,
+    stride_we,
+    stride_wh,
+    stride_wf,
+    stride_pr,
+    stride_dr,
+    NEED_DSCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     num_n = tl.cdiv(F, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -196,12 +262,33 @@ def _act_bwd_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    a_ptr, b_ptr, scale_ptr, out_ptr, sorted_slots_ptr, offsets_ptr,
-    expert_base, top_k, M, N, swiglu_shift,
-    stride_ar, stride_am, stride_br, stride_bn, stride_oe, stride_om, stride_on,
-    A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
-    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    out_ptr,
+    sorted_slots_ptr,
+    offsets_ptr,
+    expert_base,
+    top_k,
+    M,
+    N,
+    swiglu_shift,
+    stride_ar,
+    stride_am,
+    stride_br,
+    stride_bn,
+    stride_oe,
+    stride_om,
+    stride_on,
+    A_GATHER: tl.constexpr,
+    A_SCALE: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    B_SWIGLU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     local = tl.program_id(1)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -219,7 +306,8 @@ def _weight_grad_kernel(
         a_rows = slots // top_k if A_GATHER else rows
         a = tl.load(
             a_ptr + _offset(a_rows, stride_ar)[None, :] + ms[:, None] * stride_am,
-            mask=m_ok[:, None] & r_ok[None, :], other=0.0,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
         )
         if A_SCALE:
             scale = tl.load(scale_ptr + slots, mask=r_ok, other=0.0).to(tl.float32)
@@ -262,8 +350,16 @@ def _launch_opts(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def gate_up_fwd(
-    x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor, n_first: int, n_experts: int,
-    sorted_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, save_preact: bool, cfg: dict[str, Any],
+    x: torch.Tensor,
+    w_first: torch.Tensor,
+    w_second: torch.Tensor,
+    n_first: int,
+    n_experts: int,
+    sorted_slots: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    save_preact: bool,
+    cfg: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, F] in expert-sorted row order and, if ``save_preact``, [gate | up] [N, 2F] (else empty)."""
     n_rows, (two_f, H) = sorted_slots.numel(), w_first.shape[1:]
@@ -274,41 +370,96 @@ def gate_up_fwd(
     grid = (num_m * triton.cdiv(F, cfg["BLOCK_N"]),)
     if num_m:
         _gate_up_fwd_kernel[grid](
-            x, w_first, w_second, h, preact, sorted_slots, offsets, n_experts, n_first, top_k, num_m, H, F,
-            x.stride(0), x.stride(1), w_first.stride(0), w_first.stride(1), w_first.stride(2),
-            h.stride(0), preact.stride(0),
-            SAVE_PREACT=save_preact, PRECISION=_precision(x.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts), **_launch_opts(cfg),
+            x,
+            w_first,
+            w_second,
+            h,
+            preact,
+            sorted_slots,
+            offsets,
+            n_experts,
+            n_first,
+            top_k,
+            num_m,
+            H,
+            F,
+            x.stride(0),
+            x.stride(1),
+            w_first.stride(0),
+            w_first.stride(1),
+            w_first.stride(2),
+            h.stride(0),
+            preact.stride(0),
+            SAVE_PREACT=save_preact,
+            PRECISION=_precision(x.dtype),
+            BLOCK_E=triton.next_power_of_2(n_experts),
+            **_launch_opts(cfg),
         )
     return h, preact
 
 
 def scatter_gemm(
-    a: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor, n_first: int, n_experts: int,
-    transpose_w: bool, scale: torch.Tensor | None, sorted_slots: torch.Tensor, offsets: torch.Tensor,
+    a: torch.Tensor,
+    w_first: torch.Tensor,
+    w_second: torch.Tensor,
+    n_first: int,
+    n_experts: int,
+    transpose_w: bool,
+    scale: torch.Tensor | None,
+    sorted_slots: torch.Tensor,
+    offsets: torch.Tensor,
     cfg: dict[str, Any],
 ) -> torch.Tensor:
     """out[slot_r] = scale_r · a[r] @ W_e^T (or W_e without the transpose when ``transpose_w``), [N, ·]."""
     n_rows, K = a.shape
     # W_e is [N_out, K] (down_proj [H, F]) or, with transpose_w, [K, N_out] (gate_up_proj [2F, H]).
-    s_n, s_k = (w_first.stride(2), w_first.stride(1)) if transpose_w else (w_first.stride(1), w_first.stride(2))
+    s_n, s_k = (
+        (w_first.stride(2), w_first.stride(1)) if transpose_w else (w_first.stride(1), w_first.stride(2))
+    )
     N = w_first.shape[2] if transpose_w else w_first.shape[1]
     out = a.new_empty(n_rows, N)
     num_m = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"])
     if num_m:
         _scatter_gemm_kernel[(num_m * triton.cdiv(N, cfg["BLOCK_N"]),)](
-            a, w_first, w_second, a if scale is None else scale, out, sorted_slots, offsets,
-            n_experts, n_first, num_m, N, K, a.stride(0), a.stride(1), w_first.stride(0), s_n, s_k, out.stride(0),
-            HAS_SCALE=scale is not None, PRECISION=_precision(a.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts), **_launch_opts(cfg),
+            a,
+            w_first,
+            w_second,
+            a if scale is None else scale,
+            out,
+            sorted_slots,
+            offsets,
+            n_experts,
+            n_first,
+            num_m,
+            N,
+            K,
+            a.stride(0),
+            a.stride(1),
+            w_first.stride(0),
+            s_n,
+            s_k,
+            out.stride(0),
+            HAS_SCALE=scale is not None,
+            PRECISION=_precision(a.dtype),
+            BLOCK_E=triton.next_power_of_2(n_experts),
+            **_launch_opts(cfg),
         )
     return out
 
 
 def act_bwd(
-    dy: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor, n_first: int, n_experts: int,
-    scale: torch.Tensor, preact: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor, top_k: int,
-    need_dscale: bool, cfg: dict[str, Any],
+    dy: torch.Tensor,
+    w_first: torch.Tensor,
+    w_second: torch.Tensor,
+    n_first: int,
+    n_experts: int,
+    scale: torch.Tensor,
+    preact: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    need_dscale: bool,
+    cfg: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d[gate | up] [N, 2F] (sorted rows) and, if asked, d(scale) per sorted row [N] (fp32)."""
     n_rows = preact.shape[0]
@@ -319,19 +470,51 @@ def act_bwd(
     num_m = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"])
     if num_m:
         _act_bwd_kernel[(num_m * num_n,)](
-            dy, w_first, w_second, scale, preact, dpreact, part, sorted_slots, offsets,
-            n_experts, n_first, top_k, num_m, H, F, dy.stride(0), dy.stride(1),
-            w_first.stride(0), w_first.stride(1), w_first.stride(2), preact.stride(0), dpreact.stride(0),
-            NEED_DSCALE=need_dscale, PRECISION=_precision(dy.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts), **_launch_opts(cfg),
+            dy,
+            w_first,
+            w_second,
+            scale,
+            preact,
+            dpreact,
+            part,
+            sorted_slots,
+            offsets,
+            n_experts,
+            n_first,
+            top_k,
+            num_m,
+            H,
+            F,
+            dy.stride(0),
+            dy.stride(1),
+            w_first.stride(0),
+            w_first.stride(1),
+            w_first.stride(2),
+            preact.stride(0),
+            dpreact.stride(0),
+            NEED_DSCALE=need_dscale,
+            PRECISION=_precision(dy.dtype),
+            BLOCK_E=triton.next_power_of_2(n_experts),
+            **_launch_opts(cfg),
         )
     return dpreact, part.sum(dim=1) if need_dscale else None
 
 
 def weight_grad(
-    a: torch.Tensor, b: torch.Tensor, expert_base: int, n_local: int, sorted_slots: torch.Tensor,
-    offsets: torch.Tensor, top_k: int, *, a_gather: bool, a_scale: torch.Tensor | None, b_gather: bool,
-    b_swiglu: bool, out_dtype: torch.dtype, cfg: dict[str, Any],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    expert_base: int,
+    n_local: int,
+    sorted_slots: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    *,
+    a_gather: bool,
+    a_scale: torch.Tensor | None,
+    b_gather: bool,
+    b_swiglu: bool,
+    out_dtype: torch.dtype,
+    cfg: dict[str, Any],
 ) -> torch.Tensor:
     """dW[e - expert_base] = Σ_{rows r of e} A[r]^T B[r] for experts [expert_base, expert_base + n_local).
 
@@ -344,9 +527,29 @@ def weight_grad(
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if n_local and tiles:
         _weight_grad_kernel[(tiles, n_local)](
-            a, b, a if a_scale is None else a_scale, out, sorted_slots, offsets, expert_base, top_k, M, N, N,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            A_GATHER=a_gather, A_SCALE=a_scale is not None, B_GATHER=b_gather, B_SWIGLU=b_swiglu,
-            PRECISION=_precision(a.dtype), **_launch_opts(cfg),
+            a,
+            b,
+            a if a_scale is None else a_scale,
+            out,
+            sorted_slots,
+            offsets,
+            expert_base,
+            top_k,
+            M,
+            N,
+            N,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            A_GATHER=a_gather,
+            A_SCALE=a_scale is not None,
+            B_GATHER=b_gather,
+            B_SWIGLU=b_swiglu,
+            PRECISION=_precision(a.dtype),
+            **_launch_opts(cfg),
         )
     return out

@@ -51,8 +51,14 @@ def _cfg(kernel: str, n_tokens: int, like: Tensor) -> dict:
 
 @torch.library.custom_op("pdmoe::moe_mlp_fwd", mutates_args=())
 def _moe_mlp_fwd(
-    hidden: Tensor, gate_up_first: Tensor, gate_up_second: Tensor | None, down_first: Tensor,
-    down_second: Tensor | None, topk_weights: Tensor, topk_ids: Tensor, save_preact: bool,
+    hidden: Tensor,
+    gate_up_first: Tensor,
+    gate_up_second: Tensor | None,
+    down_first: Tensor,
+    down_second: Tensor | None,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    save_preact: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Output [T, H], then what backward needs: pre-activations, sorted slots, slot rows, offsets."""
     T, H = hidden.shape
@@ -61,11 +67,27 @@ def _moe_mlp_fwd(
     d1, d2, _, _ = _experts(down_first, down_second)
     routing = route(topk_ids, E)
     h, preact = gg.gate_up_fwd(
-        hidden, gu1, gu2, n_first, E, routing.sorted_slots, routing.offsets, k, save_preact,
+        hidden,
+        gu1,
+        gu2,
+        n_first,
+        E,
+        routing.sorted_slots,
+        routing.offsets,
+        k,
+        save_preact,
         _cfg("gate_up_fwd", T, hidden),
     )
     y = gg.scatter_gemm(
-        h, d1, d2, n_first, E, False, topk_weights.reshape(-1), routing.sorted_slots, routing.offsets,
+        h,
+        d1,
+        d2,
+        n_first,
+        E,
+        False,
+        topk_weights.reshape(-1),
+        routing.sorted_slots,
+        routing.offsets,
         _cfg("scatter_gemm", T, hidden),
     )
     return y.view(T, k, H).sum(dim=1), preact, routing.sorted_slots, routing.slot_rows, routing.offsets
@@ -78,16 +100,28 @@ def _(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weigh
     two_f = gate_up_first.shape[1]
     index = topk_ids.new_empty(n_slots, dtype=torch.int32)
     return (
-        hidden.new_empty(hidden.shape), hidden.new_empty(n_slots if save_preact else 0, two_f),
-        index, torch.empty_like(index), topk_ids.new_empty(E + 1, dtype=torch.int32),
+        hidden.new_empty(hidden.shape),
+        hidden.new_empty(n_slots if save_preact else 0, two_f),
+        index,
+        torch.empty_like(index),
+        topk_ids.new_empty(E + 1, dtype=torch.int32),
     )
 
 
 @torch.library.custom_op("pdmoe::moe_mlp_bwd", mutates_args=())
 def _moe_mlp_bwd(
-    grad_out: Tensor, hidden: Tensor, gate_up_first: Tensor, gate_up_second: Tensor | None, down_first: Tensor,
-    down_second: Tensor | None, topk_weights: Tensor, preact: Tensor, sorted_slots: Tensor, slot_rows: Tensor,
-    offsets: Tensor, needs: list[bool],
+    grad_out: Tensor,
+    hidden: Tensor,
+    gate_up_first: Tensor,
+    gate_up_second: Tensor | None,
+    down_first: Tensor,
+    down_second: Tensor | None,
+    topk_weights: Tensor,
+    preact: Tensor,
+    sorted_slots: Tensor,
+    slot_rows: Tensor,
+    offsets: Tensor,
+    needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights);
     an empty tensor where ``needs`` is False (nothing is computed or allocated for it)."""
@@ -101,12 +135,31 @@ def _moe_mlp_bwd(
     common = {"sorted_slots": sorted_slots, "offsets": offsets, "top_k": k}
     if need_x or need_gu1 or need_gu2 or need_w:
         dpreact, dscale = gg.act_bwd(
-            grad_out, d1, d2, n_first, E, scale, preact, sorted_slots, offsets, k, need_w,
+            grad_out,
+            d1,
+            d2,
+            n_first,
+            E,
+            scale,
+            preact,
+            sorted_slots,
+            offsets,
+            k,
+            need_w,
             _cfg("act_bwd", T, hidden),
         )
         if need_x:
             dx = gg.scatter_gemm(
-                dpreact, gu1, gu2, n_first, E, True, None, sorted_slots, offsets, _cfg("scatter_gemm", T, hidden)
+                dpreact,
+                gu1,
+                gu2,
+                n_first,
+                E,
+                True,
+                None,
+                sorted_slots,
+                offsets,
+                _cfg("scatter_gemm", T, hidden),
             )
             grads[0] = dx.view(T, k, H).sum(dim=1)
         if need_w:
@@ -114,21 +167,51 @@ def _moe_mlp_bwd(
         for slot, base, n_local, weight in ((1, 0, n_first, gu1), (2, n_first, E - n_first, gu2)):
             if needs[slot]:
                 grads[slot] = gg.weight_grad(
-                    dpreact, hidden, base, n_local, **common, a_gather=False, a_scale=None, b_gather=True,
-                    b_swiglu=False, out_dtype=weight.dtype, cfg=_cfg("weight_grad", T, hidden),
+                    dpreact,
+                    hidden,
+                    base,
+                    n_local,
+                    **common,
+                    a_gather=False,
+                    a_scale=None,
+                    b_gather=True,
+                    b_swiglu=False,
+                    out_dtype=weight.dtype,
+                    cfg=_cfg("weight_grad", T, hidden),
                 )
     for slot, base, n_local, weight in ((3, 0, n_first, d1), (4, n_first, E - n_first, d2)):
         if needs[slot]:
             grads[slot] = gg.weight_grad(
-                grad_out, preact, base, n_local, **common, a_gather=True, a_scale=scale, b_gather=False,
-                b_swiglu=True, out_dtype=weight.dtype, cfg=_cfg("weight_grad", T, hidden),
+                grad_out,
+                preact,
+                base,
+                n_local,
+                **common,
+                a_gather=True,
+                a_scale=scale,
+                b_gather=False,
+                b_swiglu=True,
+                out_dtype=weight.dtype,
+                cfg=_cfg("weight_grad", T, hidden),
             )
     return tuple(grads)
 
 
 @_moe_mlp_bwd.register_fake
-def _(grad_out, hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights, preact,
-      sorted_slots, slot_rows, offsets, needs):
+def _(
+    grad_out,
+    hidden,
+    gate_up_first,
+    gate_up_second,
+    down_first,
+    down_second,
+    topk_weights,
+    preact,
+    sorted_slots,
+    slot_rows,
+    offsets,
+    needs,
+):
     like = (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs, strict=True)

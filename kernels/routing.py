@@ -45,8 +45,15 @@ def _count_kernel(ids_ptr, counts_ptr, n_slots, BLOCK: tl.constexpr):
 
 @triton.jit
 def _place_kernel(
-    ids_ptr, counts_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr, n_slots, n_experts,
-    BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    ids_ptr,
+    counts_ptr,
+    offsets_ptr,
+    sorted_slots_ptr,
+    slot_rows_ptr,
+    n_slots,
+    n_experts,
+    BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     expert = tl.program_id(0)
     e_idx = tl.arange(0, BLOCK_E)
@@ -79,8 +86,15 @@ def route(topk_ids: torch.Tensor, n_experts: int) -> Routing:
     block = min(1024, max(16, triton.next_power_of_2(n_slots)))
     _count_kernel[(n_experts,)](ids, counts, n_slots, BLOCK=block)
     _place_kernel[(n_experts,)](
-        ids, counts, offsets, sorted_slots, slot_rows, n_slots, n_experts,
-        BLOCK=block, BLOCK_E=triton.next_power_of_2(n_experts),
+        ids,
+        counts,
+        offsets,
+        sorted_slots,
+        slot_rows,
+        n_slots,
+        n_experts,
+        BLOCK=block,
+        BLOCK_E=triton.next_power_of_2(n_experts),
     )
     return Routing(sorted_slots, slot_rows, offsets)
 

@@ -6,7 +6,11 @@ import torch
 
 
 def random_routing(
-    n_tokens: int, n_experts: int, top_k: int, *, generator: torch.Generator | None = None,
+    n_tokens: int,
+    n_experts: int,
+    top_k: int,
+    *,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """topk_ids [T, k] int64: k distinct experts per token, uniformly at random."""
@@ -15,8 +19,16 @@ def random_routing(
 
 
 def random_moe_inputs(
-    n_tokens: int, hidden: int, ffn: int, n_experts: int, top_k: int, *, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", seed: int = 0, topk_ids: torch.Tensor | None = None,
+    n_tokens: int,
+    hidden: int,
+    ffn: int,
+    n_experts: int,
+    top_k: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    topk_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [T, H], gate_up_proj [E, 2F, H], down_proj [E, H, F], topk_weights [T, k], topk_ids [T, k]).
 

@@ -29,7 +29,10 @@ def make_experts_forward(moe_mlp: Callable[..., torch.Tensor]) -> Callable[..., 
     the PyTorch reference elsewhere."""
 
     def pdmoe_experts_forward(
-        self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         unsupported = (
             not getattr(self, "has_gate", True)

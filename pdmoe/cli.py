@@ -35,12 +35,16 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
         help="turn a dense checkpoint into an MoE checkpoint (expert 0 = the dense FFN, the rest copies)",
         description="Stream a dense Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into the MoE format.",
     )
-    parser.add_argument("--model", required=True, help="dense Hugging Face checkpoint directory (safetensors)")
+    parser.add_argument(
+        "--model", required=True, help="dense Hugging Face checkpoint directory (safetensors)"
+    )
     parser.add_argument("--out", required=True, help="output directory for the MoE checkpoint")
     parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     parser.add_argument(
-        "--layers", default="all", help="MoE layers: 'all' (default), a list like '0,2,5', or 'every:N' (0, N, 2N, ...)"
+        "--layers",
+        default="all",
+        help="MoE layers: 'all' (default), a list like '0,2,5', or 'every:N' (0, N, 2N, ...)",
     )
     parser.add_argument(
         "--router-init-std",
@@ -49,7 +53,9 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
         help="std of the N(0, std) router init (default: the dense config's initializer_range, 0.02)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router init (default 0)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: keep the input's)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: keep the input's)"
+    )
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=_run_upcycle)

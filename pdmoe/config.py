@@ -47,7 +47,9 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
                 return list(range(0, num_layers, step))
             spec = [int(part) for part in text.split(",") if part]
         except ValueError:
-            raise UsageError(f"cannot read --layers {spec!r}; use 'all', a list like '0,2,5' or 'every:N'") from None
+            raise UsageError(
+                f"cannot read --layers {spec!r}; use 'all', a list like '0,2,5' or 'every:N'"
+            ) from None
     layers = sorted(set(spec))
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
         raise UsageError(f"--layers {spec!r} must name layers in 0..{num_layers - 1}")
@@ -91,7 +93,9 @@ class MoEConfig(PreTrainedConfig):
 
     def validate_moe(self) -> None:
         if self.num_experts < 2:
-            raise UsageError(f"num_experts must be at least 2 (got {self.num_experts}): one expert is the dense model")
+            raise UsageError(
+                f"num_experts must be at least 2 (got {self.num_experts}): one expert is the dense model"
+            )
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise UsageError(
                 f"top-k ({self.num_experts_per_tok}) must be between 1 and the number of experts ({self.num_experts})"
@@ -102,7 +106,9 @@ class MoEConfig(PreTrainedConfig):
         if bad:
             raise UsageError(f"moe_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
         if any(not 0 <= e < self.num_experts for e in self.original_experts):
-            raise UsageError(f"original_experts {self.original_experts} must lie in 0..{self.num_experts - 1}")
+            raise UsageError(
+                f"original_experts {self.original_experts} must lie in 0..{self.num_experts - 1}"
+            )
 
     @property
     def num_original_experts(self) -> int:
@@ -114,6 +120,10 @@ class MoEConfig(PreTrainedConfig):
     @classmethod
     def from_dense(cls, dense: dict[str, Any], **moe_fields: Any) -> MoEConfig:
         """The MoE config of a dense ``config.json`` dict, every dense field kept."""
-        fields = {k: v for k, v in dense.items() if k not in ("model_type", "architectures", "transformers_version")}
+        fields = {
+            k: v for k, v in dense.items() if k not in ("model_type", "architectures", "transformers_version")
+        }
         check_supported_family(dense.get("model_type"))
-        return cls(base_model_type=dense["model_type"], architectures=["MoEForCausalLM"], **fields, **moe_fields)
+        return cls(
+            base_model_type=dense["model_type"], architectures=["MoEForCausalLM"], **fields, **moe_fields
+        )

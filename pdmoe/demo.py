@@ -86,7 +86,11 @@ def _max_logit_diff(dense: Path, moe: Path) -> float:
 
 def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> None:
     """Invariant 2: shared tensors and expert 0 equal INSTRUCT's; routers keep CPT's values."""
-    with CheckpointReader(instruct) as dense, CheckpointReader(final) as grafted, CheckpointReader(cpt) as trained:
+    with (
+        CheckpointReader(instruct) as dense,
+        CheckpointReader(final) as grafted,
+        CheckpointReader(cpt) as trained,
+    ):
         for name in grafted:
             tensor = grafted.get(name)
             if name.endswith(".mlp.gate.weight"):
@@ -132,11 +136,26 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     corpus = _write_corpus(out / "data" / "new_language.jsonl")
     cpt = train(
         TrainConfig(
-            model=moe, data=[corpus], out=out / "cpt", cache_dir=out / "token-cache", new_langs=["sw"], seq_len=64, micro_batch_size=4,
-            max_steps=steps, lr=1e-2, warmup_steps=5, log_every=5, save_every=10**9, progress=False,
+            model=moe,
+            data=[corpus],
+            out=out / "cpt",
+            cache_dir=out / "token-cache",
+            new_langs=["sw"],
+            seq_len=64,
+            micro_batch_size=4,
+            max_steps=steps,
+            lr=1e-2,
+            warmup_steps=5,
+            log_every=5,
+            save_every=10**9,
+            progress=False,
         )
     )
-    losses = [json.loads(line)["loss"] for line in (cpt / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (cpt / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     report.cpt_loss_first, report.cpt_loss_last = losses[0], losses[-1]
     lap("cpt")
     final = graft(base, instruct, cpt, out / "final").out_dir
@@ -144,10 +163,16 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     lap("graft")
     tokenizer = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Habari"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    generated = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Habari"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(
+        **prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     lap("generate")
     return report
 

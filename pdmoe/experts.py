@@ -18,7 +18,9 @@ from torch import nn
 from pdmoe.errors import UsageError
 
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-ExpertFunction = Callable[[torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor]
+ExpertFunction = Callable[
+    [torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor
+]
 _FUSED = ("gate_up_proj", "down_proj")
 
 
@@ -38,7 +40,9 @@ def expert_function(impl: str, device: torch.device) -> ExpertFunction:
 class MoEExperts(nn.Module):
     """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto") -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.impl = impl
@@ -54,9 +58,13 @@ class MoEExperts(nn.Module):
             return getattr(self, f"frozen_{name}"), getattr(self, f"trainable_{name}")
         return getattr(self, name)
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         function = expert_function(self.impl, hidden.device)
-        return function(hidden, self.weights("gate_up_proj"), self.weights("down_proj"), topk_weights, topk_ids)
+        return function(
+            hidden, self.weights("gate_up_proj"), self.weights("down_proj"), topk_weights, topk_ids
+        )
 
     def freeze_experts(self, num_frozen: int) -> None:
         """Freeze experts 0..num_frozen-1: no gradient, no optimizer state, no per-step copy for them."""
@@ -67,7 +75,11 @@ class MoEExperts(nn.Module):
             fused = getattr(self, name)
             delattr(self, name)
             self.register_buffer(f"frozen_{name}", fused.data[:num_frozen], persistent=False)
-            setattr(self, f"trainable_{name}", nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad))
+            setattr(
+                self,
+                f"trainable_{name}",
+                nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad),
+            )
         self.num_frozen = num_frozen
 
     def unfreeze_experts(self) -> None:
@@ -78,7 +90,11 @@ class MoEExperts(nn.Module):
             frozen, trainable = self.weights(name)
             delattr(self, f"frozen_{name}")
             delattr(self, f"trainable_{name}")
-            setattr(self, name, nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad))
+            setattr(
+                self,
+                name,
+                nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad),
+            )
         self.num_frozen = 0
 
     def extra_repr(self) -> str:
@@ -87,7 +103,9 @@ class MoEExperts(nn.Module):
         return f"experts={self.num_experts}, hidden={hidden}, intermediate={intermediate}, impl={self.impl}, frozen={self.num_frozen}"
 
 
-def _fuse_state_dict(module: MoEExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+def _fuse_state_dict(
+    module: MoEExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
     if not module.num_frozen:
         return
     for name in _FUSED:

@@ -19,7 +19,11 @@ def load_balancing_loss(
         num_experts = logits.shape[-1]
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == logits.shape[0]:
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.numel() == logits.shape[0]
+        ):
             keep = attention_mask.reshape(-1, 1).to(probs.dtype)
             count = keep.sum().clamp_min(1.0)
             fraction = (chosen * keep).sum(0) / (count * top_k)

@@ -94,7 +94,9 @@ def plan_upcycle(
     for layer in moe_layers:
         missing = [dense_mlp_key(layer, p) for p in _MLP_PARTS if dense_mlp_key(layer, p) not in reader]
         if missing:
-            raise CheckpointError(f"{reader.directory} lacks {', '.join(missing)}; is it a complete dense checkpoint?")
+            raise CheckpointError(
+                f"{reader.directory} lacks {', '.join(missing)}; is it a complete dense checkpoint?"
+            )
 
     moe = set(moe_layers)
     tensors: list[PlannedTensor] = []
@@ -111,8 +113,12 @@ def plan_upcycle(
         inter, hidden = meta.shape
         tensors += [
             PlannedTensor(TensorMeta(router_key(layer), out_dtype, (num_experts, hidden)), "router", layer),
-            PlannedTensor(TensorMeta(gate_up_key(layer), out_dtype, (num_experts, 2 * inter, hidden)), "gate_up", layer),
-            PlannedTensor(TensorMeta(down_key(layer), out_dtype, (num_experts, hidden, inter)), "down", layer),
+            PlannedTensor(
+                TensorMeta(gate_up_key(layer), out_dtype, (num_experts, 2 * inter, hidden)), "gate_up", layer
+            ),
+            PlannedTensor(
+                TensorMeta(down_key(layer), out_dtype, (num_experts, hidden, inter)), "down", layer
+            ),
         ]
     return UpcyclePlan(config=config, tensors=tensors)
 
@@ -123,7 +129,9 @@ def _router_weight(meta: TensorMeta, layer: int, seed: int, std: float) -> torch
     return (torch.randn(meta.shape, generator=generator) * std).to(meta.dtype)
 
 
-def _output_blocks(reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float) -> Iterator[torch.Tensor]:
+def _output_blocks(
+    reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float
+) -> Iterator[torch.Tensor]:
     """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN."""
     meta, layer = planned.meta, planned.layer
     if planned.rule == "copy":

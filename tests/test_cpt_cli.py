@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_cpt_options_default_to_the_method(tmp_path):
-    args = _parser().parse_args(["cpt", "--model", "m", "--data", "a.jsonl", "b.txt", "--out", "o", "--resume"])
+    args = _parser().parse_args(
+        ["cpt", "--model", "m", "--data", "a.jsonl", "b.txt", "--out", "o", "--resume"]
+    )
     config = train_config_from_args(args)
     assert (config.stage, config.lr, config.lpr_coef, config.seq_len) == ("cpt", 5e-5, 0.1, 1024)
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
@@ -40,11 +42,25 @@ def test_cpt_options_default_to_the_method(tmp_path):
 
 
 def test_module_entry_point_reports_bad_input_without_traceback(moe, tmp_path, capsys):
-    code = cpt_main(["--model", str(moe), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"),
-                     "--new-langs", "fr", "--seq-len", "32"])
+    code = cpt_main(
+        [
+            "--model",
+            str(moe),
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--new-langs",
+            "fr",
+            "--seq-len",
+            "32",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
-    assert "pdmoe cpt: error: data file" in err and "nope.jsonl does not exist" in err and "Traceback" not in err
+    assert (
+        "pdmoe cpt: error: data file" in err and "nope.jsonl does not exist" in err and "Traceback" not in err
+    )
 
 
 def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, capsys, monkeypatch):
@@ -53,13 +69,32 @@ def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, ca
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plot extra is missing
     args = _parser().parse_args(
-        ["eval", "--model", str(moe), "--data", str(data), "--original-langs", "en", "--new-langs", "fr",
-         "--seq-len", "32", "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "heat.png"),
-         "--cache-dir", str(tmp_path / "cache")]
+        [
+            "eval",
+            "--model",
+            str(moe),
+            "--data",
+            str(data),
+            "--original-langs",
+            "en",
+            "--new-langs",
+            "fr",
+            "--seq-len",
+            "32",
+            "--json",
+            str(tmp_path / "eval.json"),
+            "--plot",
+            str(tmp_path / "heat.png"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "perplexity" in out and "heatmap skipped: matplotlib is not installed (pip install 'pdmoe[plot]')" in out
+    assert (
+        "perplexity" in out
+        and "heatmap skipped: matplotlib is not installed (pip install 'pdmoe[plot]')" in out
+    )
     layer_rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
     assert [row[1] for row in layer_rows] == ["en", "fr"] * 3
     assert all(sum(float(x) for x in row[2:]) == pytest.approx(100, abs=0.2) for row in layer_rows)
@@ -74,7 +109,9 @@ def test_eval_refuses_sequences_longer_than_the_model(moe, tmp_path):
 
     (tmp_path / "fr.txt").write_text("bonjour")
     corpus = corpus_spec([tmp_path / "fr.txt"], ["fr"], [], ["fr"])
-    with pytest.raises(UsageError, match=r"--seq-len 300 is larger than the model's maximum \(256 positions\)"):
+    with pytest.raises(
+        UsageError, match=r"--seq-len 300 is larger than the model's maximum \(256 positions\)"
+    ):
         evaluate_model(moe, corpus, seq_len=300, cache_dir=tmp_path / "cache")
 
 

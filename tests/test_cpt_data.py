@@ -91,9 +91,17 @@ def test_micro_batches_of_two_processes_equal_those_of_one_with_accumulation():
     ("content", "name", "message"),
     [
         ('{"text": "ok"}\nnot json at all\n', "bad.jsonl", r"bad.jsonl line 2 is not JSON"),
-        ('{"body": "no text field"}\n', "nofield.jsonl", r"no string field 'text' \(found: body\).*--text-field"),
+        (
+            '{"body": "no text field"}\n',
+            "nofield.jsonl",
+            r"no string field 'text' \(found: body\).*--text-field",
+        ),
         (b"\xff\xfe\x00binary", "blob.txt", r"blob.txt is not UTF-8 text"),
-        ('{"text": "hola", "lang": "es"}\n', "es.jsonl", r"language 'es' is not declared \(declared: en, fr\)"),
+        (
+            '{"text": "hola", "lang": "es"}\n',
+            "es.jsonl",
+            r"language 'es' is not declared \(declared: en, fr\)",
+        ),
         ("\n\n\n", "blank.txt", r"holds no documents"),
     ],
 )

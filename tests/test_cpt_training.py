@@ -22,8 +22,41 @@ from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
-FR = ["le", "chat", "est", "sur", "le", "tapis", "et", "le", "chien", "court", "au", "parc", "avec", "la", "souris"]
-EN = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park", "with", "a", "mouse"]
+FR = [
+    "le",
+    "chat",
+    "est",
+    "sur",
+    "le",
+    "tapis",
+    "et",
+    "le",
+    "chien",
+    "court",
+    "au",
+    "parc",
+    "avec",
+    "la",
+    "souris",
+]
+EN = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "the",
+    "mat",
+    "and",
+    "the",
+    "dog",
+    "ran",
+    "to",
+    "the",
+    "park",
+    "with",
+    "a",
+    "mouse",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +66,9 @@ def _write_words(path: Path, words: list[str], docs: int, lang: str | None, seed
     rng = random.Random(seed)
     texts = [" ".join(rng.choice(words) for _ in range(24)) for _ in range(docs)]
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps({"text": t, **({"lang": lang} if lang else {})}) + "\n" for t in texts))
+        path.write_text(
+            "".join(json.dumps({"text": t, **({"lang": lang} if lang else {})}) + "\n" for t in texts)
+        )
     else:
         path.write_text("\n\n".join(texts) + "\n")
     return path
@@ -55,9 +90,19 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 def _config(setup, out: str, **overrides) -> TrainConfig:
     settings = dict(
-        model=setup["moe"], data=[setup["fr"]], out=setup["root"] / out, new_langs=["fr"], seq_len=32,
-        micro_batch_size=4, max_steps=30, lr=3e-3, warmup_steps=2, log_every=5, save_every=1000,
-        cache_dir=setup["cache"], progress=False,
+        model=setup["moe"],
+        data=[setup["fr"]],
+        out=setup["root"] / out,
+        new_langs=["fr"],
+        seq_len=32,
+        micro_batch_size=4,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=5,
+        save_every=1000,
+        cache_dir=setup["cache"],
+        progress=False,
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -83,7 +128,9 @@ def test_cpt_loss_decreases_on_learnable_text(cpt_run):
     assert last["loss"] == pytest.approx(last["lm_loss"] + 0.01 * last["aux_loss"], rel=1e-6)
     assert last["tokens_per_s"] > 0 and last["tokens_seen"] == 30 * 4 * 32
     shares = last["expert_load"]["fr"]
-    assert set(shares) == {"0", "1", "2"} and all(sum(s) == pytest.approx(1, abs=1e-4) for s in shares.values())
+    assert set(shares) == {"0", "1", "2"} and all(
+        sum(s) == pytest.approx(1, abs=1e-4) for s in shares.values()
+    )
     evals = [r for r in _metrics(cpt_run) if "eval" in r]
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[1]["eval"]["perplexity"]["fr"] < evals[0]["eval"]["perplexity"]["fr"]
@@ -110,10 +157,19 @@ def test_cpt_changes_only_new_experts_and_routers(setup, cpt_run):
 def test_review_stage_trains_routers_towards_expert_zero(setup, cpt_run):
     corpus = dict(original_langs=["en"], new_langs=["fr"])
     config = _config(
-        setup, "review", model=cpt_run, stage="review", data=[setup["fr"], setup["en"]], langs=["fr", "en"],
-        max_steps=20, lr=2e-2, **corpus,
+        setup,
+        "review",
+        model=cpt_run,
+        stage="review",
+        data=[setup["fr"], setup["en"]],
+        langs=["fr", "en"],
+        max_steps=20,
+        lr=2e-2,
+        **corpus,
     )
-    spec_before = evaluate_model(cpt_run, _spec(config), seq_len=32, max_sequences=None, cache_dir=setup["cache"])
+    spec_before = evaluate_model(
+        cpt_run, _spec(config), seq_len=32, max_sequences=None, cache_dir=setup["cache"]
+    )
     out = train(config)
     spec_after = evaluate_model(out, _spec(config), seq_len=32, max_sequences=None, cache_dir=setup["cache"])
     before, after = _tensors(cpt_run), _tensors(out)
@@ -162,7 +218,9 @@ def test_killed_run_resumed_equals_uninterrupted_run(setup, monkeypatch):
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(setup):
     config = _config(setup, "mismatch", max_steps=4, save_every=2)
     train(config)
-    with pytest.raises(UsageError, match=r"does not match this run's settings \(lr: checkpoint 0.003, this run 0.001"):
+    with pytest.raises(
+        UsageError, match=r"does not match this run's settings \(lr: checkpoint 0.003, this run 0.001"
+    ):
         train(_config(setup, "mismatch", max_steps=4, save_every=2, lr=1e-3, resume="latest"))
     with pytest.raises(UsageError, match=r"already holds training checkpoints; pass --resume"):
         train(config)
@@ -171,9 +229,13 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(set
 
 
 def test_bad_model_and_sequence_length(setup):
-    with pytest.raises(UsageError, match=r"is a dense 'llama' model, not an upcycled MoE; run `pdmoe upcycle"):
+    with pytest.raises(
+        UsageError, match=r"is a dense 'llama' model, not an upcycled MoE; run `pdmoe upcycle"
+    ):
         train(_config(setup, "dense", model=setup["dense"]))
-    with pytest.raises(UsageError, match=r"--seq-len 512 is larger than the model's maximum \(256 positions\)"):
+    with pytest.raises(
+        UsageError, match=r"--seq-len 512 is larger than the model's maximum \(256 positions\)"
+    ):
         train(_config(setup, "long", seq_len=512))
     with pytest.raises(UsageError, match=r"review stage needs original-language text"):
         train(_config(setup, "review-no-original", stage="review"))
@@ -211,12 +273,47 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     # accelerate's --cpu launcher starts one process (more need mpirun); its torchrun launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU=1 gives 2 CPU processes over gloo (MULTI_CPU).
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "pdmoe.cpt",
-        "--model", str(setup["moe"]), "--data", str(setup["fr"]), "--out", str(out), "--new-langs", "fr",
-        "--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "1", "--max-steps", "4", "--lr", "3e-3",
-        "--warmup-steps", "2", "--log-every", "2", "--cache-dir", str(setup["cache"]), "--no-progress",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "pdmoe.cpt",
+        "--model",
+        str(setup["moe"]),
+        "--data",
+        str(setup["fr"]),
+        "--out",
+        str(out),
+        "--new-langs",
+        "fr",
+        "--seq-len",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--log-every",
+        "2",
+        "--cache-dir",
+        str(setup["cache"]),
+        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -94,7 +94,9 @@ def test_instruct_extended_vocabulary(tmp_path: Path, skip_embeddings: bool) -> 
     assert_matches(out, reference_graft(base, instruct, cpt, skip_embeddings=skip_embeddings))
     got, instruct_tensors = load_dir(out), load_dir(instruct)
     assert got["model.embed_tokens.weight"].shape == (22, 8)
-    assert torch.equal(got["model.embed_tokens.weight"][20:], instruct_tensors["model.embed_tokens.weight"][20:])
+    assert torch.equal(
+        got["model.embed_tokens.weight"][20:], instruct_tensors["model.embed_tokens.weight"][20:]
+    )
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 22
     assert report.plan.tokenizer_source == "instruct"
     assert (out / "tokenizer.json").read_bytes() == (instruct / "tokenizer.json").read_bytes()
@@ -126,7 +128,9 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert len(report.plan.shards) > 3
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == sorted(
+        p.name for p in out.glob("model-*.safetensors")
+    )
     assert index["metadata"]["total_size"] == report.plan.total_bytes
     assert_matches(out, reference_graft(base, instruct, cpt))
 
@@ -143,6 +147,8 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
 def test_config_fields_only_one_side_spells_out_are_no_mismatch(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
     config = json.loads((cpt / "config.json").read_text())
-    (cpt / "config.json").write_text(json.dumps(config | {"head_dim": 4}))  # derived, absent from BASE's config
+    (cpt / "config.json").write_text(
+        json.dumps(config | {"head_dim": 4})
+    )  # derived, absent from BASE's config
     graft(base, instruct, cpt, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == 4

@@ -38,15 +38,22 @@ def test_base_and_instruct_of_different_architectures(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="BASE and INSTRUCT are not the same architecture") as info:
         graft(base, instruct, cpt, tmp_path / "out")
     message = str(info.value)
-    assert "model.layers.1.self_attn.q_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [4, 8] in INSTRUCT" in message
+    assert (
+        "model.layers.1.self_attn.q_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [4, 8] in INSTRUCT"
+        in message
+    )
     assert "model.norm.weight: in BASE, missing in INSTRUCT" in message
     assert_nothing_finished(tmp_path / "out")
 
 
 def test_instruct_of_another_family(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path)
-    (instruct / "config.json").write_text(json.dumps(dense_config() | {"model_type": "qwen2", "hidden_size": 16}))
-    with pytest.raises(CheckpointError, match="config model_type: 'llama' in BASE, 'qwen2' in INSTRUCT") as info:
+    (instruct / "config.json").write_text(
+        json.dumps(dense_config() | {"model_type": "qwen2", "hidden_size": 16})
+    )
+    with pytest.raises(
+        CheckpointError, match="config model_type: 'llama' in BASE, 'qwen2' in INSTRUCT"
+    ) as info:
         graft(base, instruct, cpt, tmp_path / "out")
     assert "config hidden_size: 8 in BASE, 16 in INSTRUCT" in str(info.value)
 
@@ -61,22 +68,44 @@ def test_many_mismatches_are_cut_short(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(8, 9)),
-         "model.layers.0.self_attn.o_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [8, 9] in CPT"),
-        (lambda t: t.pop("model.layers.1.input_layernorm.weight"),
-         "model.layers.1.input_layernorm.weight: in BASE, missing in CPT"),
-        (lambda t: t.__setitem__("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(4, 20, 8)),
-         "model.layers.0.mlp.experts.gate_up_proj: [4, 20, 8] in CPT, expected [4, 24, 8] from BASE"),
-        (lambda t: t.__setitem__("model.layers.1.mlp.experts.down_proj", torch.zeros(3, 8, 12)),
-         "model.layers.1.mlp.experts.down_proj: [3, 8, 12] in CPT, expected [4, 8, 12] from BASE"),
-        (lambda t: t.__setitem__("lm_head.weight", torch.zeros(19, 8)),
-         "lm_head.weight: torch.float32 [20, 8] in BASE, torch.float32 [19, 8] in CPT"),
-        (lambda t: t.pop("model.layers.1.mlp.experts.down_proj"),
-         "model.layers.1.mlp.experts.gate_up_proj: MoE layer in CPT, but no model.layers.1.mlp.experts.down_proj in CPT"),
-        (lambda t: t.pop("lm_head.weight"),
-         "lm_head.weight: in BASE, missing in CPT (CPT ties lm_head to the embeddings, BASE does not)"),
+        (
+            lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(8, 9)),
+            "model.layers.0.self_attn.o_proj.weight: torch.float32 [8, 8] in BASE, torch.float32 [8, 9] in CPT",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.input_layernorm.weight"),
+            "model.layers.1.input_layernorm.weight: in BASE, missing in CPT",
+        ),
+        (
+            lambda t: t.__setitem__("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(4, 20, 8)),
+            "model.layers.0.mlp.experts.gate_up_proj: [4, 20, 8] in CPT, expected [4, 24, 8] from BASE",
+        ),
+        (
+            lambda t: t.__setitem__("model.layers.1.mlp.experts.down_proj", torch.zeros(3, 8, 12)),
+            "model.layers.1.mlp.experts.down_proj: [3, 8, 12] in CPT, expected [4, 8, 12] from BASE",
+        ),
+        (
+            lambda t: t.__setitem__("lm_head.weight", torch.zeros(19, 8)),
+            "lm_head.weight: torch.float32 [20, 8] in BASE, torch.float32 [19, 8] in CPT",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.mlp.experts.down_proj"),
+            "model.layers.1.mlp.experts.gate_up_proj: MoE layer in CPT, but no model.layers.1.mlp.experts.down_proj in CPT",
+        ),
+        (
+            lambda t: t.pop("lm_head.weight"),
+            "lm_head.weight: in BASE, missing in CPT (CPT ties lm_head to the embeddings, BASE does not)",
+        ),
     ],
-    ids=["shape", "missing", "experts-gate-up", "experts-down", "fewer-vocab-rows", "no-experts-down", "tied-cpt"],
+    ids=[
+        "shape",
+        "missing",
+        "experts-gate-up",
+        "experts-down",
+        "fewer-vocab-rows",
+        "no-experts-down",
+        "tied-cpt",
+    ],
 )
 def test_cpt_whose_dense_part_does_not_match_base(tmp_path: Path, change, expected: str) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)

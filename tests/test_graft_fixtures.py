@@ -20,14 +20,22 @@ VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def save_checkpoint(
-    directory: Path, tensors: dict[str, torch.Tensor], config: dict, *, shard_bytes: int | None = None,
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    *,
+    shard_bytes: int | None = None,
     tokenizer: dict | None = None,
 ) -> Path:
     """A checkpoint directory: config, one file or shards + index, optional tokenizer files."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     if shard_bytes is None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"), {"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(directory / "model.safetensors"),
+            {"format": "pt"},
+        )
     else:
         from pdmoe.io.safetensors_format import TensorMeta
 
@@ -51,16 +59,30 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def dense_config(layers: int = 2, hidden: int = 8, ffn: int = 12, vocab: int = 20, tied: bool = False) -> dict:
+def dense_config(
+    layers: int = 2, hidden: int = 8, ffn: int = 12, vocab: int = 20, tied: bool = False
+) -> dict:
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 2,
-        "num_key_value_heads": 2, "vocab_size": vocab, "tie_word_embeddings": tied,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
     }
 
 
 def dense_tensors(
-    layers: int = 2, hidden: int = 8, ffn: int = 12, vocab: int = 20, *, tied: bool = False, seed: int = 0,
+    layers: int = 2,
+    hidden: int = 8,
+    ffn: int = 12,
+    vocab: int = 20,
+    *,
+    tied: bool = False,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Llama-style dense weights with random values."""
@@ -85,7 +107,9 @@ def dense_tensors(
     return tensors
 
 
-def perturb(tensors: dict[str, torch.Tensor], *, seed: int, only: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def perturb(
+    tensors: dict[str, torch.Tensor], *, seed: int, only: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """A copy with N(0, 0.1) noise on every tensor (or only those whose name contains one of ``only``)."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -98,7 +122,9 @@ def perturb(tensors: dict[str, torch.Tensor], *, seed: int, only: tuple[str, ...
     return out
 
 
-def synthetic_upcycle(dense: dict[str, torch.Tensor], experts: int = 4, layers: tuple[int, ...] = (0, 1)) -> dict:
+def synthetic_upcycle(
+    dense: dict[str, torch.Tensor], experts: int = 4, layers: tuple[int, ...] = (0, 1)
+) -> dict:
     """The MoE layout of METHOD.md made by hand: E copies of each chosen layer's FFN, random routers."""
     out = {}
     for name, tensor in dense.items():
@@ -124,7 +150,10 @@ def fake_cpt(moe: dict[str, torch.Tensor], *, seed: int = 7) -> dict[str, torch.
     return out
 
 
-TOKENIZER = {"tokenizer.json": {"model": {"vocab": {"a": 0}}}, "tokenizer_config.json": {"chat_template": "{{ base }}"}}
+TOKENIZER = {
+    "tokenizer.json": {"model": {"vocab": {"a": 0}}},
+    "tokenizer_config.json": {"chat_template": "{{ base }}"},
+}
 
 
 def with_rows(tensors: dict[str, torch.Tensor], vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -138,8 +167,17 @@ def with_rows(tensors: dict[str, torch.Tensor], vocab: int, seed: int) -> dict[s
     return out
 
 
-def make(root: Path, *, dtype=torch.float32, tied=False, moe=False, base_vocab=20, instruct_vocab=20, cpt_vocab=20,
-         shard_bytes=None) -> tuple[Path, Path, Path]:
+def make(
+    root: Path,
+    *,
+    dtype=torch.float32,
+    tied=False,
+    moe=False,
+    base_vocab=20,
+    instruct_vocab=20,
+    cpt_vocab=20,
+    shard_bytes=None,
+) -> tuple[Path, Path, Path]:
     """BASE, INSTRUCT (post-trained: everything moved) and CPT (dense, or upcycled with new experts moved)."""
     config = dense_config(tied=tied)
     base = dense_tensors(vocab=base_vocab, tied=tied, dtype=dtype)
@@ -148,21 +186,48 @@ def make(root: Path, *, dtype=torch.float32, tied=False, moe=False, base_vocab=2
     cpt_config = dict(config, vocab_size=cpt_vocab)
     if moe:
         cpt = fake_cpt(synthetic_upcycle(cpt))
-        cpt_config |= {"model_type": "pdmoe", "base_model_type": "llama", "moe_layers": [0, 1], "num_experts": 4}
-    tokenizers = {"instruct": {**TOKENIZER, "tokenizer_config.json": {"chat_template": "{{ instruct }}"},
-                               "chat_template.jinja": "instruct template", "generation_config.json": {"eos": 1}},
-                  "cpt": {**TOKENIZER, "tokenizer.json": {"model": {"vocab": {"a": 0, "new": 20}}}}}
+        cpt_config |= {
+            "model_type": "pdmoe",
+            "base_model_type": "llama",
+            "moe_layers": [0, 1],
+            "num_experts": 4,
+        }
+    tokenizers = {
+        "instruct": {
+            **TOKENIZER,
+            "tokenizer_config.json": {"chat_template": "{{ instruct }}"},
+            "chat_template.jinja": "instruct template",
+            "generation_config.json": {"eos": 1},
+        },
+        "cpt": {**TOKENIZER, "tokenizer.json": {"model": {"vocab": {"a": 0, "new": 20}}}},
+    }
     return (
-        save_checkpoint(root / "base", base, dict(config, vocab_size=base_vocab), shard_bytes=shard_bytes,
-                        tokenizer=TOKENIZER),
-        save_checkpoint(root / "instruct", instruct, dict(config, vocab_size=instruct_vocab), tokenizer=tokenizers["instruct"]),
+        save_checkpoint(
+            root / "base",
+            base,
+            dict(config, vocab_size=base_vocab),
+            shard_bytes=shard_bytes,
+            tokenizer=TOKENIZER,
+        ),
+        save_checkpoint(
+            root / "instruct",
+            instruct,
+            dict(config, vocab_size=instruct_vocab),
+            tokenizer=tokenizers["instruct"],
+        ),
         save_checkpoint(root / "cpt", cpt, cpt_config, shard_bytes=shard_bytes, tokenizer=tokenizers["cpt"]),
     )
 
 
 def reference_graft(
-    base_dir: Path, instruct_dir: Path, cpt_dir: Path, *, alpha: float = 1.0, skip_embeddings: bool = False,
-    dtype: torch.dtype | None = None, work: torch.dtype = torch.float64,
+    base_dir: Path,
+    instruct_dir: Path,
+    cpt_dir: Path,
+    *,
+    alpha: float = 1.0,
+    skip_embeddings: bool = False,
+    dtype: torch.dtype | None = None,
+    work: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """The graft of METHOD.md step 4, recomputed from whole state dicts."""
     base, instruct, cpt = load_dir(base_dir), load_dir(instruct_dir), load_dir(cpt_dir)

@@ -55,12 +55,20 @@ def test_method_invariants(pipeline: Pipeline, grafted) -> None:
 
 def test_side_files_and_manifest(pipeline: Pipeline, grafted) -> None:
     out, report = grafted
-    assert json.loads((out / "config.json").read_text()) == json.loads((pipeline.cpt / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (pipeline.cpt / "config.json").read_text()
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (pipeline.instruct / name).read_bytes(), name
     manifest = json.loads((out / "graft.json").read_text())
     assert manifest["alpha"] == 1.0
-    assert manifest["counts"] == {"shared_delta": 21, "expert_delta": 6, "router": 3, "cpt_only": 0, "embedding_kept": 0}
+    assert manifest["counts"] == {
+        "shared_delta": 21,
+        "expert_delta": 6,
+        "router": 3,
+        "cpt_only": 0,
+        "embedding_kept": 0,
+    }
     assert manifest["counts"] == report.plan.counts()
     assert manifest["inputs"]["cpt"]["path"] == str(pipeline.cpt.resolve())
     assert set(manifest["inputs"]["base"]["header_sha256"]) == {"model.safetensors"}

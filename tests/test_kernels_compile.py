@@ -61,8 +61,12 @@ def _compile(fn, dtype: str, ones, flags, cfg) -> int:
             signature[name] = "i32"
         if name.endswith("_ptr") or name.startswith("stride") or name in ("H", "F", "N", "K", "M"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        attrs=attrs,
+        constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+    )
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
 
@@ -75,7 +79,9 @@ def main(every_bucket: bool) -> int:
     from pdmoe.kernels.tuning import config_for
 
     failures = 0
-    dtypes = (("bf16", torch.bfloat16), ("fp32", torch.float32)) if every_bucket else (("bf16", torch.bfloat16),)
+    dtypes = (
+        (("bf16", torch.bfloat16), ("fp32", torch.float32)) if every_bucket else (("bf16", torch.bfloat16),)
+    )
     for dtype, torch_dtype in dtypes:
         for kernel, fn, ones, flags in _variants():
             for n_tokens in (16384, 256, 64, 1) if every_bucket else (16384,):

@@ -28,12 +28,16 @@ def fwd_bwd(fn, inputs, dy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("T", "H", "F", "E", "k"), [(300, 256, 192, 8, 2), (77, 200, 136, 6, 3), (1, 256, 128, 8, 2)])
+@pytest.mark.parametrize(
+    ("T", "H", "F", "E", "k"), [(300, 256, 192, 8, 2), (77, 200, 136, 6, 3), (1, 256, 128, 8, 2)]
+)
 def test_matches_reference(dtype, T, H, F, E, k):
     inputs = random_moe_inputs(T, H, F, E, k, dtype=dtype, device=CUDA, seed=T)
     dy = torch.randn(T, H, device=CUDA, dtype=dtype)
     got = fwd_bwd(moe_mlp, inputs, dy)
-    want = fwd_bwd(moe_mlp_reference, [t.double() if t.is_floating_point() else t for t in inputs], dy.double())
+    want = fwd_bwd(
+        moe_mlp_reference, [t.double() if t.is_floating_point() else t for t in inputs], dy.double()
+    )
     for g, w in zip(got, want, strict=True):
         close(g, w, dtype)
 
@@ -93,5 +97,7 @@ def test_beyond_int32_offsets():
     with torch.no_grad():
         y = moe_mlp(x, gate_up, down, w, ids)
         rows = torch.tensor([0, 1, T // 2, T - 2, T - 1], device=CUDA)
-        want = moe_mlp_reference(x[rows].double(), gate_up.double(), down.double(), w[rows].double(), ids[rows])
+        want = moe_mlp_reference(
+            x[rows].double(), gate_up.double(), down.double(), w[rows].double(), ids[rows]
+        )
     close(y[rows], want, torch.bfloat16)

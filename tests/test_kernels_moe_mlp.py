@@ -119,7 +119,9 @@ def test_frozen_trainable_pair(monkeypatch):
     y.backward(dy)
     assert frozen_gu.grad is None and frozen_d.grad is None
     assert launched == [(1, 3), (1, 3)]  # one launch per weight, experts 1..3 only
-    y_ref, (gx, ggu, gd, gw) = run(moe_mlp_reference, *(t.double() for t in (x, gate_up, down, w)), ids, dy.double())
+    y_ref, (gx, ggu, gd, gw) = run(
+        moe_mlp_reference, *(t.double() for t in (x, gate_up, down, w)), ids, dy.double()
+    )
     close(y.detach(), y_ref)
     close(xg.grad, gx)
     close(wg.grad, gw)
@@ -190,7 +192,16 @@ def test_fake_tensor_and_compile():
 def test_opcheck():
     """Schema, autograd registration, fake-tensor impl and AOT dispatch of the forward custom op."""
     x, gate_up, down, w, ids = random_moe_inputs(5, 16, 16, 3, 2, seed=14)
-    args = (x.requires_grad_(True), gate_up.requires_grad_(True), None, down, None, w.requires_grad_(True), ids, True)
+    args = (
+        x.requires_grad_(True),
+        gate_up.requires_grad_(True),
+        None,
+        down,
+        None,
+        w.requires_grad_(True),
+        ids,
+        True,
+    )
     torch.library.opcheck(torch.ops.pdmoe.moe_mlp_fwd, args)
 
 

@@ -38,7 +38,9 @@ def test_reference_matches_naive_loop(T, H, Fd, E, k):
 def test_reference_int32_ids_and_unused_experts():
     x, gate_up, down, w, _ = make(6, 8, 4, 5, 2)
     ids = torch.tensor([[0, 3], [3, 0], [0, 3], [3, 0], [0, 3], [3, 0]], dtype=torch.int32)
-    torch.testing.assert_close(moe_mlp_reference(x, gate_up, down, w, ids), naive(x, gate_up, down, w, ids.long()))
+    torch.testing.assert_close(
+        moe_mlp_reference(x, gate_up, down, w, ids), naive(x, gate_up, down, w, ids.long())
+    )
 
 
 def test_reference_rejects_out_of_range_ids():

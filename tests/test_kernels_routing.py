@@ -16,7 +16,9 @@ def check(ids: torch.Tensor, n_experts: int) -> None:
     n = ids.numel()
     # The inverse really is the inverse, and rows are grouped by expert in slot order.
     assert torch.equal(got.sorted_slots[got.slot_rows.long()], torch.arange(n, dtype=torch.int32))
-    assert torch.equal(ids.reshape(-1)[got.sorted_slots.long()].long(), ids.reshape(-1).long().sort(stable=True).values)
+    assert torch.equal(
+        ids.reshape(-1)[got.sorted_slots.long()].long(), ids.reshape(-1).long().sort(stable=True).values
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,13 @@ import pdmoe.kernels.moe_op as moe_op
 from pdmoe.kernels import moe_mlp  # noqa: F401  (importing the package registers "pdmoe")
 
 COMMON = {
-    "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "num_experts_per_tok": 2, "max_position_embeddings": 64,
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 64,
 }
 MODELS = {
     "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4)),

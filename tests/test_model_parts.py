@@ -12,7 +12,13 @@ from pdmoe.tiny import TINY_SIZES
 
 
 def _config(**overrides) -> MoEConfig:
-    fields = {**TINY_SIZES, "num_hidden_layers": 2, "base_model_type": "qwen3", "experts_impl": "torch", **overrides}
+    fields = {
+        **TINY_SIZES,
+        "num_hidden_layers": 2,
+        "base_model_type": "qwen3",
+        "experts_impl": "torch",
+        **overrides,
+    }
     return MoEConfig(**fields)
 
 

@@ -55,7 +55,9 @@ def test_upcycled_logits_equal_dense(dense_dirs, moe_dirs, family, layers):
     mask = torch.ones_like(tokens)
     mask[1, :4] = 0  # left padding exercises the attention mask path too
     with torch.no_grad():
-        diff = (dense(tokens, attention_mask=mask).logits - moe(tokens, attention_mask=mask).logits).abs().max()
+        diff = (
+            (dense(tokens, attention_mask=mask).logits - moe(tokens, attention_mask=mask).logits).abs().max()
+        )
     assert diff.item() <= 1e-5
 
 
@@ -127,7 +129,9 @@ def test_upcycle_is_deterministic_and_converts_dtype(dense_dirs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(first)
     assert all(param.dtype == torch.bfloat16 for param in model.parameters())
     index = json.loads((first / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in model.state_dict().values()
+    )
 
 
 def test_router_init_std_and_seed(dense_dirs, tmp_path):

@@ -42,12 +42,16 @@ def _sharded(source: Path, target: Path) -> Path:
     for shard, keys in halves.items():
         save_file({key: tensors[key] for key in keys}, target / shard)
         weight_map.update(dict.fromkeys(keys, shard))
-    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return target
 
 
 def test_cli_upcycle_succeeds(capsys, dense_dir, tmp_path):
-    code, err = _upcycle(capsys, dense_dir, tmp_path / "out", "--num-experts", "3", "--top-k", "1", "--layers", "every:2")
+    code, err = _upcycle(
+        capsys, dense_dir, tmp_path / "out", "--num-experts", "3", "--top-k", "1", "--layers", "every:2"
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_layers"]) == (3, 1, [0, 2])

@@ -51,10 +51,14 @@ def graft(
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)
     with CheckpointReader(base) as b, CheckpointReader(instruct) as i, CheckpointReader(cpt) as c:
-        plan = build_plan(b, i, c, alpha=scale, skip_embeddings=skip_embeddings, dtype=out_dtype, shard_bytes=shard_bytes)
+        plan = build_plan(
+            b, i, c, alpha=scale, skip_embeddings=skip_embeddings, dtype=out_dtype, shard_bytes=shard_bytes
+        )
         if dry_run:
             return GraftReport(out_dir=out_dir, plan=plan, dry_run=True)
-        prepare_output_dir(out_dir, overwrite=overwrite, resume=resume, inputs=(b.directory, i.directory, c.directory))
+        prepare_output_dir(
+            out_dir, overwrite=overwrite, resume=resume, inputs=(b.directory, i.directory, c.directory)
+        )
         options = {
             "scale": scale,
             "skip_embeddings": skip_embeddings,

@@ -36,7 +36,9 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: each CPT tensor's own)"
     )
-    parser.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument(
+        "--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

@@ -17,7 +17,11 @@ def work_dtype(*inputs: torch.dtype) -> torch.dtype:
 
 
 def param_delta(
-    base: torch.Tensor, instruct: torch.Tensor, alpha: float, dtype: torch.dtype, out: torch.Tensor | None = None
+    base: torch.Tensor,
+    instruct: torch.Tensor,
+    alpha: float,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``alpha * (instruct - base)`` in ``dtype``, into ``out`` if given (the inputs are left alone)."""
     delta = torch.empty(instruct.shape, dtype=dtype) if out is None else out

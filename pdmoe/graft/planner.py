@@ -47,8 +47,14 @@ VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embe
 _EXPERTS = re.compile(r"^(?P<mlp>.+)\.experts\.gate_up_proj$")
 _EXPERTS_DOWN = re.compile(r"^(?P<mlp>.+)\.experts\.down_proj$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_STRUCTURE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim")
+_STRUCTURE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 _SHOWN_MISMATCHES = 5
 
 
@@ -128,9 +134,17 @@ class GraftPlan:
             "inputs": inputs,
             "alpha": self.alpha,
             "skip_embeddings": self.skip_embeddings,
-            "tensors": [(p.out.name, str(p.out.dtype), p.out.shape, p.rule, p.shard,
-                         [(x.start, x.stop, x.source, x.dense, x.dense_start) for x in p.pieces])
-                        for p in self.tensors],
+            "tensors": [
+                (
+                    p.out.name,
+                    str(p.out.dtype),
+                    p.out.shape,
+                    p.rule,
+                    p.shard,
+                    [(x.start, x.stop, x.source, x.dense, x.dense_start) for x in p.pieces],
+                )
+                for p in self.tensors
+            ],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -145,10 +159,13 @@ class GraftPlan:
             lines.append(f"MoE layers {self.moe_layers}, {self.num_experts} experts each")
         if self.vocab is not None:
             v = self.vocab
-            lines.append(f"vocabulary rows: BASE {v.base}, INSTRUCT {v.instruct}, CPT {v.cpt} -> output {v.output}")
+            lines.append(
+                f"vocabulary rows: BASE {v.base}, INSTRUCT {v.instruct}, CPT {v.cpt} -> output {v.output}"
+            )
         for plan in self.tensors:
             sources = " + ".join(
-                f"[{p.start}:{p.stop}] {p.source}" + (f"({p.dense})" if p.dense and p.dense != plan.out.name else "")
+                f"[{p.start}:{p.stop}] {p.source}"
+                + (f"({p.dense})" if p.dense and p.dense != plan.out.name else "")
                 for p in plan.pieces
             )
             lines.append(
@@ -160,7 +177,9 @@ class GraftPlan:
 
 def _mismatch_error(title: str, problems: list[str], hint: str) -> CheckpointError:
     shown = "\n  ".join(problems[:_SHOWN_MISMATCHES])
-    more = f"\n  ... and {len(problems) - _SHOWN_MISMATCHES} more" if len(problems) > _SHOWN_MISMATCHES else ""
+    more = (
+        f"\n  ... and {len(problems) - _SHOWN_MISMATCHES} more" if len(problems) > _SHOWN_MISMATCHES else ""
+    )
     return CheckpointError(f"{title}; first mismatches:\n  {shown}{more}\n{hint}")
 
 
@@ -194,7 +213,9 @@ def _config_problems(a: dict, b: dict, a_label: str, b_label: str, b_type: str |
 
 
 def _check_base_instruct(base: CheckpointReader, instruct: CheckpointReader) -> None:
-    problems = _config_problems(base.config, instruct.config, "BASE", "INSTRUCT", instruct.config.get("model_type"))
+    problems = _config_problems(
+        base.config, instruct.config, "BASE", "INSTRUCT", instruct.config.get("model_type")
+    )
     for name in sorted(set(base) | set(instruct)):
         if name not in instruct:
             problems.append(f"{name}: in BASE, missing in INSTRUCT")
@@ -238,7 +259,9 @@ class _Builder:
             mlp = match.group("mlp")
             dense = [f"{mlp}.{part}_proj.weight" for part in ("gate", "up", "down")]
             missing = [f"{key} in BASE" for key in dense if key not in self.base]
-            missing += [f"{mlp}.experts.down_proj in CPT"] if f"{mlp}.experts.down_proj" not in self.cpt else []
+            missing += (
+                [f"{mlp}.experts.down_proj in CPT"] if f"{mlp}.experts.down_proj" not in self.cpt else []
+            )
             if missing:
                 self.problems.append(f"{name}: MoE layer in CPT, but no {missing[0]}")
                 continue
@@ -247,7 +270,9 @@ class _Builder:
             experts = gate_up.shape[0] if gate_up.shape else 0
             want_gate_up = (experts, gate.shape[0] + up.shape[0], *gate.shape[1:])
             if gate.shape[1:] != up.shape[1:] or gate_up.shape != want_gate_up:
-                self.problems.append(f"{name}: {list(gate_up.shape)} in CPT, expected {list(want_gate_up)} from BASE")
+                self.problems.append(
+                    f"{name}: {list(gate_up.shape)} in CPT, expected {list(want_gate_up)} from BASE"
+                )
             if down.shape != (experts, *dense_down.shape):
                 self.problems.append(
                     f"{mlp}.experts.down_proj: {list(down.shape)} in CPT, expected {[experts, *dense_down.shape]} from BASE"
@@ -261,7 +286,11 @@ class _Builder:
             if name in replaced and name not in self.cpt:
                 continue
             if name not in self.cpt:
-                hint = " (CPT ties lm_head to the embeddings, BASE does not)" if name.endswith("lm_head.weight") else ""
+                hint = (
+                    " (CPT ties lm_head to the embeddings, BASE does not)"
+                    if name.endswith("lm_head.weight")
+                    else ""
+                )
                 self.problems.append(f"{name}: in BASE, missing in CPT{hint}")
             elif problem := _shape_problem(name, self.base.meta(name), self.cpt.meta(name), "BASE", "CPT"):
                 self.problems.append(problem)
@@ -274,7 +303,9 @@ class _Builder:
 
     def plain(self, name: str, dense: str) -> tuple[TensorMeta, str, tuple[Piece, ...]]:
         meta = self.cpt.meta(name)
-        if dense != name and (problem := _shape_problem(name, self.base.meta(dense), meta, f"BASE ({dense})", "CPT")):
+        if dense != name and (
+            problem := _shape_problem(name, self.base.meta(dense), meta, f"BASE ({dense})", "CPT")
+        ):
             self.problems.append(problem)
         base_rows = self.base.meta(dense).shape[0] if meta.shape else 1
         cpt_rows = meta.shape[0] if meta.shape else 1
@@ -321,10 +352,13 @@ def build_plan(
     routers = {f"{mlp}.gate.weight" for mlp in moe}
     layers = sorted(int(m.group(1)) for mlp in moe if (m := _LAYER.search(f"{mlp}.")))
     if "moe_layers" in cpt_config and sorted(cpt_config["moe_layers"]) != layers:
-        builder.problems.append(f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}")
+        builder.problems.append(
+            f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}"
+        )
     if builder.problems:
         raise _mismatch_error(
-            "CPT does not match BASE", builder.problems,
+            "CPT does not match BASE",
+            builder.problems,
             "CPT must be BASE after continued pre-training, dense or upcycled with `pdmoe upcycle`.",
         )
 
@@ -336,8 +370,10 @@ def build_plan(
             mlp, experts = match.group("mlp"), moe[match.group("mlp")]
             if name.endswith("gate_up_proj"):
                 half = base.meta(f"{mlp}.gate_proj.weight").shape[0]
-                pieces = (Piece(0, half, "delta", f"{mlp}.gate_proj.weight"),
-                          Piece(half, meta.shape[1], "delta", f"{mlp}.up_proj.weight"))
+                pieces = (
+                    Piece(0, half, "delta", f"{mlp}.gate_proj.weight"),
+                    Piece(half, meta.shape[1], "delta", f"{mlp}.up_proj.weight"),
+                )
             else:
                 pieces = (Piece(0, meta.shape[1], "delta", f"{mlp}.down_proj.weight"),)
             entries.append((builder.out_meta(name), "expert_delta", experts, pieces))
@@ -345,17 +381,27 @@ def build_plan(
         dense = name if name in base else _tied_counterpart(name, base)
         if name in routers or dense is None or not meta.dtype.is_floating_point:
             rows = meta.shape[0] if meta.shape else 1
-            entries.append((builder.out_meta(name), "router" if name in routers else "cpt_only", 0,
-                            (Piece(0, rows, "cpt"),)))
+            entries.append(
+                (
+                    builder.out_meta(name),
+                    "router" if name in routers else "cpt_only",
+                    0,
+                    (Piece(0, rows, "cpt"),),
+                )
+            )
             continue
         out, rule, pieces = builder.plain(name, dense)
         entries.append((out, rule, 0, pieces))
     if builder.problems:
-        raise _mismatch_error("the vocabularies cannot be combined", builder.problems, "See `pdmoe graft --help`.")
+        raise _mismatch_error(
+            "the vocabularies cannot be combined", builder.problems, "See `pdmoe graft --help`."
+        )
 
     shards = plan_shards([out for out, *_ in entries], shard_bytes)
     shard_of = {meta.name: index for index, shard in enumerate(shards) for meta in shard}
-    tensors = [TensorPlan(out, rule, experts, pieces, shard_of[out.name]) for out, rule, experts, pieces in entries]
+    tensors = [
+        TensorPlan(out, rule, experts, pieces, shard_of[out.name]) for out, rule, experts, pieces in entries
+    ]
     vocab = max(builder.vocab, key=lambda v: v.output, default=None)
     return GraftPlan(
         tensors=tensors,
@@ -372,10 +418,14 @@ def build_plan(
 
 def _file_order(reader: CheckpointReader) -> list[str]:
     """CPT's tensors in the order they lie on disk, so its shards are read front to back."""
-    return sorted(reader, key=lambda n: (reader.weight_map[n], reader.shards[reader.weight_map[n]].offsets[n][0]))
+    return sorted(
+        reader, key=lambda n: (reader.weight_map[n], reader.shards[reader.weight_map[n]].offsets[n][0])
+    )
 
 
-def _output_config(cpt_config: dict[str, Any], vocab: VocabRows | None, dtype: torch.dtype | None) -> dict[str, Any]:
+def _output_config(
+    cpt_config: dict[str, Any], vocab: VocabRows | None, dtype: torch.dtype | None
+) -> dict[str, Any]:
     """CPT's config, with the vocabulary size and dtype of what is written."""
     config = dict(cpt_config)
     if vocab is not None and vocab.output != vocab.cpt and config.get("vocab_size") == vocab.cpt:

@@ -92,7 +92,9 @@ class _Streamer:
     def _read(self, role: str, name: str, start: int, count: int) -> torch.Tensor:
         """Elements of tensor ``name`` of input ``role``, in that role's buffer: valid until its next read."""
         reader = self.readers[role]
-        block = reader.read_elements(name, start, count, out=self._scratch(role, count, reader.meta(name).dtype))
+        block = reader.read_elements(
+            name, start, count, out=self._scratch(role, count, reader.meta(name).dtype)
+        )
         self.bytes_read += block.nbytes
         return block
 
@@ -106,21 +108,31 @@ class _Streamer:
             yield torch.empty(0, dtype=plan.out.dtype)
             return
         step = max(1, BLOCK_ELEMENTS // plan.width)
-        spans = [(piece, start, min(start + step, piece.stop))
-                 for piece in plan.pieces for start in range(piece.start, piece.stop, step)]
-        shared = {index: self._delta(plan, *span, keep=True) for index, span in enumerate(spans)
-                  if plan.experts and span[0].source == "delta"}
+        spans = [
+            (piece, start, min(start + step, piece.stop))
+            for piece in plan.pieces
+            for start in range(piece.start, piece.stop, step)
+        ]
+        shared = {
+            index: self._delta(plan, *span, keep=True)
+            for index, span in enumerate(spans)
+            if plan.experts and span[0].source == "delta"
+        }
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
                 yield self._block(plan, expert, *span, shared.get(index))
 
-    def _delta(self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, keep: bool = False) -> torch.Tensor:
+    def _delta(
+        self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, keep: bool = False
+    ) -> torch.Tensor:
         """The delta of these rows; in a scratch buffer unless it must be ``keep``-t across experts."""
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
         base = self._read("base", piece.dense, offset, count)
         instruct = self._read("instruct", piece.dense, offset, count)
         work = work_dtype(base.dtype, instruct.dtype, self.readers["cpt"].meta(plan.out.name).dtype)
-        return param_delta(base, instruct, self.alpha, work, out=None if keep else self._scratch("delta", count, work))
+        return param_delta(
+            base, instruct, self.alpha, work, out=None if keep else self._scratch("delta", count, work)
+        )
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
@@ -149,7 +161,10 @@ def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
 def _file_stamps(readers: dict[str, CheckpointReader]) -> dict[str, list[list]]:
     """Name, size and mtime of every input shard: header hashes cannot see values rewritten in place."""
     return {
-        role: [[name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns] for name, shard in sorted(reader.shards.items())]
+        role: [
+            [name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns]
+            for name, shard in sorted(reader.shards.items())
+        ]
         for role, reader in readers.items()
     }
 
@@ -184,8 +199,11 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
         return
     copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
     copy_side_files(instruct, out_dir, CHAT_TEMPLATE_FILES)
-    template = json.loads((instruct / "tokenizer_config.json").read_text()).get("chat_template") if (
-        instruct / "tokenizer_config.json").is_file() else None
+    template = (
+        json.loads((instruct / "tokenizer_config.json").read_text()).get("chat_template")
+        if (instruct / "tokenizer_config.json").is_file()
+        else None
+    )
     if template is not None and (out_dir / "tokenizer_config.json").is_file():
         tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
         write_json(out_dir / "tokenizer_config.json", {**tokenizer_config, "chat_template": template})
@@ -220,7 +238,9 @@ def execute(
     started = time.perf_counter()
     readers = {"base": base, "instruct": instruct, "cpt": cpt}
     inputs = _inputs_manifest(readers)
-    fingerprint = plan.fingerprint({"version": pdmoe_version(), **{role: e["header_sha256"] for role, e in inputs.items()}})
+    fingerprint = plan.fingerprint(
+        {"version": pdmoe_version(), **{role: e["header_sha256"] for role, e in inputs.items()}}
+    )
     writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
     stamps = _file_stamps(readers)
     trusted = resume and _earlier_file_stamps(out_dir) == stamps

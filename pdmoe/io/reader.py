@@ -66,7 +66,9 @@ class CheckpointReader:
             self.shards[shard_name] = read_header(self.directory / shard_name)
         for name, shard_name in weight_map.items():
             if name not in self.shards[shard_name].tensors:
-                raise CheckpointError(f"{index_path} maps {name!r} to {shard_name}, which does not contain it")
+                raise CheckpointError(
+                    f"{index_path} maps {name!r} to {shard_name}, which does not contain it"
+                )
         self.weight_map = dict(weight_map)
 
     def _refuse_missing_safetensors(self) -> None:
@@ -111,7 +113,9 @@ class CheckpointReader:
         meta = self.meta(name)
         return self.read_elements(name, 0, meta.numel).view(meta.shape)
 
-    def read_elements(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_elements(
+        self, name: str, start: int, count: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Elements [start, start + count) of tensor ``name`` in C order, as a 1-D tensor of its dtype
         (into ``out``, a contiguous tensor of ``count`` elements of that dtype, when given: saves
         the page faults of a fresh allocation per block).
@@ -124,7 +128,9 @@ class CheckpointReader:
         shard = self.shards[shard_name]
         meta = shard.tensors[name]
         if start < 0 or count < 0 or start + count > meta.numel:
-            raise ValueError(f"elements [{start}, {start + count}) are outside {name!r} ({meta.numel} elements)")
+            raise ValueError(
+                f"elements [{start}, {start + count}) are outside {name!r} ({meta.numel} elements)"
+            )
         if out is None:
             out = torch.empty(count, dtype=meta.dtype)
         elif out.dtype != meta.dtype or out.numel() != count or not out.is_contiguous():
@@ -136,7 +142,9 @@ class CheckpointReader:
             try:
                 fd = self._fds[shard_name] = os.open(self.directory / shard_name, os.O_RDONLY)
             except FileNotFoundError:
-                raise CheckpointError(f"shard {self.directory / shard_name} disappeared while being read") from None
+                raise CheckpointError(
+                    f"shard {self.directory / shard_name} disappeared while being read"
+                ) from None
         done = 0
         while done < len(buffer):
             got = os.preadv(fd, [buffer[done:]], position + done)

@@ -95,7 +95,9 @@ def read_header(path: Path) -> ShardHeader:
             raise CheckpointError(f"{path} is truncated (no safetensors header); re-download or re-create it")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes)")
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file (header of {header_len} bytes)"
+            )
         raw = handle.read(header_len)
     try:
         header = json.loads(raw)

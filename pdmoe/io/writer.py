@@ -27,7 +27,16 @@ def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it."""
     if isinstance(text, int):
         return text
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+    }
     upper = text.strip().upper()
     unit = next((unit for unit in units if upper.endswith(unit)), None)
     number, factor = (upper[: -len(unit)], units[unit]) if unit else (upper.rstrip("B"), 1)
@@ -59,7 +68,9 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def prepare_output_dir(out_dir: Path, *, overwrite: bool, resume: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def prepare_output_dir(
+    out_dir: Path, *, overwrite: bool, resume: bool = False, inputs: tuple[Path, ...] = ()
+) -> None:
     """Create ``out_dir``; refuse a non-empty one unless told to overwrite it or resume into it."""
     out_dir = Path(out_dir)
     for source in inputs:
@@ -204,10 +215,16 @@ class CheckpointWriter:
         """Write the index (when sharded) last, after every shard is in place."""
         for index, name in enumerate(self.file_names):
             if not self.shard_is_complete(index):
-                raise CheckpointError(f"shard {name} is missing or incomplete; the checkpoint was not finished")
+                raise CheckpointError(
+                    f"shard {name} is missing or incomplete; the checkpoint was not finished"
+                )
         if len(self.file_names) == 1:
             return
-        weight_map = {meta.name: name for name, shard in zip(self.file_names, self.shards, strict=True) for meta in shard}
+        weight_map = {
+            meta.name: name
+            for name, shard in zip(self.file_names, self.shards, strict=True)
+            for meta in shard
+        }
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         write_text_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
