@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import CUDA, DEVICE, sync
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from pdmoe.cpt.freezing import apply_trainable
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 NUM_EXPERTS, TOP_K = 4, 2
 SIZES = (
     {
@@ -116,8 +115,7 @@ def test_training_throughput(benchmark, upcycled, kind, trainable):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if CUDA:
-            torch.cuda.synchronize()
+        sync()
 
     step()  # warm-up: kernels compiled/tuned, optimizer state allocated
     benchmark.group = f"cpt train step ({'cuda bf16 autocast' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ} tokens)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import CUDA, DEVICE, sync
 from transformers import MixtralConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -23,19 +24,12 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from pdmoe.kernels import moe_mlp_reference  # importing the package registers the "pdmoe" experts
 from pdmoe.kernels.testing import random_routing
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 14336, 8, 2), (1536, 8960, 4, 2), (2048, 1408, 64, 8)] if CUDA else [(64, 128, 4, 2)]
 TOKENS = [16384, 4096, 256] if CUDA else [256]
 DECODE_TOKENS = [1, 8, 32]
 IMPLS = ["pdmoe", "loop", "grouped_mm"] if CUDA else ["reference", "loop"]
 ROUNDS = 10 if CUDA else 3
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _cuda_ms(fn, reps: int = 20) -> float:
@@ -132,7 +126,7 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
         else:
             with torch.no_grad():
                 _run(experts, impl, hidden, ids, weights)
-        _sync()
+        sync()
 
     step()  # warm-up: Triton compiles, cuBLAS picks algorithms
     benchmark.group = f"experts {mode} {_label(shape)} T={T} ({'cuda bf16' if CUDA else 'cpu fp32'})"

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import CUDA, DEVICE, sync
 from transformers import AutoModelForCausalLM
 
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SIZES = (
     {
@@ -49,11 +48,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {"dense": dense, "moe": upcycle(dense, root / "moe", num_experts=4, top_k=2)}
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_model_throughput(benchmark, checkpoints, kind, mode):
@@ -67,7 +61,7 @@ def test_model_throughput(benchmark, checkpoints, kind, mode):
                 model(tokens)
         else:
             model(tokens, labels=tokens).loss.backward()
-        _sync()
+        sync()
 
     step()  # warm-up: kernels compiled, caches filled
     benchmark.group = f"model {mode} ({'cuda bf16' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ} tokens)"

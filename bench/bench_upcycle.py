@@ -8,37 +8,24 @@ the model size (the embeddings, the largest tensor, stream through in blocks).
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from bench_graft import DTYPE, LAYERS, F, H, MiB, _copy_rate, _synthetic, _tensor_bytes
+from harness import DTYPE, EXPERTS, F, H, MiB, copy_rate, peak_memory, synthetic_checkpoint, tensor_bytes
 
 from pdmoe.upcycle import upcycle
 
-EXPERTS = 4
-
-_CHILD = """
-import json, sys
-from pdmoe.upcycle import upcycle
-def status():
-    return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status")) if k in ("VmRSS", "VmHWM")}
-before = status()["VmRSS"]
-upcycle(sys.argv[1], sys.argv[2], num_experts=int(sys.argv[3]), shard_size="300MB")
-print(json.dumps({"rss_after_imports": before, "peak_rss": status()["VmHWM"]}))
-"""
+LAYERS = 8
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _synthetic(tmp_path_factory.mktemp("bench-upcycle") / "dense", LAYERS["moe"], False, 0)
+    return synthetic_checkpoint(tmp_path_factory.mktemp("bench-upcycle") / "dense", LAYERS, False, 0)
 
 
 def test_upcycle_throughput_and_memory(benchmark, dense: Path, tmp_path: Path) -> None:
-    copy_rate = _copy_rate((dense,), tmp_path / "copy")
+    copy = copy_rate((dense,), tmp_path / "copy")
     out = tmp_path / "out"
 
     def run() -> None:
@@ -46,28 +33,27 @@ def test_upcycle_throughput_and_memory(benchmark, dense: Path, tmp_path: Path) -
 
     benchmark.group = "upcycle of a ~0.5 GiB dense checkpoint (bf16)"
     benchmark.pedantic(run, rounds=1, iterations=1)
-    rate = (_tensor_bytes(dense) + _tensor_bytes(out)) / benchmark.stats.stats.mean
+    rate = (tensor_bytes(dense) + tensor_bytes(out)) / benchmark.stats.stats.mean
 
     shutil.rmtree(out)
-    child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(dense), str(out), str(EXPERTS)],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
+    memory = peak_memory(
+        "from pdmoe.upcycle import upcycle",
+        'upcycle(sys.argv[2], sys.argv[3], num_experts=int(sys.argv[4]), shard_size="300MB")',
+        str(dense),
+        str(out),
+        str(EXPERTS),
     )
-    memory = json.loads(child.stdout.strip().splitlines()[-1])
     working_set = memory["peak_rss"] - memory["rss_after_imports"]
     ffn_and_expert = 5 * F * H * DTYPE.itemsize  # gate + up + down, then one [2F, H] expert block
     target = 2 * ffn_and_expert + 64 * MiB
     benchmark.extra_info.update(
         {
             "upcycle_mib_per_s": round(rate / MiB),
-            "copy_mib_per_s": round(copy_rate / MiB),
-            "upcycle_over_copy": round(rate / copy_rate, 3),
+            "copy_mib_per_s": round(copy / MiB),
+            "upcycle_over_copy": round(rate / copy, 3),
             "working_set_mib": round(working_set / MiB),
             "target_working_set_mib": round(target / MiB),
-            "output_gib": round(_tensor_bytes(out) / 2**30, 3),
+            "output_gib": round(tensor_bytes(out) / 2**30, 3),
         }
     )
     assert working_set < target, benchmark.extra_info

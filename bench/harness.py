@@ -1,0 +1,156 @@
+"""What the benchmarks share: the device, synchronisation, synthetic checkpoints, copy speed and
+peak memory of a command run in a child process.
+
+Benchmarks import it as ``harness`` (pytest puts ``bench/`` on ``sys.path``), the way Liger-Kernel's
+benchmarks share ``benchmark/scripts/utils.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdmoe.io.safetensors_format import TensorMeta
+from pdmoe.io.writer import CheckpointWriter, plan_shards
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+MiB = 2**20
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# Synthetic checkpoints: a Qwen2.5-0.5B-like model (bf16, vocabulary 151936 x 896, the embeddings
+# being the largest tensor as in real LLMs).
+DTYPE = torch.bfloat16
+H, F, VOCAB, HEADS, KV_HEADS, EXPERTS = 896, 4864, 151936, 14, 2, 4
+
+
+def sync() -> None:
+    """Wait for the device, so a timing covers the work and not only its launch."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def synthetic_config(layers: int, moe: bool) -> dict:
+    config = {
+        "model_type": "qwen2",
+        "hidden_size": H,
+        "intermediate_size": F,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+    }
+    if moe:
+        config |= {
+            "model_type": "pdmoe",
+            "base_model_type": "qwen2",
+            "num_experts": EXPERTS,
+            "moe_layers": list(range(layers)),
+        }
+    return config
+
+
+def synthetic_layout(layers: int, moe: bool) -> list[TensorMeta]:
+    """Every tensor of the synthetic dense (or upcycled MoE) checkpoint, in file order."""
+    kv = H // HEADS * KV_HEADS
+    metas = [
+        TensorMeta("model.embed_tokens.weight", DTYPE, (VOCAB, H)),
+        TensorMeta("model.norm.weight", DTYPE, (H,)),
+    ]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        metas += [
+            TensorMeta(f"{p}.input_layernorm.weight", DTYPE, (H,)),
+            TensorMeta(f"{p}.post_attention_layernorm.weight", DTYPE, (H,)),
+            TensorMeta(f"{p}.self_attn.q_proj.weight", DTYPE, (H, H)),
+            TensorMeta(f"{p}.self_attn.k_proj.weight", DTYPE, (kv, H)),
+            TensorMeta(f"{p}.self_attn.v_proj.weight", DTYPE, (kv, H)),
+            TensorMeta(f"{p}.self_attn.o_proj.weight", DTYPE, (H, H)),
+        ]
+        if moe:
+            metas += [
+                TensorMeta(f"{p}.mlp.gate.weight", DTYPE, (EXPERTS, H)),
+                TensorMeta(f"{p}.mlp.experts.gate_up_proj", DTYPE, (EXPERTS, 2 * F, H)),
+                TensorMeta(f"{p}.mlp.experts.down_proj", DTYPE, (EXPERTS, H, F)),
+            ]
+        else:
+            metas += [
+                TensorMeta(f"{p}.mlp.gate_proj.weight", DTYPE, (F, H)),
+                TensorMeta(f"{p}.mlp.up_proj.weight", DTYPE, (F, H)),
+                TensorMeta(f"{p}.mlp.down_proj.weight", DTYPE, (H, F)),
+            ]
+    return metas
+
+
+def synthetic_checkpoint(directory: Path, layers: int, moe: bool, seed: int) -> Path:
+    """A random checkpoint written tensor by tensor (never a whole model in memory)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(synthetic_config(layers, moe)))
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(2**24 + 1, generator=generator).to(DTYPE)  # tiled: the values do not matter
+    writer = CheckpointWriter(directory, plan_shards(synthetic_layout(layers, moe), 300 * 10**6))
+    for index, shard in enumerate(writer.shards):
+        with writer.open_shard(index) as shard_writer:
+            for number, meta in enumerate(shard):
+                values = torch.roll(pool, number).repeat(-(-meta.numel // pool.numel()))[: meta.numel]
+                shard_writer.write(meta.name, values.reshape(meta.shape))
+    writer.finish()
+    return directory
+
+
+def tensor_bytes(directory: Path) -> int:
+    """Bytes of a checkpoint's safetensors files."""
+    return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
+
+
+def copy_rate(inputs: tuple[Path, ...], scratch: Path) -> float:
+    """(read + written) bytes/s of copying the inputs' safetensors files, fsynced: the I/O floor."""
+    scratch.mkdir()
+    copied = 0
+    start = time.perf_counter()
+    for directory in inputs:
+        for path in directory.glob("*.safetensors"):
+            target = scratch / f"{directory.name}-{path.name}"
+            shutil.copyfile(path, target)
+            with target.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            copied += path.stat().st_size
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch)
+    return 2 * copied / seconds
+
+
+_MEMORY_PROBE = """
+import json, sys, time
+def status():
+    return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
+            if k in ("VmRSS", "VmHWM")}
+before = status()
+start = time.perf_counter()
+exec(sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - start, "rss_after_imports": before["VmRSS"],
+                  "peak_rss": status()["VmHWM"]}))
+"""
+
+
+def peak_memory(setup: str, statement: str, *args: str) -> dict[str, float]:
+    """Run ``setup`` (imports) then ``statement`` in a fresh Python process (``sys.argv[2:]`` are
+    ``args``): its seconds, RSS after ``setup`` and peak RSS (VmHWM), so pytest's memory is not counted."""
+    code = _MEMORY_PROBE.replace("before = status()", f"{setup}\nbefore = status()")
+    child = subprocess.run(
+        [sys.executable, "-c", code, statement, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPOSITORY,
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
