@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pdmoe import MoEConfig, MoEForCausalLM
+from pdmoe.layout import MoETensor
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.router import TopKRouter
 from pdmoe.tiny import TINY_SIZES
@@ -81,7 +82,7 @@ def test_frozen_original_experts_get_no_gradient_and_keep_the_format():
     model(tokens, labels=tokens).loss.backward()
     for _, block in model.moe_blocks():
         experts = block.experts
-        frozen, trainable = experts.weights("gate_up_proj")
+        frozen, trainable = experts.weights(MoETensor.GATE_UP)
         assert not frozen.requires_grad and frozen.grad is None
         assert trainable.grad is not None and trainable.grad.shape[0] == 3
         assert "trainable_gate_up_proj" in dict(experts.named_parameters())
