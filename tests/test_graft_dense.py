@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_graft_fixtures import (
+
+from pdmoe.graft import graft
+from pdmoe.graft.planner import Role
+from tests.graft_checkpoints import (
     dense_config,
     dense_tensors,
     load_dir,
@@ -16,9 +19,6 @@ from test_graft_fixtures import (
     reference_graft,
     save_checkpoint,
 )
-
-from pdmoe.graft import graft
-from pdmoe.graft.planner import Role
 
 
 def assert_matches(out: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_graft_fixtures import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, PdmoeError, UsageError
 from pdmoe.graft import graft
+from tests.graft_checkpoints import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
 
 def assert_nothing_finished(out: Path) -> None:

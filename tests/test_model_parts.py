@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pdmoe import MoEConfig, MoEForCausalLM
+from pdmoe.errors import UsageError
 from pdmoe.layout import MoETensor
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.router import TopKRouter
@@ -102,14 +103,5 @@ def test_frozen_original_experts_get_no_gradient_and_keep_the_format():
 
 def test_freezing_needs_a_prefix_of_original_experts():
     model = _model(original_experts=[1])
-    with pytest.raises(Exception, match="prefix"):
+    with pytest.raises(UsageError, match=r"original_experts must be a prefix 0\.\.n-1, got \[1\]"):
         model.freeze_original_experts()
-
-
-def test_gradient_checkpointing_keeps_router_gradients():
-    model = _model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    tokens = torch.randint(0, 259, (2, 9))
-    model(tokens, labels=tokens).loss.backward()
-    assert all(block.gate.weight.grad.abs().sum() > 0 for _, block in model.moe_blocks())
