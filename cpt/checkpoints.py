@@ -9,7 +9,6 @@ complete, so a run killed mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from pdmoe.errors import CheckpointError, UsageError
-from pdmoe.io.writer import copy_side_files, write_json, write_text_atomic
+from pdmoe.io.atomic import Staged, write_json, write_text_atomic
+from pdmoe.io.side_files import copy_side_files
 from pdmoe.modeling import MoEForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -83,22 +83,21 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def save_training_checkpoint(accelerator: Accelerator, out_dir: Path, state: TrainerState, keep: int) -> Path:
     """Atomically write a resumable checkpoint (all processes call this), keeping the newest ``keep``."""
     root = Path(out_dir) / CHECKPOINTS
-    final = root / f"{_STEP_PREFIX}{state.step:08d}"
-    partial = root / f".{final.name}.partial"
+    staged = Staged(root / f"{_STEP_PREFIX}{state.step:08d}")
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        staged.abort()
+        staged.path.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    accelerator.save_state(str(staged.path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(partial / TRAINER_STATE, asdict(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        write_json(staged.path / TRAINER_STATE, asdict(state))
+        shutil.rmtree(staged.final, ignore_errors=True)  # the same step saved by a run since resumed
+        staged.commit()
         for old in sorted(root.glob(f"{_STEP_PREFIX}*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return final
+    return staged.final
 
 
 def read_trainer_state(checkpoint: Path, settings: dict[str, Any]) -> TrainerState:
@@ -136,15 +135,12 @@ def save_final_model(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        partial = Path(out_dir) / ".final.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        staged = Staged(Path(out_dir) / "final")
+        staged.abort()
         unwrapped.config.dtype = dtype
-        unwrapped.save_pretrained(partial, state_dict=state_dict)
-        copy_side_files(Path(model_dir), partial)
-        names = sorted(p.name for p in partial.iterdir())
-        for name in [*(n for n in names if n != "config.json"), "config.json"]:
-            os.replace(partial / name, Path(out_dir) / name)
-        partial.rmdir()
+        unwrapped.save_pretrained(staged.path, state_dict=state_dict)
+        copy_side_files(Path(model_dir), staged.path)
+        staged.commit_files_into(Path(out_dir), last="config.json")
     accelerator.wait_for_everyone()
 
 

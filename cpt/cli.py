@@ -1,4 +1,4 @@
-"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands (wired into ``pdmoe.cli`` by the lead).
+"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
-from .freezing import PARTS, STAGE_PARTS
+from .freezing import PARTS, Stage
 from .trainer import TrainConfig, train
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
@@ -79,8 +79,8 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
     parser.add_argument(
         "--stage",
-        choices=tuple(STAGE_PARTS),
-        default=d["stage"],
+        choices=[stage.value for stage in Stage],
+        default=Stage(d["stage"]).value,
         help="cpt: train new experts + routers; review: routers only, with the LPR loss (default: %(default)s)",
     )
     parser.add_argument(

@@ -25,8 +25,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from pdmoe.config import MoEConfig
 from pdmoe.errors import UsageError
-from pdmoe.io.writer import prepare_output_dir
+from pdmoe.io.outputs import prepare_output_dir
 
 from .checkpoints import (
     TrainerState,
@@ -49,7 +50,7 @@ from .data import (
     micro_batch_slice,
 )
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
-from .freezing import apply_trainable, count_parameters, trainable_parts
+from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
 from .losses import language_prior_loss
 
 METRICS_FILE = "metrics.jsonl"
@@ -78,7 +79,7 @@ class TrainConfig:
     model: str | Path
     data: list[str | Path]
     out: str | Path
-    stage: str = "cpt"
+    stage: Stage | str = Stage.CPT
     original_langs: list[str] = field(default_factory=list)
     new_langs: list[str] = field(default_factory=list)
     langs: list[str] | None = None
@@ -193,26 +194,131 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def train(config: TrainConfig) -> Path:
-    """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
+@dataclass
+class TrainingRun:
+    """A run between steps: what ``setup`` built and what the loop advances (``state``)."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    corpus: CorpusSpec
+    sequences: PackedSequences
+    eval_sequences: PackedSequences | None
+    order: SequenceOrder
+    state: TrainerState
+    total_steps: int
+    global_batch: int
+    aux_coef: float
+    lpr_coef: float
+    model_dir: Path
+    model_config: dict[str, Any]
+    interval: _Interval = field(init=False)
+    bar: tqdm = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.interval = _Interval(self.counts_shape, self.accelerator.device)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if self.is_main and self.config.progress else True,
+        )
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def moe(self) -> MoEConfig:
+        return self.accelerator.unwrap_model(self.model).config
+
+    @property
+    def counts_shape(self) -> tuple[int, int, int]:
+        """[MoE layers, languages, experts] of the routing counts."""
+        return (len(self.moe.moe_layers), len(self.corpus.languages), self.moe.num_experts)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps
+
+
+def setup(config: TrainConfig) -> TrainingRun:
+    """Check the options, then build the accelerator, output folder, data, model, optimizer and
+    schedule, and load the checkpoint to resume from: everything the loop needs."""
     _check_numbers(config)
     parts = trainable_parts(config.stage, config.trainable)
     model_dir, out = Path(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
+    corpus, eval_corpus = _check_data(config, model_config, out)
+    accelerator = _setup_accelerator(config)
+    if accelerator.is_main_process:
+        prepare_output_dir(
+            out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
+        )
+    sequences, eval_sequences = _setup_data(config, accelerator, model_dir, corpus, eval_corpus)
+    global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
+    total_steps = _total_steps(config, len(sequences), global_batch)
+    settings = _settings(config, model_config, sequences.cache.key, accelerator.num_processes, total_steps)
+    resume_from = _resume_checkpoint(config, out)
+    state = read_trainer_state(resume_from, settings) if resume_from else TrainerState(settings=settings)
+    model, params = _setup_model(config, accelerator, model_dir, parts)
+    optimizer, scheduler = _setup_optimizer(config, accelerator, params, total_steps)
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        if accelerator.is_main_process:
+            truncate_metrics(out / METRICS_FILE, state.step)
+        accelerator.print(f"pdmoe cpt: resumed from {resume_from} at step {state.step}")
+    moe = accelerator.unwrap_model(model).config
+    return TrainingRun(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        corpus=corpus,
+        sequences=sequences,
+        eval_sequences=eval_sequences,
+        order=SequenceOrder(len(sequences), config.seed),
+        state=state,
+        total_steps=total_steps,
+        global_batch=global_batch,
+        aux_coef=moe.router_aux_loss_coef if config.aux_loss_coef is None else config.aux_loss_coef,
+        lpr_coef=config.lpr_coef if parse_stage(config.stage) is Stage.REVIEW else 0.0,
+        model_dir=model_dir,
+        model_config=model_config,
+    )
+
+
+def _check_data(
+    config: TrainConfig, model_config: dict[str, Any], out: Path
+) -> tuple[CorpusSpec, CorpusSpec | None]:
+    """The training and eval corpora, checked against the stage, the model and the output folder."""
     max_positions = model_config.get("max_position_embeddings")
     if max_positions is not None and config.seq_len > max_positions:
         raise UsageError(
             f"--seq-len {config.seq_len} is larger than the model's maximum ({max_positions} positions)"
         )
     corpus = _corpus(config, config.data, config.langs)
-    if config.stage == "review" and not corpus.original_languages:
+    if parse_stage(config.stage) is Stage.REVIEW and not corpus.original_languages:
         raise UsageError("the review stage needs original-language text: declare it with --original-langs")
     eval_corpus = _corpus(config, config.eval_data, config.eval_langs) if config.eval_data else None
     if config.resume is None and latest_checkpoint(out) is not None and not config.overwrite:
         raise UsageError(
             f"{out} already holds training checkpoints; pass --resume to continue or --overwrite to restart"
         )
+    return corpus, eval_corpus
 
+
+def _setup_accelerator(config: TrainConfig) -> Accelerator:
     # The frozen experts are buffers, identical on every process: DDP must not re-broadcast them
     # from rank 0 before every forward (the whole dense FFN stack, every step).
     accelerator = Accelerator(
@@ -225,11 +331,17 @@ def train(config: TrainConfig) -> Path:
             f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
             "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...)"
         )
-    main = accelerator.is_main_process
-    if main:
-        prepare_output_dir(
-            out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
-        )
+    return accelerator
+
+
+def _setup_data(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    model_dir: Path,
+    corpus: CorpusSpec,
+    eval_corpus: CorpusSpec | None,
+) -> tuple[PackedSequences, PackedSequences | None]:
+    """Tokenise (or reuse the cache of) the corpora, once per node, and pack them."""
     tokenizer = load_tokenizer(model_dir)
     with accelerator.local_main_process_first():
         sequences = PackedSequences(TokenCache.build(corpus, tokenizer, config.cache_dir), config.seq_len)
@@ -243,12 +355,13 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(
             f"the eval data must give every one of the {world} processes a sequence; add eval data"
         )
-    global_batch = config.micro_batch_size * config.grad_accum * world
-    total_steps = _total_steps(config, len(sequences), global_batch)
-    settings = _settings(config, model_config, sequences.cache.key, world, total_steps)
-    resume_from = _resume_checkpoint(config, out)
-    state = read_trainer_state(resume_from, settings) if resume_from else TrainerState(settings=settings)
+    return sequences, eval_sequences
 
+
+def _setup_model(
+    config: TrainConfig, accelerator: Accelerator, model_dir: Path, parts: tuple[Part, ...]
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The MoE with only ``parts`` trainable, prepared by accelerate, and its trainable parameters."""
     torch.manual_seed(config.seed)
     model = load_moe_model(model_dir)
     model.config.use_cache = False
@@ -260,7 +373,13 @@ def train(config: TrainConfig) -> Path:
         f"pdmoe cpt: stage {config.stage}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
     )
     model = accelerator.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _setup_optimizer(
+    config: TrainConfig, accelerator: Accelerator, params: list[torch.nn.Parameter], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio`` of the peak."""
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else total_steps // 100
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -268,111 +387,116 @@ def train(config: TrainConfig) -> Path:
     )
     optimizer = accelerator.prepare(optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    if resume_from:
-        accelerator.load_state(str(resume_from))
-        if main:
-            truncate_metrics(out / METRICS_FILE, state.step)
-        accelerator.print(f"pdmoe cpt: resumed from {resume_from} at step {state.step}")
-
-    moe = accelerator.unwrap_model(model).config
-    aux_coef = moe.router_aux_loss_coef if config.aux_loss_coef is None else config.aux_loss_coef
-    lpr_coef = config.lpr_coef if config.stage == "review" else 0.0
-    num_langs = len(corpus.languages)
-    order = SequenceOrder(len(sequences), config.seed)
-    interval = _Interval((len(moe.moe_layers), num_langs, moe.num_experts), accelerator.device)
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=None if main and config.progress else True,
-    )
-    metrics_path = out / METRICS_FILE
-    model.train()
-    while state.step < total_steps:
-        step_indices = order.take(state.position, global_batch)
-        for micro in range(config.grad_accum):
-            indices = micro_batch_slice(
-                step_indices, micro, accelerator.process_index, world, config.micro_batch_size
-            )
-            input_ids, langs = (t.to(accelerator.device) for t in sequences.batch(indices))
-            sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
-            with sync:
-                losses, router_logits = _forward_backward(
-                    accelerator,
-                    model,
-                    input_ids,
-                    langs < corpus.num_original_languages,
-                    aux_coef,
-                    lpr_coef,
-                    moe.num_original_experts,
-                    config.grad_accum,
-                )
-            interval.losses += losses / config.grad_accum
-            interval.counts += expert_token_counts(router_logits, langs, num_langs, moe.num_experts_per_tok)
-        grad_norm = (
-            accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.position += global_batch
-        state.tokens_seen += global_batch * config.seq_len
-        interval.steps += 1
-        interval.tokens += global_batch * config.seq_len
-        bar.update(1)
-
-        if state.step % config.log_every == 0 or state.step == total_steps:
-            record = _log_record(
-                accelerator, interval, state, scheduler.get_last_lr()[0], grad_norm, corpus, moe.moe_layers
-            )
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if main:
-                _append_metrics(metrics_path, record)
-                if bar.disable and config.progress:
-                    print(
-                        f"step {state.step}/{total_steps} loss {record['loss']:.4f} "
-                        f"lr {record['lr']:.3g} {record['tokens_per_s']:.0f} tok/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-            interval = _Interval(interval.counts.shape, accelerator.device)
-        due = state.step == total_steps or (config.eval_every and state.step % config.eval_every == 0)
-        if eval_sequences is not None and due:
-            result = _evaluate(accelerator, model, eval_sequences, config)
-            model.train()
-            if main:
-                _append_metrics(metrics_path, {"step": state.step, "eval": result.to_dict()})
-        if state.step % config.save_every == 0 and state.step < total_steps:
-            save_training_checkpoint(accelerator, out, state, config.keep_checkpoints)
-    bar.close()
-    save_final_model(accelerator, model, model_dir, out, checkpoint_dtype(model_config))
-    accelerator.end_training()
-    return out
+    return optimizer, scheduler
 
 
-def _forward_backward(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    is_original: torch.Tensor,
-    aux_coef: float,
-    lpr_coef: float,
-    num_original_experts: int,
-    grad_accum: int,
+def forward_backward_step(
+    run: TrainingRun, input_ids: torch.Tensor, is_original: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """One micro-batch: loss = LM + aux_coef·load balancing (+ lpr_coef·LPR), backward scaled for
     accumulation. Returns the detached (total, lm, aux, lpr) losses and the router logits."""
-    output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+    output = run.model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
     lpr = (
-        language_prior_loss(output.router_logits, is_original, num_original_experts)
-        if lpr_coef
+        language_prior_loss(output.router_logits, is_original, run.moe.num_original_experts)
+        if run.lpr_coef
         else output.lm_loss.new_zeros(())
     )
-    loss = output.lm_loss + aux_coef * output.aux_loss + lpr_coef * lpr
-    accelerator.backward(loss / grad_accum)
+    loss = output.lm_loss + run.aux_coef * output.aux_loss + run.lpr_coef * lpr
+    run.accelerator.backward(loss / run.config.grad_accum)
     return torch.stack([loss, output.lm_loss, output.aux_loss, lpr]).detach().double(), output.router_logits
+
+
+def train_step(run: TrainingRun) -> torch.Tensor | None:
+    """One optimizer step over the next global batch (every micro-batch of every process); advances
+    ``run.state`` and the logging interval, returns the gradient norm before clipping (None when off)."""
+    config, accelerator = run.config, run.accelerator
+    world, num_langs = accelerator.num_processes, len(run.corpus.languages)
+    step_indices = run.order.take(run.state.position, run.global_batch)
+    for micro in range(config.grad_accum):
+        indices = micro_batch_slice(
+            step_indices, micro, accelerator.process_index, world, config.micro_batch_size
+        )
+        input_ids, langs = (t.to(accelerator.device) for t in run.sequences.batch(indices))
+        sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(run.model)
+        with sync:
+            losses, router_logits = forward_backward_step(
+                run, input_ids, langs < run.corpus.num_original_languages
+            )
+        run.interval.losses += losses / config.grad_accum
+        run.interval.counts += expert_token_counts(
+            router_logits, langs, num_langs, run.moe.num_experts_per_tok
+        )
+    grad_norm = (
+        accelerator.clip_grad_norm_(run.params, config.max_grad_norm) if config.max_grad_norm else None
+    )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = run.global_batch * config.seq_len
+    run.state.step += 1
+    run.state.position += run.global_batch
+    run.state.tokens_seen += tokens
+    run.interval.steps += 1
+    run.interval.tokens += tokens
+    run.bar.update(1)
+    return grad_norm
+
+
+def log_metrics(run: TrainingRun, grad_norm: torch.Tensor | None) -> dict[str, Any]:
+    """Reduce the interval over processes, append it to ``metrics.jsonl`` and start a new interval."""
+    lr = run.scheduler.get_last_lr()[0]
+    record = _log_record(
+        run.accelerator, run.interval, run.state, lr, grad_norm, run.corpus, run.moe.moe_layers
+    )
+    run.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    if run.is_main:
+        _append_metrics(run.out / METRICS_FILE, record)
+        if run.bar.disable and run.config.progress:
+            print(
+                f"step {run.state.step}/{run.total_steps} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.3g} {record['tokens_per_s']:.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    run.interval = _Interval(run.counts_shape, run.accelerator.device)
+    return record
+
+
+def evaluate(run: TrainingRun) -> EvalResult:
+    """Evaluate on the eval data (every process an equal share), log it and go back to training."""
+    result = _evaluate(run.accelerator, run.model, run.eval_sequences, run.config)
+    run.model.train()
+    if run.is_main:
+        _append_metrics(run.out / METRICS_FILE, {"step": run.state.step, "eval": result.to_dict()})
+    return result
+
+
+def save_checkpoint(run: TrainingRun) -> Path:
+    """A resumable checkpoint of the run as it is now."""
+    return save_training_checkpoint(run.accelerator, run.out, run.state, run.config.keep_checkpoints)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or bool(every and step % every == 0)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
+    run = setup(config)
+    run.model.train()
+    while not run.finished:
+        grad_norm = train_step(run)
+        step = run.state.step
+        if _due(step, config.log_every, run.total_steps):
+            log_metrics(run, grad_norm)
+        if run.eval_sequences is not None and _due(step, config.eval_every, run.total_steps):
+            evaluate(run)
+        if step % config.save_every == 0 and not run.finished:
+            save_checkpoint(run)
+    run.bar.close()
+    save_final_model(run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config))
+    run.accelerator.end_training()
+    return run.out
 
 
 def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:

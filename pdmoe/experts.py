@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from pdmoe.errors import UsageError
+from pdmoe.layout import FUSED_EXPERT_TENSORS, MoETensor, frozen_attribute, trainable_attribute
 
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 ExpertFunction = Callable[
     [torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor
 ]
-_FUSED = ("gate_up_proj", "down_proj")
 
 
 def expert_function(impl: str, device: torch.device) -> ExpertFunction:
@@ -52,18 +52,18 @@ class MoEExperts(nn.Module):
         self.register_state_dict_post_hook(_fuse_state_dict)
         self.register_load_state_dict_pre_hook(_split_state_dict)
 
-    def weights(self, name: str) -> ExpertWeight:
+    def weights(self, tensor: MoETensor) -> ExpertWeight:
         """A fused weight, or the (frozen, trainable) pair while experts are frozen."""
         if self.num_frozen:
-            return getattr(self, f"frozen_{name}"), getattr(self, f"trainable_{name}")
-        return getattr(self, name)
+            return getattr(self, frozen_attribute(tensor)), getattr(self, trainable_attribute(tensor))
+        return getattr(self, tensor.attribute)
 
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         function = expert_function(self.impl, hidden.device)
         return function(
-            hidden, self.weights("gate_up_proj"), self.weights("down_proj"), topk_weights, topk_ids
+            hidden, self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN), topk_weights, topk_ids
         )
 
     def freeze_experts(self, num_frozen: int) -> None:
@@ -71,34 +71,28 @@ class MoEExperts(nn.Module):
         if not 0 < num_frozen < self.num_experts:
             raise UsageError(f"can freeze 1..{self.num_experts - 1} leading experts, not {num_frozen}")
         self.unfreeze_experts()
-        for name in _FUSED:
-            fused = getattr(self, name)
-            delattr(self, name)
-            self.register_buffer(f"frozen_{name}", fused.data[:num_frozen], persistent=False)
-            setattr(
-                self,
-                f"trainable_{name}",
-                nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad),
-            )
+        for tensor in FUSED_EXPERT_TENSORS:
+            fused = getattr(self, tensor.attribute)
+            delattr(self, tensor.attribute)
+            self.register_buffer(frozen_attribute(tensor), fused.data[:num_frozen], persistent=False)
+            trainable = nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad)
+            setattr(self, trainable_attribute(tensor), trainable)
         self.num_frozen = num_frozen
 
     def unfreeze_experts(self) -> None:
         """Back to one fused Parameter per weight (one copy; done at save time, not per step)."""
         if not self.num_frozen:
             return
-        for name in _FUSED:
-            frozen, trainable = self.weights(name)
-            delattr(self, f"frozen_{name}")
-            delattr(self, f"trainable_{name}")
-            setattr(
-                self,
-                name,
-                nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad),
-            )
+        for tensor in FUSED_EXPERT_TENSORS:
+            frozen, trainable = self.weights(tensor)
+            delattr(self, frozen_attribute(tensor))
+            delattr(self, trainable_attribute(tensor))
+            fused = nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad)
+            setattr(self, tensor.attribute, fused)
         self.num_frozen = 0
 
     def extra_repr(self) -> str:
-        down = self.weights("down_proj")
+        down = self.weights(MoETensor.DOWN)
         _, hidden, intermediate = (down[0] if isinstance(down, tuple) else down).shape
         return f"experts={self.num_experts}, hidden={hidden}, intermediate={intermediate}, impl={self.impl}, frozen={self.num_frozen}"
 
@@ -108,20 +102,20 @@ def _fuse_state_dict(
 ) -> None:
     if not module.num_frozen:
         return
-    for name in _FUSED:
-        frozen, trainable = module.weights(name)
-        state_dict.pop(f"{prefix}trainable_{name}", None)
-        state_dict[f"{prefix}{name}"] = torch.cat([frozen, trainable.detach()])
+    for tensor in FUSED_EXPERT_TENSORS:
+        frozen, trainable = module.weights(tensor)
+        state_dict.pop(f"{prefix}{trainable_attribute(tensor)}", None)
+        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat([frozen, trainable.detach()])
 
 
 def _split_state_dict(module: MoEExperts, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     if not module.num_frozen:
         return
-    for name in _FUSED:
-        fused = state_dict.pop(f"{prefix}{name}", None)
+    for tensor in FUSED_EXPERT_TENSORS:
+        fused = state_dict.pop(f"{prefix}{tensor.attribute}", None)
         if fused is None:
             continue
-        frozen, _ = module.weights(name)
+        frozen, _ = module.weights(tensor)
         with torch.no_grad():
             frozen.copy_(fused[: module.num_frozen])
-        state_dict[f"{prefix}trainable_{name}"] = fused[module.num_frozen :]
+        state_dict[f"{prefix}{trainable_attribute(tensor)}"] = fused[module.num_frozen :]

@@ -104,13 +104,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         for index in self.config.moe_layers:
             yield index, self.model.layers[index].mlp
 
-    def set_experts_impl(self, impl: str) -> None:
-        """Switch every block between the Triton kernels ('triton'), the reference ('torch') and 'auto'."""
-        self.config.experts_impl = impl
-        self.config.validate_moe()
-        for _, block in self.moe_blocks():
-            block.experts.impl = impl
-
     def freeze_original_experts(self) -> None:
         """Split every MoE layer's storage so the original experts get no gradients (CPT stage)."""
         frozen = self.config.num_original_experts
