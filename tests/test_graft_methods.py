@@ -9,10 +9,14 @@ weighted mean for TIES, Σ w_t for DARE); with w = 1 they are the papers' formul
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from pdmoe.cli import main
 from pdmoe.errors import UsageError
+from pdmoe.graft import graft
 from pdmoe.graft.merging import (
     DARE_CHUNK,
     MergeMethod,
@@ -22,6 +26,7 @@ from pdmoe.graft.merging import (
     magnitude_threshold,
     merge_units,
 )
+from tests.graft_checkpoints import load_dir, make
 
 
 def reference_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -60,7 +65,7 @@ def reference_dare(base, tuned, weights, density, masks):
         tau = (tau_model - base).reshape(-1)
         for p in range(out.numel()):
             if mask.reshape(-1)[p]:
-                out[p] += weight * tau[p].item() / density
+                out[p] += weight * (tau[p].item() / density)
     return out.view_as(base)
 
 
@@ -166,3 +171,105 @@ def test_bad_options_are_refused():
     base, tuned = _models()
     with pytest.raises(UsageError, match="positive weights"):
         merge_units(MergeSpec(MergeMethod.TIES, 0.5), base, tuned, (1.0, -1.0), ["a", "b"])
+
+
+# --- the streamed graft (`pdmoe graft --method ties|dare`) against the reference, tensor by tensor ---
+
+
+def reference_merged_graft(
+    base_dir, instruct_dir, cpt_dir, method, density, seed=0, alpha=1.0, work=torch.float64
+):
+    """Every output tensor from whole state dicts: each unit merged by the reference formulas above.
+
+    Units: a dense tensor's rows that BASE has; in an MoE layer, each expert's gate rows, up rows and
+    down, whose CPT task vector is W_e - W_FFN,BASE and whose INSTRUCT task vector is the dense FFN's.
+    DARE's masks are the one input taken from the implementation (they are random draws). ``work``
+    is the dtype task vectors are formed in (float32 for 16-bit inputs, as the graft does).
+    """
+    base, instruct, cpt = load_dir(base_dir), load_dir(instruct_dir), load_dir(cpt_dir)
+
+    def merged(dense: str, tuned: torch.Tensor, cpt_unit: str) -> torch.Tensor:
+        b = base[dense].to(work)
+        c, i = tuned.to(work), instruct[dense][: b.shape[0]].to(work)
+        if method == "ties":
+            return reference_ties(b, [c, i], (1.0, alpha), density)
+        masks = [
+            dare_keep_mask(seed, unit, 0, b.numel(), density).view(b.shape)
+            for unit in (cpt_unit, f"instruct:{dense}")
+        ]
+        return reference_dare(b, [c, i], (1.0, alpha), density, masks)
+
+    out = {}
+    for name, value in cpt.items():
+        result = value.double().clone()
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            mlp = name.rsplit(".experts.", 1)[0]
+            half = base[f"{mlp}.gate_proj.weight"].shape[0]
+            pieces = (
+                [(f"{mlp}.gate_proj.weight", 0, half), (f"{mlp}.up_proj.weight", half, 2 * half)]
+                if name.endswith("gate_up_proj")
+                else [(f"{mlp}.down_proj.weight", 0, value.shape[1])]
+            )
+            for expert in range(value.shape[0]):
+                for dense, lo, hi in pieces:
+                    result[expert, lo:hi] = merged(dense, value[expert, lo:hi], f"cpt:{name}:{expert}:{lo}")
+        elif name in base and not name.endswith("mlp.gate.weight"):
+            rows = base[name].shape[0]
+            result[:rows] = merged(name, value[:rows], f"cpt:{name}:0:0")
+        out[name] = result.to(value.dtype)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        {"moe": True},
+        {"moe": True, "dtype": torch.bfloat16},
+        {"cpt_vocab": 23},  # dense CPT that added tokens: their rows keep CPT's values
+    ],
+    ids=["moe-fp32", "moe-bf16", "dense-new-rows"],
+)
+def test_streamed_graft_equals_the_reference(tmp_path, monkeypatch, method, scenario):
+    import pdmoe.graft.merge_stream
+    import pdmoe.graft.runner
+
+    # Tiny blocks: every unit is streamed in several blocks, so thresholds and masks cross blocks.
+    monkeypatch.setattr(pdmoe.graft.runner, "BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(pdmoe.graft.merge_stream, "BLOCK_ELEMENTS", 24)
+    base, instruct, cpt = make(tmp_path, **scenario)
+    # alpha exact in binary: a sign election on an exact cancellation (bf16's coarse grid makes some)
+    # must not depend on how the product alpha * delta is rounded
+    density, alpha = (0.3, 0.75) if method == "ties" else (0.4, 0.8)
+    report = graft(base, instruct, cpt, tmp_path / "out", method=method, density=density, seed=3, scale=alpha)
+    work = torch.float64 if scenario.get("dtype", torch.float32) == torch.float32 else torch.float32
+    expected = reference_merged_graft(base, instruct, cpt, method, density, seed=3, alpha=alpha, work=work)
+    got = load_dir(tmp_path / "out")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        # float32 inputs merge in float64 (one rounding at the end): bit-equal to the reference;
+        # bf16 inputs merge in float32: equal up to the reference's different rounding order
+        if tensor.dtype == torch.float32:
+            assert torch.equal(got[name], tensor), name
+        else:
+            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=8e-3, atol=1e-6, msg=name)
+    manifest = json.loads((tmp_path / "out" / "graft.json").read_text())
+    assert manifest["merge"].startswith(f"method {method}, density")
+    assert report.plan.merge.method.value == method
+
+
+def test_graft_command_line_merge_options(tmp_path, capsys):
+    base, instruct, cpt = make(tmp_path, moe=True)
+    common = ["graft", "--base", str(base), "--instruct", str(instruct), "--cpt", str(cpt)]
+    assert (
+        main([*common, "--out", str(tmp_path / "a"), "--method", "dare", "--density", "0.5", "--seed", "4"])
+        == 0
+    )
+    graft(base, instruct, cpt, tmp_path / "b", method="dare", density=0.5, seed=4)
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "c"), "--method", "ties"]) == 2
+    assert "needs --density" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -79,6 +79,12 @@ class MergeSpec:
         if not 0 < self.density <= 1:
             raise UsageError(f"--density must be in (0, 1], got {self.density}")
 
+    def describe(self) -> str:
+        if self.method is MergeMethod.TASK_ARITHMETIC:
+            return "method task-arithmetic"
+        seed = f", seed {self.seed}" if self.method is MergeMethod.DARE else ""
+        return f"method {self.method.value}, density {self.density:g}{seed}"
+
 
 def check_weights(spec: MergeSpec, weights: Sequence[float]) -> None:
     """TIES divides by the summed weights of the agreeing task vectors: they must be positive."""
@@ -201,7 +207,7 @@ def ties_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     for delta, weight in zip(trimmed, weights, strict=True):
         agree = (torch.sign(delta) == elected) & (delta != 0)
         numerator += torch.where(agree, delta * weight, 0)
-        denominator += agree * weight
+        denominator += agree.to(denominator.dtype) * weight
     return torch.where(
         denominator > 0, numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny), 0
     )
@@ -213,7 +219,7 @@ def dare_merge(
     """Σ_t w_t · m_t ⊙ τ_t / density."""
     merged = torch.zeros_like(deltas[0])
     for delta, mask, weight in zip(deltas, masks, weights, strict=True):
-        merged += torch.where(mask, delta, 0) * (weight / density)
+        merged += torch.where(mask, delta, 0) / density * weight
     return merged
 
 

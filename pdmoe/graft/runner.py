@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
+from pdmoe.graft.merge_stream import MergedTensor
+from pdmoe.graft.merging import MergeMethod, MergeSpec
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
@@ -86,6 +88,9 @@ class GraftOptions:
     """The options of a graft as given, recorded in ``graft.json``."""
 
     scale: float
+    method: str
+    density: float | None
+    seed: int
     skip_embeddings: bool
     dtype: str | None
     shard_size: int
@@ -103,8 +108,8 @@ class _Work(Enum):
 class _Streamer:
     """Produces the output blocks of one tensor plan, in file order, from the three readers."""
 
-    def __init__(self, readers: dict[Role, CheckpointReader], alpha: float):
-        self.readers, self.alpha = readers, alpha
+    def __init__(self, readers: dict[Role, CheckpointReader], alpha: float, merge: MergeSpec):
+        self.readers, self.alpha, self.merge = readers, alpha, merge
         self.bytes_read = 0
         self._buffers: dict[Role | _Work, torch.Tensor] = {}
 
@@ -129,6 +134,7 @@ class _Streamer:
 
         Every expert of a fused expert tensor gets the same delta, so it is computed once per
         tensor and kept (at most one expert's slice, in the working dtype) while the experts go by.
+        TIES and DARE compute the delta pieces through ``MergedTensor``.
         """
         if plan.out.numel == 0:
             yield torch.empty(0, dtype=plan.out.dtype)
@@ -139,6 +145,18 @@ class _Streamer:
             for piece in plan.pieces
             for start in range(piece.start, piece.stop, step)
         ]
+        deltas = [piece for piece in plan.pieces if piece.source is RowSource.DELTA]
+        if self.merge.method is not MergeMethod.TASK_ARITHMETIC and deltas:
+            merged = MergedTensor(
+                plan, spans, self._read, self.merge, self.alpha, self._work_dtype(plan, deltas[0])
+            )
+            for expert in range(max(plan.experts, 1)):
+                for index, (piece, start, stop) in enumerate(spans):
+                    if piece.source is RowSource.DELTA:
+                        yield merged.block(expert, index)
+                    else:
+                        yield self._block(plan, expert, piece, start, stop, None)
+            return
         shared = {
             index: self._delta(plan, *span, keep=True)
             for index, span in enumerate(spans)
@@ -155,9 +173,16 @@ class _Streamer:
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
         base = self._read(Role.BASE, piece.dense, offset, count)
         instruct = self._read(Role.INSTRUCT, piece.dense, offset, count)
-        work = work_dtype(base.dtype, instruct.dtype, self.readers[Role.CPT].meta(plan.out.name).dtype)
+        work = self._work_dtype(plan, piece)
         scratch = None if keep else self._scratch(_Work.DELTA, count, work)
         return param_delta(base, instruct, self.alpha, work, out=scratch)
+
+    def _work_dtype(self, plan: TensorPlan, piece: Piece) -> torch.dtype:
+        return work_dtype(
+            self.readers[Role.BASE].meta(piece.dense).dtype,
+            self.readers[Role.INSTRUCT].meta(piece.dense).dtype,
+            self.readers[Role.CPT].meta(plan.out.name).dtype,
+        )
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
@@ -288,7 +313,7 @@ def execute(
     write_json(out_dir / RUN_STAMPS, stamps)
     _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
 
-    streamer = _Streamer(readers, plan.alpha)
+    streamer = _Streamer(readers, plan.alpha, plan.merge)
 
     def stream_all() -> int:
         written = 0
@@ -307,6 +332,7 @@ def execute(
         "pdmoe_version": pdmoe_version(),
         "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
         "alpha": plan.alpha,
+        "merge": plan.merge.describe(),
         "options": asdict(options),
         "counts": plan.counts(),
         "tokenizer_from": plan.tokenizer_source.value,
