@@ -13,6 +13,7 @@ from typing import Any
 from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
 
 from pdmoe.errors import UsageError
+from pdmoe.load_balancing import reference_aux_coef
 
 DENSE_CONFIGS: dict[str, type[PreTrainedConfig]] = {
     "llama": LlamaConfig,
@@ -66,7 +67,7 @@ class MoEConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
     original_experts: list[int] | None = None
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None  # None: the reference strength, 0.01 x top-k (load_balancing)
     norm_topk_prob: bool = True
     output_router_logits: bool = False
     experts_impl: str = "auto"
@@ -89,6 +90,8 @@ class MoEConfig(PreTrainedConfig):
             self.moe_layers = list(range(self.num_hidden_layers))
         if self.original_experts is None:
             self.original_experts = [0]
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = reference_aux_coef(self.num_experts_per_tok)
         self.validate_moe()
 
     def validate_moe(self) -> None:
