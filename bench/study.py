@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="output directory (kept work lets a rerun continue)"
-    )
+    parser.add_argument("--out", type=Path, help="output directory (kept work lets a rerun continue)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke test on the bundled excerpt (toy sizes)")
     mode.add_argument(
@@ -55,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         size = write_excerpt(read_sword())
         print(f"wrote {EXCERPT} ({size:,} bytes)")
         return 0
+    if args.out is None:
+        parser.error("--out DIR is required")
 
     start = time.perf_counter()
     try:

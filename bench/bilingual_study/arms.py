@@ -13,6 +13,7 @@ unit continues that order for its extra steps). The MoE arms go through pdmoe's 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import shutil
 import time
@@ -31,6 +32,7 @@ from pdmoe.upcycle import upcycle
 from .corpus import NEW, ORIGINAL
 from .evaluate import HeldOut, evaluate
 from .flops import dense_cpt_flops, moe_cpt_flops, review_flops
+from .prepare import Prepared
 from .protocol import Protocol
 from .training import Schedule, packed, save, text_batches, train_steps
 
@@ -112,22 +114,23 @@ def units(protocol: Protocol, matched_lr: float | None) -> list[Unit]:
     return found
 
 
-_HELDOUT: list[HeldOut] = []
-
-
 def heldout(ctx: Context) -> list[HeldOut]:
-    """The held-out text and task items of ``ctx.split``, loaded once per process."""
-    if not _HELDOUT:
-        from .prepare import Prepared
+    return _heldout(ctx.data, ctx.split, ctx.base, ctx.protocol.seq_len, ctx.cache)
 
-        data = Prepared(ctx.data, {})
-        tokenizer = AutoTokenizer.from_pretrained(ctx.base)
-        for lang in (ORIGINAL, NEW):
-            sequences = packed(
-                [data.path(f"heldout-{ctx.split}-{lang}.jsonl")], tokenizer, ctx.protocol.seq_len, ctx.cache
-            )
-            _HELDOUT.append(HeldOut(lang, sequences, data.cloze(f"{ctx.split}-{lang}")))
-    return _HELDOUT
+
+@functools.cache
+def _heldout(data_dir: Path, split: str, base: Path, seq_len: int, cache: Path) -> list[HeldOut]:
+    """The held-out text and task items of ``split``, loaded once per process."""
+    data = Prepared(data_dir, {})
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return [
+        HeldOut(
+            lang,
+            packed([data.path(f"heldout-{split}-{lang}.jsonl")], tokenizer, seq_len, cache),
+            data.cloze(f"{split}-{lang}"),
+        )
+        for lang in (ORIGINAL, NEW)
+    ]
 
 
 def record(ctx: Context, arm: Arm, model_dir: Path, unit: Unit | None, train: dict | None = None) -> dict:
