@@ -149,3 +149,18 @@ def test_failure_mid_write_leaves_no_output(dense_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk went away"):
         upcycle_module.upcycle(dense_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_element_tensors_are_copied(capsys, dense_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _copy(dense_dir, tmp_path / "with-empty")
+    tensors = load_file(model / "model.safetensors")
+    tensors |= {"a_empty_first": torch.zeros(0), "model.empty_buffer": torch.zeros(0, 64)}
+    save_file(tensors, model / "model.safetensors", {"format": "pt"})
+    code, err = _upcycle(capsys, model, tmp_path / "out", "--shard-size", "100KB")
+    assert code == 0, err
+    out = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        out |= load_file(shard)
+    assert out["a_empty_first"].shape == (0,) and out["model.empty_buffer"].shape == (0, 64)
