@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from pdmoe.errors import UsageError
+from pdmoe.io.hf_loading import load_tokenizer
 from pdmoe.modeling import MoEForCausalLM
 
-from .checkpoints import checkpoint_dtype, load_moe_model, load_tokenizer, read_moe_config
+from .checkpoints import checkpoint_dtype, load_moe_model, read_moe_config
 from .data import CorpusSpec, PackedSequences, TokenCache
 
 

@@ -27,7 +27,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from pdmoe.config import MoEConfig
 from pdmoe.errors import UsageError
-from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.io.outputs import Command, OutputFolder, claim_output
 
 from .checkpoints import (
     TrainerState,
@@ -215,6 +215,7 @@ class TrainingRun:
     lpr_coef: float
     model_dir: Path
     model_config: dict[str, Any]
+    output: OutputFolder | None  # the claimed --out (main process only)
     interval: _Interval = field(init=False)
     bar: tqdm = field(init=False)
 
@@ -259,10 +260,19 @@ def setup(config: TrainConfig) -> TrainingRun:
     model_config = read_moe_config(model_dir)
     corpus, eval_corpus = _check_data(config, model_config, out)
     accelerator = _setup_accelerator(config)
-    if accelerator.is_main_process:
-        prepare_output_dir(
-            out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
+    output = (
+        claim_output(
+            out,
+            Command.CPT,
+            inputs=(model_dir, *config.data, *config.eval_data),
+            overwrite=config.overwrite,
+            resume=config.resume is not None,
+            settings=asdict(config),
+            keep_partial=True,
         )
+        if accelerator.is_main_process
+        else None
+    )
     sequences, eval_sequences = _setup_data(config, accelerator, model_dir, corpus, eval_corpus)
     global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
     total_steps = _total_steps(config, len(sequences), global_batch)
@@ -295,6 +305,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         lpr_coef=config.lpr_coef if parse_stage(config.stage) is Stage.REVIEW else 0.0,
         model_dir=model_dir,
         model_config=model_config,
+        output=output,
     )
 
 
@@ -495,6 +506,8 @@ def train(config: TrainConfig) -> Path:
             save_checkpoint(run)
     run.bar.close()
     save_final_model(run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config))
+    if run.output is not None:
+        run.output.finish()
     run.accelerator.end_training()
     return run.out
 

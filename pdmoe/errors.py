@@ -18,3 +18,8 @@ class UsageError(PdmoeError):
 
 class DataError(PdmoeError):
     """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
+
+
+class TensorValueError(CheckpointError):
+    """Tensor values refused while streaming: non-finite numbers, an overflow, or a CPT model whose
+    frozen tensors are not BASE's."""

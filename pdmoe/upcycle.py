@@ -8,7 +8,6 @@ one expert block, whatever the model size.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -18,9 +17,10 @@ import torch
 
 from pdmoe.config import MoEConfig, check_supported_family, parse_layers
 from pdmoe.errors import CheckpointError, UsageError
-from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
+from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.outputs import ensure_free_space
 from pdmoe.io.reader import BLOCK_ELEMENTS
 from pdmoe.io.side_files import copy_side_files
@@ -78,6 +78,7 @@ def plan_upcycle(
     """Validate the dense checkpoint and lay out the MoE checkpoint, reading headers only."""
     dense = reader.config
     _check_dense_config(dense)
+    reader.check_config()
     moe_layers = parse_layers(layers, dense["num_hidden_layers"])
     config = MoEConfig.from_dense(
         dense, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, original_experts=[0]
@@ -164,28 +165,34 @@ def upcycle(
     what the dense model computes, whatever the routers are.
     """
     out = Path(out)
-    reader = CheckpointReader(model)
-    plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
-    std = router_init_std if router_init_std is not None else plan.config.initializer_range
-    if std < 0:
-        raise UsageError(f"--router-init-std must be non-negative, got {std}")
-    shards = plan_shards(plan.entries, parse_size(shard_size))
-    planned = {tensor.meta.name: tensor for tensor in plan.tensors}
-    prepare_output_dir(out, overwrite=overwrite, inputs=(Path(model),))
-    try:
-        writer = CheckpointWriter(out, shards)
-        ensure_free_space(out, writer.total_bytes)
-        write_json(out / "config.json", plan.config.to_dict())
-        copy_side_files(Path(model), out)
-        with BackgroundShardWriter(writer) as background:  # reads and writes overlap
-            for index, shard in enumerate(shards):
-                for meta in shard:
-                    for block in _output_blocks(reader, planned[meta.name], seed, std):
-                        background.write(index, meta.name, block)
-        writer.finish()
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
+    with CheckpointReader(model) as reader:
+        plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
+        std = router_init_std if router_init_std is not None else plan.config.initializer_range
+        if std < 0:
+            raise UsageError(f"--router-init-std must be non-negative, got {std}")
+        shards = plan_shards(plan.entries, parse_size(shard_size))
+        planned = {tensor.meta.name: tensor for tensor in plan.tensors}
+        settings = {
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "moe_layers": plan.config.moe_layers,
+            "router_init_std": std,
+            "seed": seed,
+            "dtype": str(plan.config.dtype),
+            "shard_size": shard_size,
+        }
+        with claim_output(
+            out, Command.UPCYCLE, inputs=(Path(model),), overwrite=overwrite, settings=settings
+        ) as folder:
+            writer = CheckpointWriter(out, shards)
+            ensure_free_space(out, writer.total_bytes)
+            write_json(out / "config.json", without_remote_code(plan.config.to_dict()))
+            copy_side_files(Path(model), out)
+            with BackgroundShardWriter(writer) as background:  # reads and writes overlap
+                for index, shard in enumerate(shards):
+                    for meta in shard:
+                        for block in _output_blocks(reader, planned[meta.name], seed, std):
+                            background.write(index, meta.name, block)
+            writer.finish()
+            folder.finish()
     return out

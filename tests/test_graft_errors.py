@@ -174,16 +174,25 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
         graft(base, instruct, cpt, tmp_path / "out")
 
 
-def test_non_empty_out_without_overwrite(tmp_path: Path) -> None:
+def test_non_empty_out_is_replaced_only_when_pdmoe_wrote_it(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite"):
+    with pytest.raises(CheckpointError, match="is not empty; choose another --out"):
         graft(base, instruct, cpt, out)
+    with pytest.raises(
+        CheckpointError, match=r"holds files pdmoe did not write .* pdmoe deletes only its own"
+    ):
+        graft(base, instruct, cpt, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    graft(base, instruct, cpt, out)
+    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite to replace it"):
+        graft(base, instruct, cpt, out)
+    (out / "stale.txt").write_text("inside a pdmoe output")
     graft(base, instruct, cpt, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "graft.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "graft.json").is_file()
 
 
 def test_out_is_an_input(tmp_path: Path) -> None:
@@ -199,8 +208,7 @@ def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr("pdmoe.io.outputs.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(CheckpointError, match="GiB free but the output needs"):
         graft(base, instruct, cpt, tmp_path / "out")
-    assert_nothing_finished(tmp_path / "out")
-    assert not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # refused before writing: no empty folder left behind
 
 
 @pytest.mark.parametrize(

@@ -127,16 +127,22 @@ def test_pickle_checkpoint_is_refused(capsys, dense_dir, tmp_path):
     assert code == 2 and "pickle" in err and "safetensors" in err
 
 
-def test_non_empty_output_needs_overwrite(capsys, dense_dir, tmp_path):
+def test_non_empty_output_is_replaced_only_when_pdmoe_wrote_it(capsys, dense_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, err = _upcycle(capsys, dense_dir, out)
-    assert code == 2 and "not empty" in err and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "user data"
+    assert code == 2 and "is not empty; choose another --out" in err
     code, err = _upcycle(capsys, dense_dir, out, "--overwrite")
+    assert code == 2 and "holds files pdmoe did not write" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert _upcycle(capsys, dense_dir, out)[0] == 0
+    code, err = _upcycle(capsys, dense_dir, out)
+    assert code == 2 and "is not empty; pass --overwrite to replace it" in err
+    code, err = _upcycle(capsys, dense_dir, out, "--overwrite", "--num-experts", "3")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 3
 
 
 def test_failure_mid_write_leaves_no_output(dense_dir, tmp_path, monkeypatch):

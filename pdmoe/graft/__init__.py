@@ -10,6 +10,7 @@ rules and ``runner`` for the side files, resume and the ``graft.json`` manifest.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from pdmoe.errors import UsageError
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
-from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.io.outputs import Command, claim_output
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.options import parse_dtype, parse_size
 
@@ -43,8 +44,6 @@ def graft(
     Everything is checked (inputs, output directory, free space) before the first byte is
     written; ``dry_run`` stops after planning and writes nothing.
     """
-    if resume and overwrite:
-        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
     out_dtype = parse_dtype(dtype)
@@ -56,9 +55,6 @@ def graft(
         )
         if dry_run:
             return GraftReport(out_dir=out_dir, plan=plan, dry_run=True)
-        prepare_output_dir(
-            out_dir, overwrite=overwrite, resume=resume, inputs=(b.directory, i.directory, c.directory)
-        )
         options = GraftOptions(
             scale=scale,
             skip_embeddings=skip_embeddings,
@@ -67,4 +63,13 @@ def graft(
             resume=resume,
             overwrite=overwrite,
         )
-        return execute(plan, b, i, c, out_dir, options=options)
+        with claim_output(
+            out_dir,
+            Command.GRAFT,
+            inputs=(b.directory, i.directory, c.directory),
+            overwrite=overwrite,
+            resume=resume,
+            settings=asdict(options),
+            keep_partial=True,
+        ) as folder:
+            return execute(plan, b, i, c, folder, options=options)

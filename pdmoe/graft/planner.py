@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
+from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta
 from pdmoe.io.writer import plan_shards, shard_file_names
@@ -384,6 +385,8 @@ def build_plan(
             builder.problems,
             "CPT must be BASE after continued pre-training, dense or upcycled with `pdmoe upcycle`.",
         )
+    for reader in (base, instruct, cpt):
+        reader.check_config()
 
     entries: list[tuple[TensorMeta, GraftRule, int, tuple[Piece, ...]]] = []
     for name in _file_order(cpt):
@@ -446,8 +449,8 @@ def _file_order(reader: CheckpointReader) -> list[str]:
 def _output_config(
     cpt_config: dict[str, Any], vocab: VocabRows | None, dtype: torch.dtype | None
 ) -> dict[str, Any]:
-    """CPT's config, with the vocabulary size and dtype of what is written."""
-    config = dict(cpt_config)
+    """CPT's config, with the vocabulary size and dtype of what is written, and no remote-code field."""
+    config = without_remote_code(cpt_config)
     if vocab is not None and vocab.output != vocab.cpt and config.get("vocab_size") == vocab.cpt:
         config["vocab_size"] = vocab.output
     if dtype is not None:

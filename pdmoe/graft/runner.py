@@ -18,7 +18,6 @@ chat template INSTRUCT's (file, and ``chat_template`` of ``tokenizer_config.json
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 import threading
@@ -30,18 +29,21 @@ from pathlib import Path
 
 import torch
 
+from pdmoe.errors import TensorValueError
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
-from pdmoe.io.outputs import ensure_free_space
+from pdmoe.io.outputs import OutputFolder, ensure_free_space, pdmoe_version
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
     CHAT_TEMPLATE_FILES,
     GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
     TOKENIZER_FILES,
     copy_side_files,
 )
+from pdmoe.io.strict_json import read_json_object
 from pdmoe.io.writer import CheckpointWriter
 
 MANIFEST = "graft.json"
@@ -72,13 +74,6 @@ class GraftReport:
             f"grafted {len(self.plan.tensors)} tensors into {self.out_dir}: {self.shards_written} shard(s) written"
             f"{resumed}, {counts}; {self.seconds:.1f} s, {rate:.0f} MiB/s read+written"
         )
-
-
-def pdmoe_version() -> str:
-    try:
-        return importlib.metadata.version("pdmoe")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 @dataclass(frozen=True)
@@ -227,13 +222,13 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
     copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
     copy_side_files(instruct, out_dir, CHAT_TEMPLATE_FILES)
     template = (
-        json.loads((instruct / "tokenizer_config.json").read_text()).get("chat_template")
-        if (instruct / "tokenizer_config.json").is_file()
+        read_json_object(instruct / TOKENIZER_CONFIG).get("chat_template")
+        if (instruct / TOKENIZER_CONFIG).is_file()
         else None
     )
-    if template is not None and (out_dir / "tokenizer_config.json").is_file():
-        tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-        write_json(out_dir / "tokenizer_config.json", {**tokenizer_config, "chat_template": template})
+    if template is not None and (out_dir / TOKENIZER_CONFIG).is_file():
+        tokenizer_config = read_json_object(out_dir / TOKENIZER_CONFIG)
+        write_json(out_dir / TOKENIZER_CONFIG, {**tokenizer_config, "chat_template": template})
 
 
 def _on_single_threaded_worker(work: Callable[[], int]) -> int:
@@ -267,12 +262,15 @@ def execute(
     base: CheckpointReader,
     instruct: CheckpointReader,
     cpt: CheckpointReader,
-    out_dir: Path,
+    folder: OutputFolder,
     *,
     options: GraftOptions,
 ) -> GraftReport:
-    """Write the grafted checkpoint described by ``plan`` into the prepared ``out_dir``."""
+    """Write the grafted checkpoint described by ``plan`` into the claimed ``folder`` and mark it
+    complete. On failure the shards already complete stay for ``--resume``, unless there are none
+    or the inputs' values were refused: then what this run wrote is removed."""
     started = time.perf_counter()
+    out_dir = folder.path
     readers = {Role.BASE: base, Role.INSTRUCT: instruct, Role.CPT: cpt}
     inputs = _inputs_manifest(readers)
     fingerprint = plan.fingerprint(
@@ -283,11 +281,6 @@ def execute(
     trusted = options.resume and _earlier_file_stamps(out_dir) == stamps
     complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
-    ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
-    _forget_earlier_run(out_dir, writer)
-    write_json(out_dir / RUN_STAMPS, stamps)
-    _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
-
     streamer = _Streamer(readers, plan.alpha)
 
     def stream_all() -> int:
@@ -301,24 +294,34 @@ def execute(
                     written += block.nbytes
         return written
 
-    written = _on_single_threaded_worker(stream_all)
-
-    manifest = {
-        "pdmoe_version": pdmoe_version(),
-        "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
-        "alpha": plan.alpha,
-        "options": asdict(options),
-        "counts": plan.counts(),
-        "tokenizer_from": plan.tokenizer_source.value,
-        "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
-        "moe_layers": plan.moe_layers,
-        "num_experts": plan.num_experts,
-        "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
-        "plan_sha256": fingerprint,
-    }
-    write_json(out_dir / MANIFEST, manifest)
-    writer.finish()
-    (out_dir / RUN_STAMPS).unlink()
+    try:
+        ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
+        _forget_earlier_run(out_dir, writer)
+        write_json(out_dir / RUN_STAMPS, stamps)
+        _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
+        written = _on_single_threaded_worker(stream_all)
+        manifest = {
+            "pdmoe_version": pdmoe_version(),
+            "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
+            "alpha": plan.alpha,
+            "options": asdict(options),
+            "counts": plan.counts(),
+            "tokenizer_from": plan.tokenizer_source.value,
+            "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
+            "moe_layers": plan.moe_layers,
+            "num_experts": plan.num_experts,
+            "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
+            "plan_sha256": fingerprint,
+        }
+        write_json(out_dir / MANIFEST, manifest)
+        writer.finish()
+        (out_dir / RUN_STAMPS).unlink()
+    except BaseException as error:
+        resumable = any((out_dir / name).is_file() for name in writer.file_names)
+        if isinstance(error, TensorValueError) or not resumable:
+            folder.discard()
+        raise
+    folder.finish()
     return GraftReport(
         out_dir=out_dir,
         plan=plan,

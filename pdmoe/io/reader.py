@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
+from pdmoe.io.model_config import check_config_matches_tensors, read_config
+from pdmoe.io.outputs import refuse_unfinished
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
 from pdmoe.io.strict_json import json_type, read_json_object
 
@@ -32,6 +34,7 @@ class CheckpointReader:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        refuse_unfinished(self.directory)
         self.shards: dict[str, ShardHeader] = {}
         self.weight_map: dict[str, str] = {}
         self._fds: dict[str, int] = {}
@@ -90,10 +93,14 @@ class CheckpointReader:
 
     @property
     def config(self) -> dict[str, Any]:
-        path = self.directory / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{self.directory} has no config.json")
-        return read_json_object(path)
+        """``config.json``, refused when it is not an object, lacks a model_type or names remote code."""
+        return read_config(self.directory)
+
+    def check_config(self) -> dict[str, Any]:
+        """``config``, after checking its sizes against the tensor shapes."""
+        config = self.config
+        check_config_matches_tensors(config, ((name, self.meta(name).shape) for name in self), self.directory)
+        return config
 
     def __contains__(self, name: object) -> bool:
         return name in self.weight_map
