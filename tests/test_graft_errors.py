@@ -241,3 +241,31 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     captured = capsys.readouterr()
     assert captured.err.startswith("pdmoe graft: error: output directory") and "--overwrite" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_configs_that_do_not_describe_the_tensors(tmp_path: Path) -> None:
+    """BASE, INSTRUCT and CPT agree with each other, but not with their tensors."""
+    inputs = make(tmp_path, moe=True)
+    for directory in inputs:
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    with pytest.raises(
+        CheckpointError, match=r"num_hidden_layers is 3, but the tensors have layers 0..1 \(2 of them\)"
+    ):
+        graft(*inputs, tmp_path / "out")
+    for directory in inputs:
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    config = json.loads((inputs[2] / "config.json").read_text())
+    (inputs[2] / "config.json").write_text(
+        json.dumps(
+            config
+            | {"model_type": "pdmoe", "base_model_type": "llama", "moe_layers": [0, 1], "num_experts": 3}
+        )
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.0.mlp.experts.gate_up_proj is \[4, 24, 8\], the config implies \[3, 24, 8\]",
+    ):
+        graft(*inputs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

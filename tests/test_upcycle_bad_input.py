@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,48 @@ def test_zero_element_tensors_are_copied(capsys, dense_dir, tmp_path):
     for shard in (tmp_path / "out").glob("*.safetensors"):
         out |= load_file(shard)
     assert out["a_empty_first"].shape == (0,) and out["model.empty_buffer"].shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda config: [config], r"config.json must hold a JSON object \({...}\), not an array"),
+        (
+            lambda config: {k: v for k, v in config.items() if k != "hidden_size"},
+            r"has no positive integer hidden_size \(None\)",
+        ),
+        (
+            lambda config: config | {"num_hidden_layers": "3"},
+            r"has no positive integer num_hidden_layers \('3'\)",
+        ),
+        (
+            lambda config: config | {"hidden_size": 32},
+            r"model.embed_tokens.weight is \[264, 64\], but vocab_size x hidden_size is \[264, 32\]",
+        ),
+        (
+            lambda config: config | {"num_hidden_layers": 2},
+            r"num_hidden_layers is 2, but the tensors have layers 0..2 \(3 of them\)",
+        ),
+        (
+            lambda config: config | {"intermediate_size": 48},
+            r"model.layers.0.mlp.gate_proj.weight is \[96, 64\], the config implies \[48, 64\]",
+        ),
+        (lambda config: config | {"vocab_size": 300}, r"vocab_size x hidden_size is \[300, 64\]"),
+    ],
+    ids=[
+        "list",
+        "no-hidden-size",
+        "string-layers",
+        "hidden-size",
+        "layers",
+        "intermediate-size",
+        "vocab-size",
+    ],
+)
+def test_config_that_does_not_describe_the_tensors(capsys, dense_dir, tmp_path, change, message):
+    model = _copy(dense_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(change(config)))
+    code, err = _upcycle(capsys, model, tmp_path / "out")
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
