@@ -24,6 +24,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        allow_non_finite=args.allow_non_finite,
     )
     print(f"upcycled {args.model} -> {out} ({args.num_experts} experts, top-{args.top_k})")
     return 0
@@ -58,6 +59,11 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="copy NaN / inf weights as they are instead of refusing them",
+    )
     parser.set_defaults(func=_run_upcycle)
 
 

@@ -38,11 +38,15 @@ def graft(
     dry_run: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    allow_modified_base: bool = False,
+    allow_non_finite: bool = False,
 ) -> GraftReport:
     """Graft ``scale * (instruct - base)`` onto ``cpt`` and write the result to ``out``.
 
     Everything is checked (inputs, output directory, free space) before the first byte is
-    written; ``dry_run`` stops after planning and writes nothing.
+    written; ``dry_run`` stops after planning and writes nothing. While streaming, NaN / inf values
+    (in the inputs, or from an overflowing sum) are refused unless ``allow_non_finite``, and for an
+    MoE CPT the tensors pdmoe's CPT leaves untouched must equal BASE's unless ``allow_modified_base``.
     """
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
@@ -62,6 +66,8 @@ def graft(
             shard_size=shard_bytes,
             resume=resume,
             overwrite=overwrite,
+            allow_modified_base=allow_modified_base,
+            allow_non_finite=allow_non_finite,
         )
         with claim_output(
             out_dir,

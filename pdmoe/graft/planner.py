@@ -151,6 +151,7 @@ class GraftPlan:
     vocab: VocabRows | None
     moe_layers: list[int]
     num_experts: int
+    frozen_experts: int  # leading experts a pdmoe CPT keeps frozen (its ``original_experts``)
 
     @property
     def total_bytes(self) -> int:
@@ -188,7 +189,10 @@ class GraftPlan:
             "counts: " + ", ".join(f"{rule}={count}" for rule, count in self.counts().items()),
         ]
         if self.moe_layers:
-            lines.append(f"MoE layers {self.moe_layers}, {self.num_experts} experts each")
+            lines.append(
+                f"MoE layers {self.moe_layers}, {self.num_experts} experts each, "
+                f"experts 0..{self.frozen_experts - 1} and shared tensors checked equal to BASE's in CPT"
+            )
         if self.vocab is not None:
             v = self.vocab
             lines.append(
@@ -375,6 +379,9 @@ def build_plan(
     builder.check_cpt_covers_base(moe)
     routers = {mlp.moe(MoETensor.ROUTER) for mlp in moe}
     layers = sorted(mlp.layer for mlp in moe if mlp.layer is not None)
+    original = cpt_config.get("original_experts", [0]) if moe else []
+    if not isinstance(original, list) or sorted(original) != list(range(len(original))):
+        builder.problems.append(f"config original_experts {original!r} in CPT, expected experts 0..n-1")
     if "moe_layers" in cpt_config and sorted(cpt_config["moe_layers"]) != layers:
         builder.problems.append(
             f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}"
@@ -436,6 +443,7 @@ def build_plan(
         vocab=vocab,
         moe_layers=layers,
         num_experts=max(moe.values(), default=0),
+        frozen_experts=len(original),
     )
 
 

@@ -30,7 +30,10 @@ from pathlib import Path
 import torch
 
 from pdmoe.errors import TensorValueError
+from pdmoe.finite import ALLOW_OPTION as ALLOW_NON_FINITE
+from pdmoe.finite import all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
+from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
@@ -86,6 +89,8 @@ class GraftOptions:
     shard_size: int
     resume: bool
     overwrite: bool
+    allow_modified_base: bool = False
+    allow_non_finite: bool = False
 
 
 class _Work(Enum):
@@ -96,12 +101,25 @@ class _Work(Enum):
 
 
 class _Streamer:
-    """Produces the output blocks of one tensor plan, in file order, from the three readers."""
+    """Produces the output blocks of one tensor plan, in file order, from the three readers.
 
-    def __init__(self, readers: dict[Role, CheckpointReader], alpha: float):
+    Each block is checked on the way: its values finite (unless ``check_finite`` is off), and,
+    with a ``lineage`` check, CPT's rows that a pdmoe CPT leaves untouched equal BASE's.
+    """
+
+    def __init__(
+        self,
+        readers: dict[Role, CheckpointReader],
+        alpha: float,
+        *,
+        lineage: LineageCheck | None,
+        check_finite: bool,
+    ) -> None:
         self.readers, self.alpha = readers, alpha
+        self.lineage, self.check_finite = lineage, check_finite
         self.bytes_read = 0
         self._buffers: dict[Role | _Work, torch.Tensor] = {}
+        self._base_block: tuple[tuple[str, int, int], torch.Tensor] | None = None  # BASE's last read
 
     def _scratch(self, key: Role | _Work, count: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable buffer per use: a fresh allocation per block would cost a page fault per 4 KiB."""
@@ -117,13 +135,22 @@ class _Streamer:
             name, start, count, out=self._scratch(role, count, reader.meta(name).dtype)
         )
         self.bytes_read += block.nbytes
+        if role is Role.BASE:
+            self._base_block = ((name, start, count), block)
         return block
+
+    def _base(self, name: str, start: int, count: int) -> torch.Tensor:
+        """BASE's elements, from its buffer when they were the last read (no second read)."""
+        if self._base_block is not None and self._base_block[0] == (name, start, count):
+            return self._base_block[1]
+        return self._read(Role.BASE, name, start, count)
 
     def blocks(self, plan: TensorPlan) -> Iterator[torch.Tensor]:
         """The output blocks of ``plan`` in file order: expert by expert, piece by piece, rows in steps.
 
         Every expert of a fused expert tensor gets the same delta, so it is computed once per
-        tensor and kept (at most one expert's slice, in the working dtype) while the experts go by.
+        tensor, while expert 0 goes by, and kept (at most one expert's slice, in the working dtype)
+        for the other experts.
         """
         if plan.out.numel == 0:
             yield torch.empty(0, dtype=plan.out.dtype)
@@ -134,13 +161,11 @@ class _Streamer:
             for piece in plan.pieces
             for start in range(piece.start, piece.stop, step)
         ]
-        shared = {
-            index: self._delta(plan, *span, keep=True)
-            for index, span in enumerate(spans)
-            if plan.experts and span[0].source is RowSource.DELTA
-        }
+        shared: dict[int, torch.Tensor] = {}
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
+                if plan.experts and span[0].source is RowSource.DELTA and index not in shared:
+                    shared[index] = self._delta(plan, *span, keep=True)
                 yield self._block(plan, expert, *span, shared.get(index))
 
     def _delta(
@@ -160,17 +185,59 @@ class _Streamer:
         """A new tensor (the writer thread owns it) with output rows [start, stop) of ``expert``."""
         width, dtype = plan.width, plan.out.dtype
         count = (stop - start) * width
+        dense_offset = (piece.dense_start + start - piece.start) * width
         if piece.source is RowSource.INSTRUCT:
-            offset = (piece.dense_start + start - piece.start) * width
-            return self._read(Role.INSTRUCT, piece.dense, offset, count).to(dtype, copy=True)
+            return self._checked(
+                plan, self._read(Role.INSTRUCT, piece.dense, dense_offset, count).to(dtype, copy=True)
+            )
         cpt = self._read(Role.CPT, plan.out.name, (expert * plan.rows + start) * width, count)
         if piece.source is RowSource.CPT:
-            return cpt.to(dtype, copy=True)
+            return self._checked(plan, cpt.to(dtype, copy=True))
         if piece.source is not RowSource.DELTA:
             raise AssertionError(f"unhandled row source {piece.source}")
         if delta is None:
             delta = self._delta(plan, piece, start, stop)
-        return apply_delta(cpt, delta, dtype, scratch=self._scratch(_Work.SUM, count, delta.dtype))
+        out = self._checked(
+            plan, apply_delta(cpt, delta, dtype, scratch=self._scratch(_Work.SUM, count, delta.dtype))
+        )
+        if self.lineage is not None and self.lineage.applies(plan, expert, piece):
+            base = self._base(piece.dense, dense_offset, count)
+            self.lineage.compare(plan, expert, piece, range(start, stop), cpt, base)
+        return out
+
+    def _checked(self, plan: TensorPlan, block: torch.Tensor) -> torch.Tensor:
+        if self.check_finite and not all_finite(block):
+            raise self._non_finite_error(plan, block)
+        return block
+
+    def _non_finite_error(self, plan: TensorPlan, block: torch.Tensor) -> TensorValueError:
+        """Which input holds NaN / inf (counted over its whole tensor), or else the sum overflowed."""
+        sources = {(Role.CPT, plan.out.name)} | {
+            (role, piece.dense)
+            for piece in plan.pieces
+            if piece.dense is not None
+            for role in (
+                (Role.INSTRUCT,) if piece.source is RowSource.INSTRUCT else (Role.BASE, Role.INSTRUCT)
+            )
+        }
+        found = []
+        for role, name in sorted(sources, key=lambda source: (source[0].value, source[1])):
+            nan, inf = count_non_finite(self.readers[role].blocks(name))
+            if nan or inf:
+                numel = self.readers[role].meta(name).numel
+                found.append(f"{role.value.upper()} {name}: {describe_counts(nan, inf)} values of {numel}")
+        if found:
+            return TensorValueError(
+                f"non-finite values in the inputs of {plan.out.name}:\n  " + "\n  ".join(found) + "\n"
+                "They would spread into the grafted model. Fix or re-download the checkpoint, or pass "
+                f"{ALLOW_NON_FINITE} to write them as they are"
+            )
+        nan, inf = count_non_finite([block])
+        return TensorValueError(
+            f"{plan.out.name}: CPT + ALPHA * (INSTRUCT - BASE) with ALPHA={self.alpha:g} gives "
+            f"{describe_counts(nan, inf)} values in {plan.out.dtype}: the result exceeds its range. "
+            f"Lower --scale or choose a wider --dtype (or pass {ALLOW_NON_FINITE})"
+        )
 
 
 def _inputs_manifest(readers: dict[Role, CheckpointReader]) -> dict[str, dict]:
@@ -281,7 +348,10 @@ def execute(
     trusted = options.resume and _earlier_file_stamps(out_dir) == stamps
     complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
-    streamer = _Streamer(readers, plan.alpha)
+    lineage = (
+        LineageCheck(plan.frozen_experts) if plan.moe_layers and not options.allow_modified_base else None
+    )
+    streamer = _Streamer(readers, plan.alpha, lineage=lineage, check_finite=not options.allow_non_finite)
 
     def stream_all() -> int:
         written = 0

@@ -122,6 +122,12 @@ class CheckpointReader:
         """SHA-256 of each shard's header: identifies the inputs cheaply in manifests."""
         return {name: shard.digest for name, shard in sorted(self.shards.items())}
 
+    def blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as consecutive 1-D blocks of at most ``BLOCK_ELEMENTS`` elements."""
+        numel = self.meta(name).numel
+        for start in range(0, numel, BLOCK_ELEMENTS):
+            yield self.read_elements(name, start, min(BLOCK_ELEMENTS, numel - start))
+
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, read with positioned reads (see ``read_elements``)."""
         meta = self.meta(name)
