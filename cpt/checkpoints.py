@@ -24,6 +24,7 @@ from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer 
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.modeling import MoEForCausalLM
+from pdmoe.options import DTYPES
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -52,7 +53,9 @@ def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     """The dtype the input checkpoint was saved in (the final checkpoint is saved the same way)."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name)
+    if name not in DTYPES:
+        raise CheckpointError(f"config.json names dtype {name!r}; pdmoe checkpoints are {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass

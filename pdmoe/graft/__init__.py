@@ -9,18 +9,16 @@ rules and ``runner`` for the side files, resume and the ``graft.json`` manifest.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from pdmoe.errors import UsageError
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
 from pdmoe.io.outputs import Command, claim_output
 from pdmoe.io.reader import CheckpointReader
-from pdmoe.options import parse_dtype, parse_size
+from pdmoe.options import check_number, parse_dtype, parse_size
 
 __all__ = ["GraftPlan", "GraftReport", "graft"]
 
@@ -48,8 +46,7 @@ def graft(
     (in the inputs, or from an overflowing sum) are refused unless ``allow_non_finite``, and for an
     MoE CPT the tensors pdmoe's CPT leaves untouched must equal BASE's unless ``allow_modified_base``.
     """
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale}")
+    check_number("--scale", scale)
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)

@@ -390,3 +390,26 @@ def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
             f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
             "free some space or choose another --out"
         )
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Refuse up front a file that could not be written later (after a long run): its folder
+    missing or not writable, or a folder in its place."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"{option} {path}: the folder {folder} does not exist; create it or choose another path"
+        )
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path")
+    probe = folder / f".{path.name}.pdmoe-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        pass  # a probe of a concurrent run: the folder is writable
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path}: cannot write in {folder} ({error.strerror}); choose another path"
+        ) from None
