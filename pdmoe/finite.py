@@ -2,9 +2,10 @@
 
 One NaN or inf in a weight spreads: upcycling copies it into every expert, grafting adds it to every
 expert, and every token that meets it comes out NaN. So upcycle and graft look at each block as it
-streams by. A block's sum (accumulated in float32, float64 for float64 blocks) is finite only when
-every element is, so the common case costs one reduction; a finite block whose sum overflows is
-then checked element by element. Counting happens only on the way to an error.
+streams by. A block's sum is finite only when every element is, so the common case costs one
+reduction in the block's own dtype (the fastest); a finite block whose sum overflows that dtype is
+summed again in float64, then checked element by element. Counting happens only on the way to an
+error.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ def all_finite(block: torch.Tensor) -> bool:
     """True when no element of ``block`` is NaN or infinite (always true for integer blocks)."""
     if not block.dtype.is_floating_point or block.numel() == 0:
         return True
-    wide = torch.float64 if block.dtype == torch.float64 else torch.float32
-    values = block if block.dtype.itemsize > 1 else block.to(wide)  # float8 has no reductions
-    if bool(torch.isfinite(values.sum(dtype=wide))):
+    values = block if block.dtype.itemsize > 1 else block.float()  # float8 has no reductions
+    if bool(torch.isfinite(values.sum())):  # in the block's own dtype: the fastest reduction
         return True
+    if values.dtype != torch.float64 and bool(torch.isfinite(values.sum(dtype=torch.float64))):
+        return True  # finite values whose sum overflowed a narrow dtype (float16)
     return bool(torch.isfinite(values).all())
 
 

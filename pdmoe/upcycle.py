@@ -20,7 +20,7 @@ from pdmoe.errors import CheckpointError, TensorValueError, UsageError
 from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
 from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
 from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
 from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.outputs import ensure_free_space
 from pdmoe.io.side_files import copy_side_files
@@ -224,12 +224,18 @@ def upcycle(
             ensure_free_space(out, writer.total_bytes)
             write_json(out / "config.json", without_remote_code(plan.config.to_dict()))
             copy_side_files(Path(model), out)
-            with BackgroundShardWriter(writer) as background:  # reads and writes overlap
-                for index, shard in enumerate(shards):
-                    for meta in shard:
-                        blocks = _output_blocks(reader, planned[meta.name], seed, std, not allow_non_finite)
-                        for block in blocks:
-                            background.write(index, meta.name, block)
+
+            def stream_all() -> None:
+                with BackgroundShardWriter(writer) as background:  # reads and writes overlap
+                    for index, shard in enumerate(shards):
+                        for meta in shard:
+                            blocks = _output_blocks(
+                                reader, planned[meta.name], seed, std, not allow_non_finite
+                            )
+                            for block in blocks:
+                                background.write(index, meta.name, block)
+
+            run_single_threaded(stream_all)
             writer.finish()
             folder.finish()
     return out

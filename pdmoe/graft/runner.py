@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,7 +35,7 @@ from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
 from pdmoe.io.outputs import OutputFolder, ensure_free_space, pdmoe_version
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
@@ -298,32 +297,6 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
         write_json(out_dir / TOKENIZER_CONFIG, {**tokenizer_config, "chat_template": template})
 
 
-def _on_single_threaded_worker(work: Callable[[], int]) -> int:
-    """Run ``work`` on a thread of its own with one intra-op thread: arithmetic on one core, the
-    writer thread on the other.
-
-    The elementwise ops are memory-bound; a second OpenMP thread gains little and, when the writer
-    thread (or anything else) holds the other core, spin-waits: measured 1.5-3x slower on 2 cores.
-    torch's intra-op thread count belongs to the calling thread, so the caller's stays as it was.
-    """
-    result: list[int] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        torch.set_num_threads(1)
-        try:
-            result.append(work())
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=run, name="pdmoe-graft-compute")
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def execute(
     plan: GraftPlan,
     base: CheckpointReader,
@@ -369,7 +342,7 @@ def execute(
         _forget_earlier_run(out_dir, writer)
         write_json(out_dir / RUN_STAMPS, stamps)
         _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
-        written = _on_single_threaded_worker(stream_all)
+        written = run_single_threaded(stream_all)
         manifest = {
             "pdmoe_version": pdmoe_version(),
             "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
