@@ -295,7 +295,12 @@ class OutputFolder:
 def _make_folders(out: Path) -> list[Path]:
     """Create ``out`` and its missing parents; returns those created, outermost first."""
     missing = [path for path in (out, *out.parents) if not path.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"cannot create {out}: a part of that path is a file or a broken link; choose another --out"
+        ) from None
     return list(reversed(missing))
 
 
