@@ -281,3 +281,19 @@ def real_pipeline(root: Path, *, tied: bool = False) -> Pipeline:
     tensors = load_file(str(moe / "model.safetensors"))
     save_file(fake_cpt(tensors), str(cpt / "model.safetensors"), {"format": "pt"})
     return Pipeline(base, instruct, cpt)
+
+
+def graft_command(base: Path, instruct: Path, cpt: Path, out: Path, *options: str) -> list[str]:
+    """``pdmoe graft`` arguments for ``pdmoe.cli.main``."""
+    return [
+        "graft",
+        "--base",
+        str(base),
+        "--instruct",
+        str(instruct),
+        "--cpt",
+        str(cpt),
+        "--out",
+        str(out),
+        *options,
+    ]

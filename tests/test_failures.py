@@ -20,7 +20,7 @@ from pdmoe.io.outputs import MARKER, OutputState, read_marker
 from pdmoe.io.writer import ShardWriter
 from pdmoe.tiny import build_tiny_dense, byte_tokenizer
 from pdmoe.upcycle import upcycle
-from tests.graft_checkpoints import make
+from tests.graft_checkpoints import graft_command, make
 
 NO_SPACE = "No space left on device"
 
@@ -71,19 +71,7 @@ def test_disk_full_during_upcycle(tmp_path: Path, models, capsys, monkeypatch) -
 def test_disk_full_during_graft_keeps_complete_shards_for_resume(tmp_path: Path, capsys, monkeypatch) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
     out = tmp_path / "out"
-    args = [
-        "graft",
-        "--base",
-        base,
-        "--instruct",
-        instruct,
-        "--cpt",
-        cpt,
-        "--out",
-        out,
-        "--shard-size",
-        "3000",
-    ]
+    args = graft_command(base, instruct, cpt, out, "--shard-size", "3000")
     with monkeypatch.context() as patch:
         full_disk_after(patch, shards=1)
         code, err = run(capsys, *args)
@@ -99,9 +87,7 @@ def test_disk_full_during_graft_keeps_complete_shards_for_resume(tmp_path: Path,
 def test_disk_full_before_the_first_graft_shard_leaves_no_folder(tmp_path: Path, capsys, monkeypatch) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
     full_disk_after(monkeypatch, shards=0)
-    code, err = run(
-        capsys, "graft", "--base", base, "--instruct", instruct, "--cpt", cpt, "--out", tmp_path / "o"
-    )
+    code, err = run(capsys, *graft_command(base, instruct, cpt, tmp_path / "o"))
     assert code == 2 and NO_SPACE in err and not (tmp_path / "o").exists()
 
 

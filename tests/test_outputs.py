@@ -16,7 +16,7 @@ from pdmoe.errors import CheckpointError
 from pdmoe.graft import graft
 from pdmoe.io.outputs import LOCK, MARKER, Command, OutputState, claim_output, read_marker
 from pdmoe.io.reader import CheckpointReader
-from tests.graft_checkpoints import make
+from tests.graft_checkpoints import graft_command, make
 
 
 def tree_hash(directory: Path) -> dict[str, str]:
@@ -26,21 +26,6 @@ def tree_hash(directory: Path) -> dict[str, str]:
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
-
-
-def graft_args(base: Path, instruct: Path, cpt: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "graft",
-        "--base",
-        str(base),
-        "--instruct",
-        str(instruct),
-        "--cpt",
-        str(cpt),
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 @pytest.fixture()
@@ -59,7 +44,7 @@ def run_cli(capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int, str]:
 def test_overwrite_of_a_parent_of_the_inputs_is_refused(tmp_path: Path, inputs, capsys) -> None:
     par = tmp_path / "par"
     before = tree_hash(par)
-    code, err = run_cli(capsys, graft_args(*inputs, par, "--overwrite"))
+    code, err = run_cli(capsys, graft_command(*inputs, par, "--overwrite"))
     assert code == 2
     assert (
         err
@@ -72,10 +57,10 @@ def test_overwrite_of_a_parent_of_the_inputs_is_refused(tmp_path: Path, inputs, 
 
 def test_out_inside_an_input_or_the_same_folder_through_a_symlink(tmp_path: Path, inputs, capsys) -> None:
     before = tree_hash(tmp_path / "par")
-    code, err = run_cli(capsys, graft_args(*inputs, inputs[2] / "sub", "--overwrite"))
+    code, err = run_cli(capsys, graft_command(*inputs, inputs[2] / "sub", "--overwrite"))
     assert code == 2 and f"lies inside the input {inputs[2]}" in err
     (tmp_path / "link").symlink_to(inputs[1])
-    code, err = run_cli(capsys, graft_args(*inputs, tmp_path / "link", "--overwrite"))
+    code, err = run_cli(capsys, graft_command(*inputs, tmp_path / "link", "--overwrite"))
     assert code == 2 and "is also an input" in err
     assert tree_hash(tmp_path / "par") == before and not (inputs[2] / "sub").exists()
 
@@ -101,7 +86,7 @@ def test_graft_resume_into_an_upcycle_output_touches_nothing(tmp_path: Path, inp
     moe = tmp_path / "moe"
     assert run_cli(capsys, ["upcycle", "--model", str(inputs[0]), "--out", str(moe)])[0] == 0
     before = tree_hash(moe)
-    code, err = run_cli(capsys, graft_args(*inputs, moe, "--resume"))
+    code, err = run_cli(capsys, graft_command(*inputs, moe, "--resume"))
     assert code == 2
     assert f"--resume: {moe} is a `pdmoe upcycle` output, not a `pdmoe graft` one" in err
     assert tree_hash(moe) == before and read_marker(moe).state is OutputState.COMPLETE
@@ -113,7 +98,7 @@ def test_graft_resume_into_a_foreign_folder_touches_nothing(tmp_path: Path, inpu
     (foreign / "model.safetensors").write_bytes(b"someone else's weights")
     (foreign / "config.json").write_text("{}")
     before = tree_hash(foreign)
-    code, err = run_cli(capsys, graft_args(*inputs, foreign, "--resume"))
+    code, err = run_cli(capsys, graft_command(*inputs, foreign, "--resume"))
     assert code == 2 and f"--resume: {foreign} was not written by pdmoe (it has no {MARKER})" in err
     assert tree_hash(foreign) == before
 
@@ -176,7 +161,7 @@ def test_interrupted_output_is_not_read_as_a_checkpoint(tmp_path: Path, inputs, 
         CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
     ):
         CheckpointReader(out)
-    code, err = run_cli(capsys, graft_args(inputs[0], inputs[1], out, tmp_path / "again"))
+    code, err = run_cli(capsys, graft_command(inputs[0], inputs[1], out, tmp_path / "again"))
     assert code == 2 and "is an unfinished `pdmoe graft` output" in err
     (tmp_path / "fr.txt").write_text("bonjour\n")
     code, err = run_cli(

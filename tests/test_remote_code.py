@@ -15,6 +15,7 @@ import pdmoe
 from pdmoe.cli import main
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
+from tests.graft_checkpoints import graft_command
 
 REPOSITORY = Path(pdmoe.__file__).resolve().parent.parent
 AUTO_MAP = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
@@ -126,7 +127,7 @@ def test_outputs_carry_no_remote_code_fields(tmp_path: Path, models, capsys) -> 
     tokenizer = json.loads((tmp_path / "moe" / "tokenizer_config.json").read_text())
     assert "auto_map" not in tokenizer and tokenizer["eos_token"] == settings["eos_token"]
     # a dense CPT (classic chat vector): the output config is CPT's, its custom architecture dropped
-    assert run(capsys, "graft", "--base", str(dense), "--instruct", str(dense), "--cpt", str(source), "--out", str(tmp_path / "g"))[0] == 0  # fmt: skip
+    assert run(capsys, *graft_command(dense, dense, source, tmp_path / "g"))[0] == 0
     grafted = json.loads((tmp_path / "g" / "config.json").read_text())
     assert "trust_remote_code" not in grafted and grafted["architectures"] == ["LlamaForCausalLM"]
     assert "auto_map" not in json.loads((tmp_path / "g" / "tokenizer_config.json").read_text())

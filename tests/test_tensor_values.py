@@ -18,7 +18,7 @@ from pdmoe.io.outputs import MARKER
 from pdmoe.io.writer import ShardWriter
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
-from tests.graft_checkpoints import load_dir, make, reference_graft, save_checkpoint
+from tests.graft_checkpoints import graft_command, load_dir, make, reference_graft, save_checkpoint
 
 
 def digest(directory: Path) -> str:
@@ -115,9 +115,7 @@ def test_seed_that_is_not_an_integer_is_an_argument_error(tmp_path: Path, dense:
 def test_graft_refuses_nan_in_an_input(tmp_path: Path, capsys) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
     edit(instruct, lambda tensors: tensors["model.norm.weight"].__setitem__(2, float("nan")))
-    code, err = run(
-        capsys, "graft", "--base", base, "--instruct", instruct, "--cpt", cpt, "--out", tmp_path / "out"
-    )
+    code, err = run(capsys, *graft_command(base, instruct, cpt, tmp_path / "out"))
     assert code == 2
     assert (
         "non-finite values in the inputs of model.norm.weight:\n  INSTRUCT model.norm.weight: 1 NaN values of 8\n"
@@ -128,17 +126,7 @@ def test_graft_refuses_nan_in_an_input(tmp_path: Path, capsys) -> None:
 
 def test_graft_scale_that_overflows(tmp_path: Path, capsys) -> None:
     inputs = make(tmp_path, moe=True, dtype=torch.bfloat16)
-    args = [
-        "graft",
-        "--base",
-        inputs[0],
-        "--instruct",
-        inputs[1],
-        "--cpt",
-        inputs[2],
-        "--out",
-        tmp_path / "out",
-    ]
+    args = graft_command(*inputs, tmp_path / "out")
     code, err = run(capsys, *args, "--scale", "1e308")
     assert code == 2
     assert "CPT + ALPHA * (INSTRUCT - BASE) with ALPHA=1e+308 gives" in err and "Lower --scale" in err
@@ -151,9 +139,7 @@ def test_graft_refuses_a_cpt_of_another_base(tmp_path: Path, capsys) -> None:
     _, instruct, cpt = make(tmp_path, moe=True)
     sibling = make(tmp_path / "other", moe=False)[1]  # same shapes, other values
     before = {path: digest(path) for path in (sibling, instruct, cpt)}
-    code, err = run(
-        capsys, "graft", "--base", sibling, "--instruct", instruct, "--cpt", cpt, "--out", tmp_path / "out"
-    )
+    code, err = run(capsys, *graft_command(sibling, instruct, cpt, tmp_path / "out"))
     assert code == 2
     assert "error: CPT is not a descendant of BASE: " in err and "differs from BASE by up to " in err
     assert "pass --allow-modified-base" in err and not (tmp_path / "out").exists()
@@ -162,9 +148,7 @@ def test_graft_refuses_a_cpt_of_another_base(tmp_path: Path, capsys) -> None:
 
 def test_graft_refuses_base_and_instruct_swapped(tmp_path: Path, capsys) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
-    code, err = run(
-        capsys, "graft", "--base", instruct, "--instruct", base, "--cpt", cpt, "--out", tmp_path / "out"
-    )
+    code, err = run(capsys, *graft_command(instruct, base, cpt, tmp_path / "out"))
     assert (
         code == 2 and "CPT is not a descendant of BASE" in err and "are --base and --instruct swapped?" in err
     )
@@ -173,17 +157,7 @@ def test_graft_refuses_base_and_instruct_swapped(tmp_path: Path, capsys) -> None
 
 def test_graft_of_a_cpt_that_trained_more_needs_the_override(tmp_path: Path, capsys) -> None:
     inputs = make(tmp_path, moe=True, cpt_trained_shared=True)
-    args = [
-        "graft",
-        "--base",
-        inputs[0],
-        "--instruct",
-        inputs[1],
-        "--cpt",
-        inputs[2],
-        "--out",
-        tmp_path / "out",
-    ]
+    args = graft_command(*inputs, tmp_path / "out")
     assert run(capsys, *args)[0] == 2
     assert run(capsys, *args, "--allow-modified-base")[0] == 0
     expected = reference_graft(*inputs)
