@@ -80,6 +80,15 @@ def test_cpt_overwrite_of_a_folder_holding_its_data_is_refused(tmp_path: Path) -
     with pytest.raises(CheckpointError, match=rf"output directory {par} contains the input {data}"):
         train(TrainConfig(**{**config.__dict__, "overwrite": True, "cache_dir": tmp_path / "cache"}))
     assert tree_hash(par) == before
+    other = upcycle(tmp_path / "dense", tmp_path / "other-moe")
+    before = tree_hash(other)
+    with pytest.raises(CheckpointError, match=r"is a `pdmoe upcycle` output, not a `pdmoe cpt` one"):
+        train(
+            TrainConfig(
+                **{**config.__dict__, "out": other, "resume": "latest", "cache_dir": tmp_path / "cache"}
+            )
+        )
+    assert tree_hash(other) == before
 
 
 def test_graft_resume_into_an_upcycle_output_touches_nothing(tmp_path: Path, inputs, capsys) -> None:

@@ -140,8 +140,12 @@ def test_pickles_are_never_loaded_by_eval(tmp_path: Path, models, capsys, text) 
     only_pickle.mkdir()
     shutil.copy(moe / "config.json", only_pickle / "config.json")
     torch.save({"weights": Evil(sentinel)}, only_pickle / "pytorch_model.bin")
+    refusal = "holds pickle checkpoints (pytorch_model.bin); pdmoe reads safetensors only"
     code, err = run(capsys, *eval_args(only_pickle, text))
-    assert code == 2 and "holds pickle checkpoints (pytorch_model.bin); pdmoe reads safetensors only" in err
+    assert code == 2 and refusal in err
+    cpt = ["cpt", "--model", str(only_pickle), "--data", str(text), "--lang", "fr", "--new-langs", "fr"]
+    code, err = run(capsys, *cpt, "--out", str(tmp_path / "cpt"))
+    assert code == 2 and refusal in err and not (tmp_path / "cpt").exists()
     both = tmp_path / "both"
     shutil.copytree(moe, both)
     torch.save({"weights": Evil(sentinel)}, both / "pytorch_model.bin")
