@@ -21,7 +21,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from pdmoe.config import MoEConfig
-from pdmoe.experts import MoEExperts
+from pdmoe.experts import MoEExperts, StateDictLayout
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
 from pdmoe.router import TopKRouter
@@ -113,6 +113,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def unfreeze_experts(self) -> None:
         for _, block in self.moe_blocks():
             block.experts.unfreeze_experts()
+
+    def set_experts_state_dict_layout(self, layout: StateDictLayout) -> None:
+        """How the state dict shows experts with frozen originals (see ``StateDictLayout``)."""
+        for _, block in self.moe_blocks():
+            block.experts.state_dict_layout = layout
 
     def forward(
         self,
