@@ -206,8 +206,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cpt(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     out = train(train_config_from_args(args))
-    print(f"pdmoe cpt: wrote {out}")
+    if PartialState().is_main_process:
+        print(f"pdmoe cpt: wrote {out}")
     return 0
 
 

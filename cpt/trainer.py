@@ -30,6 +30,7 @@ from pdmoe.config import MoEConfig
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
 from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.layout import is_frozen_expert_buffer
 
 from .checkpoints import (
     checkpoint_dtype,
@@ -465,7 +466,19 @@ def _setup_training(
         optimizer, warmup, total_steps, min_lr_rate=config.min_lr_ratio
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    _frozen_experts_from_process_zero(accelerator, model)
     return model, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler
+
+
+def _frozen_experts_from_process_zero(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """FSDP distributes parameters from process 0 but leaves buffers alone, and with RAM-efficient
+    loading the other processes may hold placeholders instead of the weights (depending on the
+    transformers version): the frozen experts, buffers, are taken from process 0 too."""
+    if accelerator.distributed_type is not DistributedType.FSDP:
+        return
+    for name, buffer in accelerator.unwrap_model(model).named_buffers():
+        if is_frozen_expert_buffer(name):
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _resume(

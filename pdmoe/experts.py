@@ -67,9 +67,14 @@ class MoEExperts(nn.Module):
         self.register_load_state_dict_pre_hook(_split_state_dict)
 
     def weights(self, tensor: MoETensor) -> ExpertWeight:
-        """A fused weight, or the (frozen, trainable) pair while experts are frozen."""
+        """A fused weight, or the (frozen, trainable) pair while experts are frozen.
+
+        The pair has one dtype: FSDP's mixed precision hands the forward a low-precision copy of the
+        trainable part but leaves buffers alone, so the frozen part follows it."""
         if self.num_frozen:
-            return getattr(self, frozen_attribute(tensor)), getattr(self, trainable_attribute(tensor))
+            frozen = getattr(self, frozen_attribute(tensor))
+            trainable = getattr(self, trainable_attribute(tensor))
+            return frozen.to(trainable.dtype), trainable
         return getattr(self, tensor.attribute)
 
     def forward(

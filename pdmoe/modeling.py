@@ -77,6 +77,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.model = DENSE_MODELS[config.base_model_type](config)
+        # The decoder layer class of this family only: FSDP's transformer wrap policy (accelerate)
+        # refuses classes the model does not contain.
+        self._no_split_modules = [type(self.model.layers[0]).__name__]
         for index in config.moe_layers:
             self.model.layers[index].mlp = MoEBlock(
                 config.hidden_size,
