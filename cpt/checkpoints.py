@@ -20,6 +20,8 @@ from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.modeling import MoEForCausalLM
 
+from .collective import any_process
+
 
 def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an upcycled MoE, or an error saying what the directory is instead."""
@@ -84,8 +86,7 @@ def save_final_model(
         except OSError as raised:
             error = raised
             staged.abort()
-    failed = accelerator.reduce(torch.tensor([int(error is not None)], device=accelerator.device), "sum")
-    if int(failed.item()):
+    if any_process(accelerator, error is not None):
         reason = (error.strerror or str(error)) if error else "the main process could not write it"
         raise CheckpointError(
             f"cannot write the final model into {out_dir} ({reason}); the training checkpoints are kept: "

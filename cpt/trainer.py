@@ -453,7 +453,7 @@ def _setup_training(
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     accelerator.print(
-        f"pdmoe cpt: stage {config.stage}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
+        f"pdmoe cpt: stage {parse_stage(config.stage).value}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
     )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -575,6 +575,7 @@ def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: 
         f"{name} is {value}" for name, value in zip(_CHECKED, values, strict=True) if not math.isfinite(value)
     ]
     if bad:
+        run.accelerator.wait_for_everyone()  # see collective.any_process
         last = latest_checkpoint(run.out)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise TrainingError(

@@ -36,6 +36,8 @@ from torch.distributed.tensor import DTensor
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.atomic import Staged, write_json
 
+from .collective import any_process
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 FORMAT = "pdmoe-cpt-checkpoint"
@@ -252,7 +254,7 @@ def load_training_checkpoint(
         load()
     except CheckpointError as error:
         failure.append(error)
-    failed = _count_failures(accelerator, bool(failure))
+    failed = any_process(accelerator, bool(failure))
     if failure:
         raise failure[0]
     if failed:
@@ -437,13 +439,8 @@ def _together(accelerator: Accelerator, action, *, main_only: bool = False) -> N
             action()
         except OSError as raised:
             error = raised
-    if _count_failures(accelerator, error is not None):
+    if any_process(accelerator, error is not None):
         raise error or OSError("another process could not write its part")
-
-
-def _count_failures(accelerator: Accelerator, failed: bool) -> int:
-    flag = torch.tensor([int(failed)], device=accelerator.device)
-    return int(accelerator.reduce(flag, "sum").item())
 
 
 def _reason(error: OSError) -> str:

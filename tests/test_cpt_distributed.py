@@ -93,7 +93,11 @@ def test_fsdp2_matches_one_process_shards_experts_and_resumes(setup, one_process
     ("kind", "fsdp2", "message"),
     [
         (DistributedType.FSDP, False, r"FSDP version 1 is not supported .* set fsdp_version: 2"),
-        (DistributedType.DEEPSPEED, False, r"DEEPSPEED set-up is not supported .* fsdp_version: 2\) or DDP"),
+        (
+            DistributedType.DEEPSPEED,
+            False,
+            r"DEEPSPEED set-up is not supported by pdmoe cpt; use FSDP \(fsdp_version: 2\) or DDP",
+        ),
     ],
 )
 def test_strategies_that_would_clip_or_save_wrongly_are_refused(kind, fsdp2, message):

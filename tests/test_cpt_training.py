@@ -139,7 +139,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(set
         train(train_config(setup, "mismatch", max_steps=4, save_every=2, resume=str(setup["moe"])))
 
 
-def test_bad_model_and_sequence_length(setup):
+def test_bad_model_and_sequence_length(setup, capsys):
     with pytest.raises(
         UsageError, match=r"is a dense 'llama' model, not an upcycled MoE; run `pdmoe upcycle"
     ):
@@ -150,6 +150,10 @@ def test_bad_model_and_sequence_length(setup):
         train(train_config(setup, "long", seq_len=512))
     with pytest.raises(UsageError, match=r"review stage needs original-language text"):
         train(train_config(setup, "review-no-original", stage="review"))
+    # The default length (the method's 1024) is capped at the model's 256 positions, with a note.
+    out = train(train_config(setup, "default-length", seq_len=None, max_steps=1, log_every=1))
+    assert "--seq-len 256, the model's maximum" in capsys.readouterr().out
+    assert metrics(out)[0]["tokens_seen"] == 4 * 256
 
 
 def test_gradient_checkpointing_keeps_router_gradients(setup):
