@@ -20,7 +20,7 @@ from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.modeling import MoEForCausalLM
 
-from .collective import any_process
+from .collective import together
 
 
 def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
@@ -71,27 +71,29 @@ def save_final_model(
     raises ``CheckpointError`` on every process and leaves no model files in ``out_dir``.
     """
     state_dict = accelerator.get_state_dict(model)
-    error: OSError | None = None
-    if accelerator.is_main_process:
+    staged = Staged(Path(out_dir) / "final")
+
+    def write() -> None:
         unwrapped = accelerator.unwrap_model(model)
-        state_dict = fuse_split_experts(unwrapped, dict(state_dict))
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        staged = Staged(Path(out_dir) / "final")
+        tensors = fuse_split_experts(unwrapped, dict(state_dict))
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        staged.abort()
+        unwrapped.config.dtype = dtype
         try:
-            staged.abort()
-            unwrapped.config.dtype = dtype
-            unwrapped.save_pretrained(staged.path, state_dict=state_dict)
+            unwrapped.save_pretrained(staged.path, state_dict=tensors)
             copy_side_files(Path(model_dir), staged.path)
             staged.commit_files_into(Path(out_dir), last="config.json")
-        except OSError as raised:
-            error = raised
+        except BaseException:
             staged.abort()
-    if any_process(accelerator, error is not None):
-        reason = (error.strerror or str(error)) if error else "the main process could not write it"
+            raise
+
+    try:
+        together(accelerator, write, main_only=True, elsewhere=OSError("the main process could not write it"))
+    except OSError as error:
         raise CheckpointError(
-            f"cannot write the final model into {out_dir} ({reason}); the training checkpoints are kept: "
-            "free space and rerun with --resume"
-        )
+            f"cannot write the final model into {out_dir} ({error.strerror or error}); "
+            "the training checkpoints are kept: free space and rerun with --resume"
+        ) from None
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

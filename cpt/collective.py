@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 
@@ -17,3 +19,18 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     result = bool(count.item())
     accelerator.wait_for_everyone()
     return result
+
+
+def together(
+    accelerator: Accelerator, action: Callable[[], None], *, elsewhere: Exception, main_only: bool = False
+) -> None:
+    """Run ``action`` on every process (or on the main one only); when it fails anywhere, every
+    process raises: its own exception, or ``elsewhere`` where it succeeded."""
+    error: Exception | None = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            action()
+        except Exception as raised:
+            error = raised
+    if any_process(accelerator, error is not None):
+        raise error or elsewhere

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.atomic import Staged, write_json
 
-from .collective import any_process
+from .collective import together
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -147,10 +147,11 @@ def save_training_checkpoint(
         shutil.rmtree(staged.final, ignore_errors=True)  # the same step saved by a run since resumed
         staged.commit()
 
+    elsewhere = OSError("another process could not write its part")
     try:
-        _together(accelerator, make_folder, main_only=True)
-        _together(accelerator, write_own_part)
-        _together(accelerator, commit, main_only=True)
+        together(accelerator, make_folder, main_only=True, elsewhere=elsewhere)
+        together(accelerator, write_own_part, elsewhere=elsewhere)
+        together(accelerator, commit, main_only=True, elsewhere=elsewhere)
     except OSError as error:
         if accelerator.is_main_process:
             staged.abort()
@@ -234,7 +235,6 @@ def load_training_checkpoint(
 
     A missing, truncated or inconsistent file raises ``CheckpointError`` on every process."""
     params = trainable_parameters(accelerator.unwrap_model(model))
-    failure: list[CheckpointError] = []
 
     def load() -> None:
         if record.sharded != is_sharded(params):
@@ -250,15 +250,8 @@ def load_training_checkpoint(
         _load_scheduler(checkpoint, scheduler, record.scheduler)
         _set_rng_states(checkpoint, own, accelerator.device)
 
-    try:
-        load()
-    except CheckpointError as error:
-        failure.append(error)
-    failed = any_process(accelerator, bool(failure))
-    if failure:
-        raise failure[0]
-    if failed:
-        raise CheckpointError(f"another process could not read its part of {checkpoint}; see its error")
+    elsewhere = CheckpointError(f"another process could not read its part of {checkpoint}; see its error")
+    together(accelerator, load, elsewhere=elsewhere)
 
 
 def _process_tensors(
@@ -428,19 +421,6 @@ def _set_rng_states(checkpoint: Path, tensors: dict[str, Any], device: torch.dev
         raise CheckpointError(
             f"{checkpoint} has unusable random-number generator states ({error!r})"
         ) from None
-
-
-def _together(accelerator: Accelerator, action, *, main_only: bool = False) -> None:
-    """Run ``action`` (on the main process only, or on all), then make every process raise
-    ``OSError`` when any of them failed, so none waits forever for one that gave up."""
-    error: OSError | None = None
-    if accelerator.is_main_process or not main_only:
-        try:
-            action()
-        except OSError as raised:
-            error = raised
-    if any_process(accelerator, error is not None):
-        raise error or OSError("another process could not write its part")
 
 
 def _reason(error: OSError) -> str:
