@@ -52,7 +52,6 @@ from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_b
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
 from .losses import language_prior_loss
 from .training_checkpoint import (
-    CheckpointRecord,
     TrainerState,
     check_settings,
     latest_checkpoint,
@@ -343,7 +342,10 @@ def setup(config: TrainConfig) -> TrainingRun:
     state = record.state if record is not None else TrainerState(settings=settings)
     model, params, optimizer, scheduler = _setup_training(config, accelerator, model_dir, parts, total_steps)
     if record is not None:
-        _resume(accelerator, resume_from, record, model, optimizer, scheduler, out)
+        load_training_checkpoint(accelerator, resume_from, record, model, optimizer, scheduler)
+        if accelerator.is_main_process:
+            truncate_metrics(out / METRICS_FILE, state.step)
+        accelerator.print(f"pdmoe cpt: resumed from {resume_from} at step {state.step}")
     moe = accelerator.unwrap_model(model).config
     return TrainingRun(
         config=config,
@@ -479,21 +481,6 @@ def _frozen_experts_from_process_zero(accelerator: Accelerator, model: torch.nn.
     for name, buffer in accelerator.unwrap_model(model).named_buffers():
         if is_frozen_expert_buffer(name):
             torch.distributed.broadcast(buffer, src=0)
-
-
-def _resume(
-    accelerator: Accelerator,
-    checkpoint: Path,
-    record: CheckpointRecord,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    out: Path,
-) -> None:
-    load_training_checkpoint(accelerator, checkpoint, record, model, optimizer, scheduler)
-    if accelerator.is_main_process:
-        truncate_metrics(out / METRICS_FILE, record.state.step)
-    accelerator.print(f"pdmoe cpt: resumed from {checkpoint} at step {record.state.step}")
 
 
 def forward_backward_step(

@@ -7,11 +7,15 @@ import contextlib
 import errno
 import json
 import pickle
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pdmoe.cpt import train
 from pdmoe.cpt.__main__ import main as cpt_main
@@ -227,3 +231,17 @@ def test_full_disk_keeps_the_previous_checkpoint_and_writes_no_final_model(setup
     ]
 
     assert _same_weights(uninterrupted, train(resume))
+
+
+def test_every_random_number_generator_comes_back_from_a_checkpoint_file(tmp_path):
+    from pdmoe.cpt.training_checkpoint import _rng_states, _set_rng_states
+
+    tensors, metadata = _rng_states(torch.device("cpu"))
+    save_file(tensors, tmp_path / "rank-00000.safetensors", metadata=metadata)
+    expected = (torch.rand(3), random.random(), np.random.rand(2))
+    with safe_open(tmp_path / "rank-00000.safetensors", framework="pt") as handle:
+        saved = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        saved[None] = handle.metadata()
+    _set_rng_states(tmp_path, saved, torch.device("cpu"))
+    got = (torch.rand(3), random.random(), np.random.rand(2))
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and (got[2] == expected[2]).all()
