@@ -26,6 +26,10 @@ class DataError(PdmoeError):
     """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
 
 
+class TrainingError(PdmoeError):
+    """Training cannot go on: the loss or the gradients stopped being finite."""
+
+
 class TensorValueError(CheckpointError):
     """Tensor values refused while streaming: non-finite numbers, an overflow, or a CPT model whose
     frozen tensors are not BASE's."""

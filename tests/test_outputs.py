@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pdmoe.cli import main
-from pdmoe.errors import CheckpointError
+from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.graft import graft
 from pdmoe.io.outputs import LOCK, MARKER, Command, OutputState, claim_output, read_marker
 from pdmoe.io.reader import CheckpointReader
@@ -82,7 +82,7 @@ def test_cpt_overwrite_of_a_folder_holding_its_data_is_refused(tmp_path: Path) -
     assert tree_hash(par) == before
     other = upcycle(tmp_path / "dense", tmp_path / "other-moe")
     before = tree_hash(other)
-    with pytest.raises(CheckpointError, match=r"is a `pdmoe upcycle` output, not a `pdmoe cpt` one"):
+    with pytest.raises(UsageError, match=r"--resume: .* holds no training checkpoint yet"):
         train(
             TrainConfig(
                 **{**config.__dict__, "out": other, "resume": "latest", "cache_dir": tmp_path / "cache"}

@@ -304,6 +304,29 @@ def _make_folders(out: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+def check_output(
+    out: str | Path,
+    command: Command,
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+) -> None:
+    """Refuse now what ``claim_output`` would refuse, changing nothing: for a command that prepares
+    for long (tokenising, loading) before it claims its output."""
+    if resume and overwrite:
+        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
+    out = Path(out)
+    target = out.resolve()
+    for source in inputs:
+        if problem := _overlap(target, Path(source).resolve()):
+            raise CheckpointError(f"output directory {out} {problem}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir():
+        _check_contents(out, command, overwrite=overwrite, resume=resume, empty=False)
+
+
 def claim_output(
     out: str | Path,
     command: Command,
@@ -318,20 +341,13 @@ def claim_output(
 
     ``keep_partial`` keeps what a failed run wrote (for ``--resume``) instead of removing it.
     """
-    if resume and overwrite:
-        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
     out = Path(out)
-    target = out.resolve()
     sources = [Path(source) for source in inputs]
-    for source in sources:
-        if problem := _overlap(target, source.resolve()):
-            raise CheckpointError(f"output directory {out} {problem}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+    check_output(out, command, inputs=sources, overwrite=overwrite, resume=resume)
     created = _make_folders(out)
     lock = _Lock(out, command)
     try:
-        previous = _check_contents(out, command, overwrite=overwrite, resume=resume)
+        previous = _check_contents(out, command, overwrite=overwrite, resume=resume, empty=True)
         record = OutputRecord(
             command=command,
             state=OutputState.WRITING,
@@ -353,9 +369,11 @@ def claim_output(
     return folder
 
 
-def _check_contents(out: Path, command: Command, *, overwrite: bool, resume: bool) -> OutputRecord | None:
-    """Refuse a non-empty folder pdmoe may not touch; empty it under ``overwrite``. Returns the
-    marker of the earlier run when this one resumes it, None when the folder is now empty."""
+def _check_contents(
+    out: Path, command: Command, *, overwrite: bool, resume: bool, empty: bool
+) -> OutputRecord | None:
+    """Refuse a non-empty folder pdmoe may not touch; under ``overwrite``, ``empty`` it. Returns the
+    marker of the earlier run when this one resumes it, None when the folder is (to be) empty."""
     if not _entries(out):
         return None
     record = read_marker(out)
@@ -377,7 +395,8 @@ def _check_contents(out: Path, command: Command, *, overwrite: bool, resume: boo
                 f"--overwrite: {out} holds files pdmoe did not write (it has no {MARKER}); pdmoe deletes "
                 "only its own outputs: remove them yourself or choose another --out"
             )
-        _remove_entries(out)
+        if empty:
+            _remove_entries(out)
         return None
     if record is None:
         hint = "choose another --out (pdmoe replaces only folders it wrote)"
