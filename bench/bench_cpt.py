@@ -76,7 +76,7 @@ def _freeze_like_cpt(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("trainable", ["cpt", "all"])
 @pytest.mark.parametrize("kind", ["pdmoe", "transformers_qwen3moe_grouped_mm"])
 def test_training_throughput(benchmark, upcycled, kind, trainable):
-    model = AutoModelForCausalLM.from_pretrained(upcycled, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(upcycled, dtype=torch.float32, trust_remote_code=False)
     if kind != "pdmoe":
         model = _transformers_twin(model.config)
     if trainable == "cpt":

@@ -52,7 +52,7 @@ def test_graft_throughput_and_memory(benchmark, checkpoints, tmp_path: Path, kin
 
     def run() -> None:
         shutil.rmtree(out, ignore_errors=True)
-        graft(*inputs, out, shard_size=SHARD_SIZE)
+        graft(*inputs, out, shard_size=SHARD_SIZE, allow_modified_base=True)  # synthetic CPT: not BASE's
 
     benchmark.group = "graft of ~1 GiB checkpoints (bf16)"
     benchmark.pedantic(run, rounds=1, iterations=1)
@@ -62,7 +62,7 @@ def test_graft_throughput_and_memory(benchmark, checkpoints, tmp_path: Path, kin
     shutil.rmtree(out)
     memory = peak_memory(
         "from pdmoe.graft import graft",
-        "graft(*sys.argv[2:6], shard_size=sys.argv[6])",
+        "graft(*sys.argv[2:6], shard_size=sys.argv[6], allow_modified_base=True)",
         *map(str, inputs),
         str(out),
         SHARD_SIZE,

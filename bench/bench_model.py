@@ -31,7 +31,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_model_throughput(benchmark, checkpoints, kind, mode):
-    model = AutoModelForCausalLM.from_pretrained(checkpoints[kind], dtype=DTYPE).to(DEVICE)
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[kind], dtype=DTYPE, trust_remote_code=False).to(
+        DEVICE
+    )
     tokens = torch.randint(0, 256, (BATCH, SEQ), device=DEVICE)
     model.train(mode == "forward_backward")
 

@@ -11,6 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pdmoe.io.atomic import write_text_atomic
+from pdmoe.io.outputs import check_writable
+
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
 from .freezing import PARTS, Stage
@@ -215,6 +218,9 @@ def run_cpt(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path, option)  # before the evaluation, not after it
     corpus = corpus_spec(
         args.data,
         args.langs,
@@ -234,7 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     if args.plot:
         if save_heatmap(result, args.plot):
             print(f"pdmoe eval: heatmap written to {args.plot}")

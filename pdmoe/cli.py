@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from pdmoe.errors import PdmoeError
+from pdmoe.errors import PdmoeError, from_os_error
 from pdmoe.options import DTYPES
 
 
@@ -24,6 +24,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        allow_non_finite=args.allow_non_finite,
     )
     print(f"upcycled {args.model} -> {out} ({args.num_experts} experts, top-{args.top_k})")
     return 0
@@ -58,6 +59,11 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="copy NaN / inf weights as they are instead of refusing them",
+    )
     parser.set_defaults(func=_run_upcycle)
 
 
@@ -82,11 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    return run_command(args.command, lambda: args.func(args))
+
+
+def run_command(command: str, run: Callable[[], int | None]) -> int:
+    """Run a subcommand; a user error (or an OSError the user can fix) is one line on stderr, exit 2."""
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except PdmoeError as exc:
-        print(f"pdmoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        error: PdmoeError | None = exc
+    except OSError as exc:
+        error = from_os_error(exc)
+        if error is None:
+            raise
+    print(f"pdmoe {command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pdmoe.io import CheckpointReader, prepare_output_dir
+from pdmoe.io import CheckpointReader, Command, claim_output
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 from pdmoe.layout import MoETensor, match_moe
 
 # A stand-in "new language" corpus: short Swahili sentences, repeated into a learnable text.
@@ -80,8 +80,8 @@ def _write_corpus(path: Path, repeats: int = 40) -> Path:
 def _max_logit_diff(dense: Path, moe: Path) -> float:
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = AutoModelForCausalLM.from_pretrained(dense).eval()(tokens).logits
-        b = AutoModelForCausalLM.from_pretrained(moe).eval()(tokens).logits
+        a = load_causal_lm(dense).eval()(tokens).logits
+        b = load_causal_lm(moe).eval()(tokens).logits
     return (a - b).abs().max().item()
 
 
@@ -116,7 +116,7 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     from pdmoe.upcycle import upcycle
 
     out = Path(out)
-    prepare_output_dir(out, overwrite=overwrite)
+    folder = claim_output(out, Command.DEMO, overwrite=overwrite, settings={"steps": steps, "family": family})
     report = DemoReport(out=out)
     clock = time.perf_counter()
 
@@ -160,8 +160,8 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     final = graft(base, instruct, cpt, out / "final").out_dir
     _check_graft(report, instruct, cpt, final)
     lap("graft")
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tokenizer = load_tokenizer(final)
+    model = load_causal_lm(final).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Habari"}],
         add_generation_prompt=True,
@@ -173,6 +173,7 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     )
     report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     lap("generate")
+    folder.finish()
     return report
 
 

@@ -42,6 +42,15 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument(
+        "--allow-modified-base",
+        action="store_true",
+        help="graft a CPT that trained more than pdmoe's default (its shared weights or original "
+        "experts differ from BASE's; refused otherwise, as a sign of the wrong BASE)",
+    )
+    parser.add_argument(
+        "--allow-non-finite", action="store_true", help="write NaN / inf values instead of refusing them"
+    )
     parser.set_defaults(func=run_graft_command)
     return parser
 
@@ -59,6 +68,8 @@ def run_graft_command(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         resume=args.resume,
         overwrite=args.overwrite,
+        allow_modified_base=args.allow_modified_base,
+        allow_non_finite=args.allow_non_finite,
     )
     print(report.summary())
     return 0
