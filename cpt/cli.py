@@ -68,7 +68,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
     d = _DEFAULTS
     parser.add_argument(
-        "--model", required=True, type=Path, help="upcycled MoE checkpoint (from pdmoe upcycle)"
+        "--model",
+        required=True,
+        type=Path,
+        help="upcycled MoE checkpoint (from pdmoe upcycle): folder or hub id ORG/NAME[@REV]",
     )
     parser.add_argument(
         "--out",
@@ -256,7 +259,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="per-language perplexity and expert routing shares of an MoE checkpoint",
         description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="MoE checkpoint directory")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+    )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
     parser.add_argument(

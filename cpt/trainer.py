@@ -27,6 +27,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from pdmoe.config import MoEConfig
 from pdmoe.errors import UsageError
+from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import prepare_output_dir
 
 from .checkpoints import (
@@ -255,7 +256,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     schedule, and load the checkpoint to resume from: everything the loop needs."""
     _check_numbers(config)
     parts = trainable_parts(config.stage, config.trainable)
-    model_dir, out = Path(config.model), Path(config.out)
+    model_dir, out = resolve_model(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
     corpus, eval_corpus = _check_data(config, model_config, out)
     accelerator = _setup_accelerator(config)

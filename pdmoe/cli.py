@@ -36,7 +36,9 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Stream a dense Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into the MoE format.",
     )
     parser.add_argument(
-        "--model", required=True, help="dense Hugging Face checkpoint directory (safetensors)"
+        "--model",
+        required=True,
+        help="dense checkpoint (safetensors): a folder, or a Hugging Face Hub id ORG/NAME[@REVISION]",
     )
     parser.add_argument("--out", required=True, help="output directory for the MoE checkpoint")
     parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")

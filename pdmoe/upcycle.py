@@ -18,6 +18,7 @@ import torch
 
 from pdmoe.config import MoEConfig, check_supported_family, parse_layers
 from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.hub import resolve_model
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
@@ -163,7 +164,7 @@ def upcycle(
     supported families). With identical experts and renormalised top-k the MoE computes exactly
     what the dense model computes, whatever the routers are.
     """
-    out = Path(out)
+    model, out = resolve_model(model), Path(out)
     reader = CheckpointReader(model)
     plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
     std = router_init_std if router_init_std is not None else plan.config.initializer_range

@@ -17,6 +17,7 @@ import torch
 from pdmoe.errors import UsageError
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
+from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import prepare_output_dir
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.options import parse_dtype, parse_size
@@ -47,6 +48,7 @@ def graft(
         raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
+    base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)

@@ -25,9 +25,15 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--base", required=True, type=Path, help="dense base model directory")
-    parser.add_argument("--instruct", required=True, type=Path, help="dense post-trained model directory")
-    parser.add_argument("--cpt", required=True, type=Path, help="CPT model directory (upcycled MoE or dense)")
+    parser.add_argument(
+        "--base", required=True, type=Path, help="dense base model: folder or hub id ORG/NAME[@REV]"
+    )
+    parser.add_argument(
+        "--instruct", required=True, type=Path, help="dense post-trained model: folder or hub id"
+    )
+    parser.add_argument(
+        "--cpt", required=True, type=Path, help="CPT model (upcycled MoE or dense): folder or hub id"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, metavar="ALPHA", help="delta scale (default 1.0)")
     parser.add_argument(
