@@ -243,7 +243,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "cpt",
-        help="continued pre-training (or the review stage) of an upcycled MoE",
         description="Train the new experts and routers of an upcycled MoE on new-language text "
         "(--stage review: routers only, with language-prior routing). "
         "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
@@ -256,7 +255,6 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        help="per-language perplexity and expert routing shares of an MoE checkpoint",
         description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
     )
     parser.add_argument(

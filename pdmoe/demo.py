@@ -185,7 +185,6 @@ def _run(args: argparse.Namespace) -> int:
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on tiny models built on the spot, checking its invariants",
         description="base -> instruct stand-in -> upcycle -> CPT on a built-in corpus -> graft -> generate.",
     )
     parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pdmoe.config import MoEConfig, check_supported_family, parse_layers
+from pdmoe.config import check_family_name, moe_config_dict, parse_layers
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.hub import resolve_model
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
@@ -49,9 +50,9 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class UpcyclePlan:
-    """What will be written: the MoE config and the ordered output tensors."""
+    """What will be written: the MoE ``config.json`` and the ordered output tensors."""
 
-    config: MoEConfig
+    config: dict[str, Any]
     tensors: list[PlannedTensor]
 
     @property
@@ -62,7 +63,7 @@ class UpcyclePlan:
 def _check_dense_config(dense: dict) -> None:
     if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
         raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
-    check_supported_family(dense.get("model_type"))
+    check_family_name(dense.get("model_type"))
     if dense.get("hidden_act", "silu") != "silu":
         raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
     if dense.get("mlp_bias"):
@@ -80,11 +81,12 @@ def plan_upcycle(
     dense = reader.config
     _check_dense_config(dense)
     moe_layers = parse_layers(layers, dense["num_hidden_layers"])
-    config = MoEConfig.from_dense(
+    config = moe_config_dict(
         dense, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, original_experts=[0]
     )
     if dtype is not None:
-        config.dtype = dtype
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
     for layer in moe_layers:
         keys = MLPKeys.of_layer(layer)
         missing = [keys.dense(p) for p in DenseProjection if keys.dense(p) not in reader]
@@ -167,7 +169,7 @@ def upcycle(
     model, out = resolve_model(model), Path(out)
     reader = CheckpointReader(model)
     plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
-    std = router_init_std if router_init_std is not None else plan.config.initializer_range
+    std = router_init_std if router_init_std is not None else plan.config.get("initializer_range", 0.02)
     if std < 0:
         raise UsageError(f"--router-init-std must be non-negative, got {std}")
     shards = plan_shards(plan.entries, parse_size(shard_size))
@@ -176,7 +178,7 @@ def upcycle(
     try:
         writer = CheckpointWriter(out, shards)
         ensure_free_space(out, writer.total_bytes)
-        write_json(out / "config.json", plan.config.to_dict())
+        write_json(out / "config.json", plan.config)
         copy_side_files(Path(model), out)
         with BackgroundShardWriter(writer) as background:  # reads and writes overlap
             for index, shard in enumerate(shards):

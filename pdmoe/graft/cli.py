@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pdmoe.export.cli import add_layout_argument
+from pdmoe.export.formats import NativeFormat
 from pdmoe.graft import graft
 from pdmoe.options import DTYPES
 
@@ -21,7 +23,6 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register ``graft``; the handler is stored as ``func`` (``args.func(args)`` returns the exit code)."""
     parser = subparsers.add_parser(
         "graft",
-        help="graft the post-training delta (INSTRUCT - BASE) onto a CPT model",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -48,11 +49,24 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument(
+        "--export",
+        choices=[fmt.value for fmt in NativeFormat],
+        metavar="FORMAT",
+        help="also write the result as a native transformers checkpoint (auto, mixtral, qwen2_moe, qwen3_moe; "
+        "see pdmoe export), checked before the graft starts",
+    )
+    parser.add_argument("--export-out", type=Path, help="where --export writes (default: OUT-native)")
+    add_layout_argument(parser, "--export-layout")
     parser.set_defaults(func=run_graft_command)
     return parser
 
 
 def run_graft_command(args: argparse.Namespace) -> int:
+    from pdmoe.export import check_export, export
+
+    if args.export:
+        check_export(args.cpt, args.export)
     report = graft(
         args.base,
         args.instruct,
@@ -67,4 +81,10 @@ def run_graft_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(report.summary())
+    if args.export and not args.dry_run:
+        native = args.export_out or args.out.with_name(f"{args.out.name}-native")
+        exported = export(
+            args.out, native, format=args.export, layout=args.export_layout, overwrite=args.overwrite
+        )
+        print(exported.summary())
     return 0
