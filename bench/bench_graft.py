@@ -2,27 +2,43 @@
 
 Throughput is (bytes read + bytes written) / s: for the graft, the three inputs' files read once
 plus the output written; for the copy, the same three inputs copied (read + written), fsynced like
-the graft's shards, in the same run from the same page cache. Peak RSS is VmHWM of a separate
-process that runs only the graft (``python -c``), so nothing of pytest's own memory counts.
+the graft's shards. Graft and copy alternate, three rounds each, and their medians are compared.
+Peak RSS is VmHWM of a separate process that runs only ``pdmoe graft`` (the command, start-up
+included), so nothing of pytest's own memory counts.
 
 Shapes are those of a Qwen2.5-0.5B-like model (bf16, vocabulary 151936 x 896, the largest tensor
 being the embeddings, as in real LLMs): dense, 24 layers; MoE, 8 layers of 4 experts, upcycled
-from an 8-layer dense model. Targets: >= 40 % of copy throughput, VmHWM < 2 x largest tensor +
-256 MiB.
+from an 8-layer dense model. Targets: >= 40 % of copy throughput (asserted with a 25 % margin for
+machine load: graft computes, a copy only waits for the disk); peak RSS < 2 x largest tensor +
+256 MiB, and <= 400 MiB for the dense graft (memory does not move with load: asserted as is).
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
-from harness import MiB, copy_rate, peak_memory, synthetic_checkpoint, synthetic_layout, tensor_bytes
+from harness import (
+    MiB,
+    Row,
+    copy_inputs,
+    interleaved,
+    peak_memory,
+    record,
+    synthetic_checkpoint,
+    synthetic_layout,
+    tensor_bytes,
+)
 
 from pdmoe.graft import graft
 
 LAYERS = {"dense": 24, "moe": 8}
 SHARD_SIZE = "300MB"
+ROUNDS = 3
+THROUGHPUT_TARGET, LOAD_MARGIN = 0.4, 0.75
+DENSE_RSS_TARGET = 400 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -45,47 +61,52 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_graft_throughput_and_memory(benchmark, checkpoints, tmp_path: Path, kind: str) -> None:
+def test_graft_throughput_and_memory(checkpoints, tmp_path: Path, kind: str) -> None:
     inputs = checkpoints[kind]
-    copy = copy_rate(inputs, tmp_path / "copy")
     out = tmp_path / "out"
+    moved: dict[str, int] = {}
 
-    def run() -> None:
+    def run_graft() -> None:
         shutil.rmtree(out, ignore_errors=True)
         graft(*inputs, out, shard_size=SHARD_SIZE)
+        moved["graft"] = sum(tensor_bytes(d) for d in inputs) + tensor_bytes(out)
 
-    benchmark.group = "graft of ~1 GiB checkpoints (bf16)"
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    moved = sum(tensor_bytes(d) for d in inputs) + tensor_bytes(out)
-    graft_rate = moved / benchmark.stats.stats.mean
+    def run_copy() -> None:
+        moved["copy"] = copy_inputs(inputs, tmp_path / "copy")
+
+    seconds = interleaved({"graft": run_graft, "copy": run_copy}, ROUNDS)
+    rates = {name: tuple(moved[name] / s / MiB for s in times) for name, times in seconds.items()}
+    group = f"graft {kind} ~1 GiB bf16"
+    throughput = record(
+        Row(group, "graft MiB/s", rates["graft"], "copy", rates["copy"], "MiB/s", f">= {THROUGHPUT_TARGET}x")
+    )
 
     shutil.rmtree(out)
-    memory = peak_memory(
-        "from pdmoe.graft import graft",
-        "graft(*sys.argv[2:6], shard_size=sys.argv[6])",
-        *map(str, inputs),
-        str(out),
-        SHARD_SIZE,
-    )
+    command = ["graft", "--base", str(inputs[0]), "--instruct", str(inputs[1]), "--cpt", str(inputs[2])]
+    peaks = []
+    for _ in range(2):
+        memory = peak_memory(
+            "from pdmoe.cli import main",
+            "main(sys.argv[2:])",
+            *command,
+            "--out",
+            str(out),
+            "--shard-size",
+            SHARD_SIZE,
+            "--overwrite",
+        )
+        peaks.append(memory["peak_rss"] / MiB)
     largest = max(
         meta.nbytes
         for d in inputs
         for meta in synthetic_layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe")
     )
-    target_rss = 2 * largest + 256 * MiB
-    benchmark.extra_info.update(
-        {
-            "bytes_moved_gib": round(moved / 2**30, 3),
-            "graft_mib_per_s": round(graft_rate / MiB),
-            "copy_mib_per_s": round(copy / MiB),
-            "graft_over_copy": round(graft_rate / copy, 3),
-            "peak_rss_mib": round(memory["peak_rss"] / MiB),
-            "rss_after_imports_mib": round(memory["rss_after_imports"] / MiB),
-            "graft_working_set_mib": round((memory["peak_rss"] - memory["rss_after_imports"]) / MiB),
-            "largest_tensor_mib": round(largest / MiB),
-            "target_peak_rss_mib": round(target_rss / MiB),
-            "child_graft_seconds": round(memory["seconds"], 2),
-        }
+    target_rss = min(2 * largest + 256 * MiB, DENSE_RSS_TARGET if kind == "dense" else float("inf"))
+    record(
+        Row(group, "pdmoe graft peak RSS", tuple(peaks), unit="MiB", target=f"<= {target_rss / MiB:.0f} MiB")
     )
-    assert graft_rate >= 0.4 * copy, benchmark.extra_info
-    assert memory["peak_rss"] < target_rss, benchmark.extra_info
+    assert throughput.ratio >= THROUGHPUT_TARGET * LOAD_MARGIN, (
+        throughput,
+        statistics.median(rates["graft"]),
+    )
+    assert max(peaks) <= target_rss / MiB, peaks
