@@ -1,10 +1,10 @@
 """Graft throughput and peak memory on ~1 GiB synthetic checkpoints, next to a plain copy.
 
-Throughput is (bytes read + bytes written) / s: for the graft, the three inputs' files read once
-plus the output written; for the copy, the same three inputs copied (read + written), fsynced like
-the graft's shards. Graft and copy alternate, three rounds each, and their medians are compared.
-Peak RSS is VmHWM of a separate process that runs only ``pdmoe graft`` (the command, start-up
-included), so nothing of pytest's own memory counts.
+What is measured is the command users run, ``pdmoe graft``, in a process of its own: its peak RSS
+(VmHWM, start-up included; nothing of pytest's memory counts) and its throughput, (bytes read +
+bytes written) / s of the graft itself: the three inputs' files read once plus the output written.
+The baseline is a plain copy of the same three inputs (read + written), fsynced like the graft's
+shards. Graft and copy alternate, three rounds each, and their medians are compared.
 
 Shapes are those of a Qwen2.5-0.5B-like model (bf16, vocabulary 151936 x 896, the largest tensor
 being the embeddings, as in real LLMs): dense, 24 layers; MoE, 8 layers of 4 experts, upcycled
@@ -15,7 +15,6 @@ machine load: graft computes, a copy only waits for the disk); peak RSS < 2 x la
 
 from __future__ import annotations
 
-import shutil
 import statistics
 from pathlib import Path
 
@@ -31,8 +30,6 @@ from harness import (
     synthetic_layout,
     tensor_bytes,
 )
-
-from pdmoe.graft import graft
 
 LAYERS = {"dense": 24, "moe": 8}
 SHARD_SIZE = "300MB"
@@ -64,49 +61,46 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 def test_graft_throughput_and_memory(checkpoints, tmp_path: Path, kind: str) -> None:
     inputs = checkpoints[kind]
     out = tmp_path / "out"
-    moved: dict[str, int] = {}
-
-    def run_graft() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        graft(*inputs, out, shard_size=SHARD_SIZE)
-        moved["graft"] = sum(tensor_bytes(d) for d in inputs) + tensor_bytes(out)
-
-    def run_copy() -> None:
-        moved["copy"] = copy_inputs(inputs, tmp_path / "copy")
-
-    seconds = interleaved({"graft": run_graft, "copy": run_copy}, ROUNDS)
-    rates = {name: tuple(moved[name] / s / MiB for s in times) for name, times in seconds.items()}
-    group = f"graft {kind} ~1 GiB bf16"
-    throughput = record(
-        Row(group, "graft MiB/s", rates["graft"], "copy", rates["copy"], "MiB/s", f">= {THROUGHPUT_TARGET}x")
-    )
-
-    shutil.rmtree(out)
     command = ["graft", "--base", str(inputs[0]), "--instruct", str(inputs[1]), "--cpt", str(inputs[2])]
-    peaks = []
-    for _ in range(2):
-        memory = peak_memory(
-            "from pdmoe.cli import main",
-            "main(sys.argv[2:])",
-            *command,
-            "--out",
-            str(out),
-            "--shard-size",
-            SHARD_SIZE,
-            "--overwrite",
-        )
-        peaks.append(memory["peak_rss"] / MiB)
+    command += ["--out", str(out), "--shard-size", SHARD_SIZE, "--overwrite"]
+    runs: list[dict[str, float]] = []
+    copied: list[int] = []
+    seconds = interleaved(
+        {
+            "graft": lambda: runs.append(
+                peak_memory("from pdmoe.cli import main", "main(sys.argv[2:])", *command)
+            ),
+            "copy": lambda: copied.append(copy_inputs(inputs, tmp_path / "copy")),
+        },
+        ROUNDS,
+    )
+    moved = sum(tensor_bytes(d) for d in inputs) + tensor_bytes(out)
+    rates = {
+        "graft": tuple(moved / run["seconds"] / MiB for run in runs),
+        "copy": tuple(size / time / MiB for size, time in zip(copied, seconds["copy"], strict=True)),
+    }
+    peaks = tuple(run["peak_rss"] / MiB for run in runs)
     largest = max(
         meta.nbytes
         for d in inputs
         for meta in synthetic_layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe")
     )
     target_rss = min(2 * largest + 256 * MiB, DENSE_RSS_TARGET if kind == "dense" else float("inf"))
-    record(
-        Row(group, "pdmoe graft peak RSS", tuple(peaks), unit="MiB", target=f"<= {target_rss / MiB:.0f} MiB")
+    group = f"graft {kind} ~1 GiB bf16"
+    throughput = record(
+        Row(
+            group,
+            "pdmoe graft MiB/s",
+            rates["graft"],
+            "copy",
+            rates["copy"],
+            "MiB/s",
+            f">= {THROUGHPUT_TARGET}x",
+        )
     )
+    record(Row(group, "pdmoe graft peak RSS", peaks, unit="MiB", target=f"<= {target_rss / MiB:.0f} MiB"))
     assert throughput.ratio >= THROUGHPUT_TARGET * LOAD_MARGIN, (
-        throughput,
+        throughput.ratio,
         statistics.median(rates["graft"]),
     )
     assert max(peaks) <= target_rss / MiB, peaks
