@@ -13,10 +13,7 @@ from pdmoe.options import DTYPES
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
-    from pdmoe.memory import return_freed_blocks_to_the_os
     from pdmoe.upcycle import upcycle
-
-    return_freed_blocks_to_the_os()
 
     out = upcycle(
         args.model,

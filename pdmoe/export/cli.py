@@ -49,9 +49,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_export_command(args: argparse.Namespace) -> int:
     from pdmoe.export import export
-    from pdmoe.memory import return_freed_blocks_to_the_os
 
-    return_freed_blocks_to_the_os()
     report = export(args.model, args.out, format=args.format, layout=args.layout, overwrite=args.overwrite)
     print(report.summary())
     return 0

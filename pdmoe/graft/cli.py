@@ -64,9 +64,7 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_graft_command(args: argparse.Namespace) -> int:
     from pdmoe.export import check_export, export
-    from pdmoe.memory import return_freed_blocks_to_the_os
 
-    return_freed_blocks_to_the_os()
     if args.export:
         check_export(args.cpt, args.export)
     report = graft(
