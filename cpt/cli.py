@@ -14,7 +14,7 @@ from typing import Any
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
 from .freezing import PARTS, Stage
-from .trainer import TrainConfig, train
+from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -93,7 +93,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: routers,new_experts for cpt; routers for review)",
     )
     parser.add_argument(
-        "--seq-len", type=int, default=d["seq_len"], help="tokens per packed sequence (default: %(default)s)"
+        "--seq-len",
+        type=int,
+        default=d["seq_len"],
+        help=f"tokens per packed sequence (default: {DEFAULT_SEQ_LEN}, or the model's maximum when smaller)",
     )
     parser.add_argument(
         "--micro-batch-size",
@@ -206,8 +209,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cpt(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     out = train(train_config_from_args(args))
-    print(f"pdmoe cpt: wrote {out}")
+    if PartialState().is_main_process:
+        print(f"pdmoe cpt: wrote {out}")
     return 0
 
 

@@ -18,3 +18,7 @@ class UsageError(PdmoeError):
 
 class DataError(PdmoeError):
     """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
+
+
+class TrainingError(PdmoeError):
+    """Training cannot go on: the loss or the gradients stopped being finite."""

@@ -51,8 +51,8 @@ FUSED_FROM: dict[MoETensor, tuple[DenseProjection, ...]] = {
 FUSED_EXPERT_TENSORS = tuple(FUSED_FROM)
 
 # While the original experts are frozen for CPT, the experts module holds each fused tensor as two
-# views of one storage: a buffer ``frozen_<attribute>`` (experts 0..n-1) and a Parameter
-# ``trainable_<attribute>`` (the rest). The state dict always shows the fused tensor.
+# tensors: a buffer ``frozen_<attribute>`` (experts 0..n-1) and a Parameter ``trainable_<attribute>``
+# (the rest). The state dict shows the fused tensor unless a trainer asks for these (see experts.py).
 FROZEN_PREFIX = "frozen_"
 TRAINABLE_PREFIX = "trainable_"
 
