@@ -71,7 +71,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
     d = _DEFAULTS
     parser.add_argument(
-        "--model", required=True, type=Path, help="upcycled MoE checkpoint (from pdmoe upcycle)"
+        "--model",
+        required=True,
+        type=Path,
+        help="upcycled MoE checkpoint (from pdmoe upcycle): folder or hub id ORG/NAME[@REV]",
     )
     parser.add_argument(
         "--out",
@@ -252,7 +255,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "cpt",
-        help="continued pre-training (or the review stage) of an upcycled MoE",
         description="Train the new experts and routers of an upcycled MoE on new-language text "
         "(--stage review: routers only, with language-prior routing). "
         "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
@@ -265,10 +267,11 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        help="per-language perplexity and expert routing shares of an MoE checkpoint",
         description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="MoE checkpoint directory")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+    )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
     parser.add_argument(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pdmoe.errors import UsageError
+from pdmoe.hub import resolve_model
 from pdmoe.io.hf_loading import load_tokenizer
 from pdmoe.modeling import MoEForCausalLM
 
@@ -207,6 +208,7 @@ def evaluate_model(
 
     Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
     """
+    model_dir = resolve_model(model_dir)
     config = read_moe_config(model_dir)
     max_positions = config.get("max_position_embeddings") or 1024
     seq_len = min(1024, max_positions) if seq_len is None else seq_len

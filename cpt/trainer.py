@@ -29,6 +29,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from pdmoe.config import MoEConfig
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
+from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
 from pdmoe.layout import is_frozen_expert_buffer
 
@@ -321,7 +322,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     is not this run's is refused before anything is written."""
     _check_numbers(config)
     parts = trainable_parts(config.stage, config.trainable)
-    model_dir, out = Path(config.model), Path(config.out)
+    model_dir, out = resolve_model(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
     seq_len = _sequence_length(config, model_config)
     corpus, eval_corpus = _check_data(config, out)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
@@ -169,3 +169,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             lm_loss=lm_loss,
         )
+
+
+AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM, exist_ok=True)

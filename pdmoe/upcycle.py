@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pdmoe.config import MoEConfig, check_supported_family, parse_layers
+from pdmoe.config import check_family_name, moe_config_dict, parse_layers
 from pdmoe.errors import CheckpointError, TensorValueError, UsageError
 from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
+from pdmoe.hub import resolve_model
 from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
@@ -48,9 +50,9 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class UpcyclePlan:
-    """What will be written: the MoE config and the ordered output tensors."""
+    """What will be written: the MoE ``config.json`` and the ordered output tensors."""
 
-    config: MoEConfig
+    config: dict[str, Any]
     tensors: list[PlannedTensor]
 
     @property
@@ -61,7 +63,7 @@ class UpcyclePlan:
 def _check_dense_config(dense: dict) -> None:
     if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
         raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
-    check_supported_family(dense.get("model_type"))
+    check_family_name(dense.get("model_type"))
     if dense.get("hidden_act", "silu") != "silu":
         raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
     if dense.get("mlp_bias"):
@@ -80,11 +82,12 @@ def plan_upcycle(
     _check_dense_config(dense)
     reader.check_config()
     moe_layers = parse_layers(layers, dense["num_hidden_layers"])
-    config = MoEConfig.from_dense(
+    config = moe_config_dict(
         dense, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, original_experts=[0]
     )
     if dtype is not None:
-        config.dtype = dtype
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
     for layer in moe_layers:
         keys = MLPKeys.of_layer(layer)
         missing = [keys.dense(p) for p in DenseProjection if keys.dense(p) not in reader]
@@ -195,12 +198,12 @@ def upcycle(
     what the dense model computes, whatever the routers are. NaN or inf in the dense checkpoint,
     or values the output dtype cannot hold, are refused unless ``allow_non_finite``.
     """
-    out = Path(out)
+    model, out = resolve_model(model), Path(out)
     with CheckpointReader(model) as reader:
         plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
         std = check_number(
             "--router-init-std",
-            router_init_std if router_init_std is not None else plan.config.initializer_range,
+            router_init_std if router_init_std is not None else plan.config.get("initializer_range", 0.02),
             low=0,
             high=1,
             hint="routers start near zero; the default is the model's initializer_range, 0.02",
@@ -211,10 +214,10 @@ def upcycle(
         settings = {
             "num_experts": num_experts,
             "top_k": top_k,
-            "moe_layers": plan.config.moe_layers,
+            "moe_layers": plan.config["moe_layers"],
             "router_init_std": std,
             "seed": seed,
-            "dtype": str(plan.config.dtype),
+            "dtype": str(plan.config.get("dtype")),
             "shard_size": shard_size,
         }
         with claim_output(
@@ -222,7 +225,7 @@ def upcycle(
         ) as folder:
             writer = CheckpointWriter(out, shards)
             ensure_free_space(out, writer.total_bytes)
-            write_json(out / "config.json", without_remote_code(plan.config.to_dict()))
+            write_json(out / "config.json", without_remote_code(plan.config))
             copy_side_files(Path(model), out)
 
             def stream_all() -> None:

@@ -16,6 +16,7 @@ import torch
 
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
+from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, claim_output
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.options import check_number, parse_dtype, parse_size
@@ -47,6 +48,7 @@ def graft(
     MoE CPT the tensors pdmoe's CPT leaves untouched must equal BASE's unless ``allow_modified_base``.
     """
     check_number("--scale", scale)
+    base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)
