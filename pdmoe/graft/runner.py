@@ -35,7 +35,7 @@ from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
+from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
 from pdmoe.io.outputs import OutputFolder, ensure_free_space, pdmoe_version
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
@@ -97,6 +97,7 @@ class _Work(Enum):
 
     DELTA = "delta"
     SUM = "sum"
+    KEPT_DELTA = "kept_delta"  # a fused expert tensor's delta, one per span, kept while its experts go by
 
 
 class _Streamer:
@@ -117,10 +118,11 @@ class _Streamer:
         self.readers, self.alpha = readers, alpha
         self.lineage, self.check_finite = lineage, check_finite
         self.bytes_read = 0
-        self._buffers: dict[Role | _Work, torch.Tensor] = {}
+        self.pool = BlockPool()  # output blocks, given back by the writer thread once written
+        self._buffers: dict[Role | _Work | tuple[_Work, int], torch.Tensor] = {}
         self._base_block: tuple[tuple[str, int, int], torch.Tensor] | None = None  # BASE's last read
 
-    def _scratch(self, key: Role | _Work, count: int, dtype: torch.dtype) -> torch.Tensor:
+    def _scratch(self, key: Role | _Work | tuple[_Work, int], count: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable buffer per use: a fresh allocation per block would cost a page fault per 4 KiB."""
         buffer = self._buffers.get(key)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
@@ -164,40 +166,41 @@ class _Streamer:
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
                 if plan.experts and span[0].source is RowSource.DELTA and index not in shared:
-                    shared[index] = self._delta(plan, *span, keep=True)
+                    shared[index] = self._delta(plan, *span, kept=index)
                 yield self._block(plan, expert, *span, shared.get(index))
 
     def _delta(
-        self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, keep: bool = False
+        self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, kept: int | None = None
     ) -> torch.Tensor:
-        """The delta of these rows; in a scratch buffer unless it must be ``keep``-t across experts."""
+        """The delta of these rows, in a scratch buffer: the per-block one, or when the delta is
+        ``kept`` across experts, that span's own one."""
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
         base = self._read(Role.BASE, piece.dense, offset, count)
         instruct = self._read(Role.INSTRUCT, piece.dense, offset, count)
         work = work_dtype(base.dtype, instruct.dtype, self.readers[Role.CPT].meta(plan.out.name).dtype)
-        scratch = None if keep else self._scratch(_Work.DELTA, count, work)
-        return param_delta(base, instruct, self.alpha, work, out=scratch)
+        key = _Work.DELTA if kept is None else (_Work.KEPT_DELTA, kept)
+        out, scratch = self._scratch(key, count, work), self._scratch(_Work.SUM, count, work)
+        return param_delta(base, instruct, self.alpha, out=out, scratch=scratch)
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
     ) -> torch.Tensor:
-        """A new tensor (the writer thread owns it) with output rows [start, stop) of ``expert``."""
-        width, dtype = plan.width, plan.out.dtype
+        """Output rows [start, stop) of ``expert`` in a block of the pool (the writer thread gives it back)."""
+        width = plan.width
         count = (stop - start) * width
         dense_offset = (piece.dense_start + start - piece.start) * width
+        out = self.pool.take(count, plan.out.dtype)
         if piece.source is RowSource.INSTRUCT:
-            return self._checked(
-                plan, self._read(Role.INSTRUCT, piece.dense, dense_offset, count).to(dtype, copy=True)
-            )
+            return self._checked(plan, out.copy_(self._read(Role.INSTRUCT, piece.dense, dense_offset, count)))
         cpt = self._read(Role.CPT, plan.out.name, (expert * plan.rows + start) * width, count)
         if piece.source is RowSource.CPT:
-            return self._checked(plan, cpt.to(dtype, copy=True))
+            return self._checked(plan, out.copy_(cpt))
         if piece.source is not RowSource.DELTA:
             raise AssertionError(f"unhandled row source {piece.source}")
         if delta is None:
             delta = self._delta(plan, piece, start, stop)
         out = self._checked(
-            plan, apply_delta(cpt, delta, dtype, scratch=self._scratch(_Work.SUM, count, delta.dtype))
+            plan, apply_delta(cpt, delta, out, scratch=self._scratch(_Work.SUM, count, delta.dtype))
         )
         if self.lineage is not None and self.lineage.applies(plan, expert, piece):
             base = self._base(piece.dense, dense_offset, count)
@@ -328,7 +331,7 @@ def execute(
 
     def stream_all() -> int:
         written = 0
-        with BackgroundShardWriter(writer) as sink:
+        with BackgroundShardWriter(writer, pool=streamer.pool) as sink:
             for tensor in plan.tensors:
                 if tensor.shard in complete:
                     continue
