@@ -22,26 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 from harness import CUDA, DEVICE, MODEL_SIZES, Row, interleaved, record, sync
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pdmoe.cpt.freezing import apply_trainable
+from pdmoe.export.formats import NativeFormat, native_config
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
 NUM_EXPERTS, TOP_K = 4, 2
 BATCH, SEQ = (4, 1024) if CUDA else (4, 128)
-_SHARED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "attention_bias",
-    "tie_word_embeddings",
-)
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +41,10 @@ def upcycled(tmp_path_factory) -> Path:
 
 
 def _transformers_twin(moe_config) -> torch.nn.Module:
-    """Qwen3-MoE with the upcycled model's shapes and transformers' grouped_mm experts."""
-    config = Qwen3MoeConfig(
-        **{name: getattr(moe_config, name) for name in _SHARED_FIELDS},
-        moe_intermediate_size=moe_config.intermediate_size,
-        intermediate_size=moe_config.intermediate_size,
-        num_experts=NUM_EXPERTS,
-        num_experts_per_tok=TOP_K,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        router_aux_loss_coef=moe_config.router_aux_loss_coef,
-        output_router_logits=True,
-    )
+    """transformers' own Qwen3-MoE of the upcycled model (the config ``pdmoe export`` writes for it),
+    on transformers' grouped_mm experts."""
+    native = native_config(moe_config.to_dict(), NativeFormat.QWEN3_MOE)
+    config = AutoConfig.for_model(**{**native, "output_router_logits": True})
     return AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm")
 
 
