@@ -11,6 +11,7 @@ or running it. Each distinct launch is then compiled with ``triton.compile`` for
 
     python tests/test_kernels_compile.py --report   # every variant: both tables, all shapes and sizes
     python tests/test_kernels_compile.py            # the test's subset; exit status 1 on a violation
+    (--jobs N compiles in N forked processes)
 
 Violations, for launches at training sizes (T > 64): a spill; a bf16/tf32 GEMM without wgmma; a K-loop
 with fewer than num_stages - 1 buffers; fewer CTAs per SM than the table's ``ctas_per_sm``. At every
@@ -265,6 +266,31 @@ def compile_launch(captured: Captured) -> Compiled:
     return Compiled(registers, spills, shared, ctas, mma, buffers, pendings)
 
 
+def _compile_or_error(captured: Captured) -> Compiled | str:
+    try:
+        return compile_launch(captured)
+    except Exception as err:  # reported, and counted as a failure
+        return f"{type(err).__name__}: {str(err)[:300]}"
+
+
+_POOL_ITEMS: list[Captured] = []
+
+
+def _compile_item(index: int) -> Compiled | str:
+    return _compile_or_error(_POOL_ITEMS[index])
+
+
+def compile_all(items: list[Captured], jobs: int) -> list[Compiled | str]:
+    """Compile every captured launch, in ``jobs`` forked processes when more than one."""
+    if jobs <= 1:
+        return [_compile_or_error(item) for item in items]
+    import multiprocessing
+
+    _POOL_ITEMS[:] = items
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_item, range(len(items)))
+
+
 def _dtype(launch: Launch) -> str:
     """bf16, tf32 (fp32 data on TF32 tensor cores), fp32 (IEEE products) or int (index kernels)."""
     if any("bf16" in t for _, t in launch.signature):
@@ -298,27 +324,27 @@ def violations(launch: Launch, captured: Captured, result: Compiled) -> list[str
     return found
 
 
-def main(scope: dict) -> int:
+def main(scope: dict, jobs: int = 1) -> int:
     header = (
         f"{'kernel':22} {'dtype':5} {'T':>11} {'w':>2} {'s':>2} {'regs':>4} {'spill':>5} {'smem':>6} "
         f"{'cta/sm':>6} {'mma':8} {'bufs':>4} {'pend':>4}  constexprs"
     )
     failures = 0
-    results: dict[Launch, Compiled] = {}  # the H200 table is the H100 one: compile each launch once
+    results: dict[Launch, Compiled | str] = {}  # the H200 table is the H100 one: compile each launch once
     for device in scope["devices"]:
         launches = capture(device, scope["shapes"], scope["tokens"], scope["dtypes"])
+        new = [launch for launch in launches if launch not in results]
+        results.update(zip(new, compile_all([launches[launch] for launch in new], jobs), strict=True))
         print(f"\n# {device}: {len(launches)} distinct launches (identical rows merged)\n{header}")
         rows: dict[str, int] = {}
         for launch, captured in sorted(
             launches.items(), key=lambda kv: (kv[0].kernel, _dtype(kv[0]), _flags(kv[0]))
         ):
-            try:
-                result = results.get(launch) or compile_launch(captured)
-            except Exception as err:  # report every launch, then fail
-                print(f"FAIL {launch.kernel} {_flags(launch)}: {type(err).__name__}: {str(err)[:300]}")
+            result = results[launch]
+            if isinstance(result, str):
+                rows[f"FAIL {launch.kernel} {_flags(launch)}: {result}"] = 1
                 failures += 1
                 continue
-            results[launch] = result
             bad = violations(launch, captured, result)
             failures += bool(bad)
             sizes = (
@@ -348,4 +374,5 @@ def test_kernels_compile_for_hopper():
 
 
 if __name__ == "__main__":
-    sys.exit(main(REPORT if "--report" in sys.argv else SUBSET))
+    jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else 1
+    sys.exit(main(REPORT if "--report" in sys.argv else SUBSET, jobs))
