@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import CUDA, DEVICE, sync
+from harness import CUDA, DEVICE, MODEL_SIZES, sync
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from pdmoe.cpt.freezing import apply_trainable
@@ -28,28 +28,6 @@ from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
 NUM_EXPERTS, TOP_K = 4, 2
-SIZES = (
-    {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "head_dim": 128,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-    }
-    if CUDA
-    else {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "max_position_embeddings": 512,
-    }
-)
 BATCH, SEQ = (4, 1024) if CUDA else (4, 128)
 _SHARED_FIELDS = (
     "vocab_size",
@@ -68,7 +46,7 @@ _SHARED_FIELDS = (
 @pytest.fixture(scope="module")
 def upcycled(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench-cpt")
-    dense = build_tiny_dense(root / "dense", "qwen3", **SIZES)
+    dense = build_tiny_dense(root / "dense", "qwen3", **MODEL_SIZES)
     return upcycle(dense, root / "moe", num_experts=NUM_EXPERTS, top_k=TOP_K)
 
 
@@ -122,4 +100,4 @@ def test_training_throughput(benchmark, upcycled, kind, trainable):
     benchmark.pedantic(step, rounds=5 if CUDA else 10, iterations=1)
     benchmark.extra_info["tokens_per_s"] = BATCH * SEQ / benchmark.stats.stats.mean
     benchmark.extra_info["trainable_parameters"] = sum(p.numel() for p in params)
-    benchmark.extra_info["sizes"] = SIZES
+    benchmark.extra_info["sizes"] = MODEL_SIZES

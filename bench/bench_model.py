@@ -11,40 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import CUDA, DEVICE, sync
+from harness import CUDA, DEVICE, MODEL_SIZES, sync
 from transformers import AutoModelForCausalLM
 
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-SIZES = (
-    {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-    }
-    if CUDA
-    else {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    }
-)
 BATCH, SEQ = (8, 1024) if CUDA else (2, 128)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench-model")
-    dense = build_tiny_dense(root / "dense", "llama", **SIZES)
+    dense = build_tiny_dense(root / "dense", "llama", **MODEL_SIZES)
     return {"dense": dense, "moe": upcycle(dense, root / "moe", num_experts=4, top_k=2)}
 
 
@@ -67,4 +47,4 @@ def test_model_throughput(benchmark, checkpoints, kind, mode):
     benchmark.group = f"model {mode} ({'cuda bf16' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ} tokens)"
     benchmark.pedantic(step, rounds=10, iterations=1)
     benchmark.extra_info["tokens_per_s"] = BATCH * SEQ / benchmark.stats.stats.mean
-    benchmark.extra_info["sizes"] = SIZES
+    benchmark.extra_info["sizes"] = MODEL_SIZES

@@ -31,6 +31,31 @@ DTYPE = torch.bfloat16
 H, F, VOCAB, HEADS, KV_HEADS, EXPERTS = 896, 4864, 151936, 14, 2, 4
 
 
+# Model-level benchmarks: a realistic size on a GPU, a tiny one on CPU so the suite stays usable.
+MODEL_SIZES = (
+    {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    }
+    if CUDA
+    else {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+    }
+)
+
+
 def sync() -> None:
     """Wait for the device, so a timing covers the work and not only its launch."""
     if CUDA:

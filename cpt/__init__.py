@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from .data import CorpusSpec, DataError, corpus_spec
+from pdmoe.errors import DataError
+
+from .data import CorpusSpec, corpus_spec
 from .evaluate import EvalResult, evaluate_model
 from .freezing import PARTS, apply_trainable, trainable_parts
 from .losses import language_prior_loss

@@ -1,4 +1,4 @@
-"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands (wired into ``pdmoe.cli`` by the lead).
+"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
-from .freezing import PARTS, STAGE_PARTS
-from .trainer import TrainConfig, train
+from .freezing import PARTS, Stage
+from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -79,8 +79,8 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
     parser.add_argument(
         "--stage",
-        choices=tuple(STAGE_PARTS),
-        default=d["stage"],
+        choices=[stage.value for stage in Stage],
+        default=Stage(d["stage"]).value,
         help="cpt: train new experts + routers; review: routers only, with the LPR loss (default: %(default)s)",
     )
     parser.add_argument(
@@ -90,7 +90,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: routers,new_experts for cpt; routers for review)",
     )
     parser.add_argument(
-        "--seq-len", type=int, default=d["seq_len"], help="tokens per packed sequence (default: %(default)s)"
+        "--seq-len",
+        type=int,
+        default=d["seq_len"],
+        help=f"tokens per packed sequence (default: {DEFAULT_SEQ_LEN}, or the model's maximum when smaller)",
     )
     parser.add_argument(
         "--micro-batch-size",
@@ -203,8 +206,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cpt(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     out = train(train_config_from_args(args))
-    print(f"pdmoe cpt: wrote {out}")
+    if PartialState().is_main_process:
+        print(f"pdmoe cpt: wrote {out}")
     return 0
 
 

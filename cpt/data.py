@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,16 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdmoe.errors import PdmoeError, UsageError
+from pdmoe.errors import DataError, UsageError
+from pdmoe.io.atomic import Staged
 
 DATA_FORMATS = ("auto", "jsonl", "text")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TOKENIZE_CHUNK_DOCS = 1024
 _CACHE_VERSION = 1
-
-
-class DataError(PdmoeError):
-    """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
 
 
 @dataclass(frozen=True)
@@ -299,20 +295,13 @@ class TokenCache:
         final = root / key
         if (final / cls.META).is_file():
             return cls(final)
-        # One partial directory per process: nodes that share the cache may tokenise at once.
-        partial = root / f".{key}.{socket.gethostname()}.{os.getpid()}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        # One staging directory per process: nodes that share the cache may tokenise at once.
         try:
-            meta = cls._tokenize_into(partial, spec, tokenizer)
-            (partial / cls.META).write_text(json.dumps({"key": key, **meta}, indent=2) + "\n")
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        try:
-            os.rename(partial, final)
+            with Staged(final, tag=f".{socket.gethostname()}.{os.getpid()}") as partial:
+                partial.mkdir(parents=True)
+                meta = cls._tokenize_into(partial, spec, tokenizer)
+                (partial / cls.META).write_text(json.dumps({"key": key, **meta}, indent=2) + "\n")
         except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
             if not (final / cls.META).is_file():
                 raise
             # else another process finished the same cache first: use theirs

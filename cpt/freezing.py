@@ -15,23 +15,50 @@ state (``MoEForCausalLM.freeze_original_experts``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 
 from torch import nn
 
 from pdmoe.errors import UsageError
+from pdmoe.layout import MLPKeys, MoETensor, is_frozen_expert_buffer, is_trainable_expert_parameter
 from pdmoe.modeling import MoEForCausalLM
 
-PARTS = ("routers", "new_experts", "original_experts", "non_moe")
-STAGE_PARTS: dict[str, tuple[str, ...]] = {
-    "cpt": ("routers", "new_experts"),
-    "review": ("routers",),
+
+class Stage(str, Enum):
+    """What a run is for: CPT of the new experts, or the router-only review."""
+
+    CPT = "cpt"
+    REVIEW = "review"
+
+
+class Part(str, Enum):
+    """A group of parameters that trains or stays frozen as a whole."""
+
+    ROUTERS = "routers"
+    NEW_EXPERTS = "new_experts"
+    ORIGINAL_EXPERTS = "original_experts"
+    NON_MOE = "non_moe"
+
+
+PARTS = tuple(part.value for part in Part)
+STAGE_PARTS: dict[Stage, tuple[Part, ...]] = {
+    Stage.CPT: (Part.ROUTERS, Part.NEW_EXPERTS),
+    Stage.REVIEW: (Part.ROUTERS,),
 }
 
 
-def trainable_parts(stage: str, override: str | Sequence[str] | None = None) -> tuple[str, ...]:
+def parse_stage(stage: Stage | str) -> Stage:
+    try:
+        return Stage(stage)
+    except ValueError:
+        raise UsageError(
+            f"--stage must be one of {', '.join(s.value for s in Stage)}, not {stage!r}"
+        ) from None
+
+
+def trainable_parts(stage: Stage | str, override: str | Sequence[str] | None = None) -> tuple[Part, ...]:
     """The stage's default parts, or the parts of ``override`` ('routers,new_experts' or a list)."""
-    if stage not in STAGE_PARTS:
-        raise UsageError(f"--stage must be one of {', '.join(STAGE_PARTS)}, not {stage!r}")
+    stage = parse_stage(stage)
     if override is None:
         return STAGE_PARTS[stage]
     parts = [p.strip() for p in override.split(",")] if isinstance(override, str) else list(override)
@@ -39,40 +66,41 @@ def trainable_parts(stage: str, override: str | Sequence[str] | None = None) -> 
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UsageError(f"--trainable takes a comma list of {', '.join(PARTS)}; got {override!r}")
-    if "original_experts" in parts and "new_experts" not in parts:
+    if Part.ORIGINAL_EXPERTS in parts and Part.NEW_EXPERTS not in parts:
         raise UsageError(
             "--trainable original_experts needs new_experts too (only a prefix of experts can be frozen)"
         )
-    return tuple(p for p in PARTS if p in parts)
+    return tuple(part for part in Part if part in parts)
 
 
-def apply_trainable(model: MoEForCausalLM, parts: Sequence[str]) -> list[str]:
+def apply_trainable(model: MoEForCausalLM, parts: Sequence[Part | str]) -> list[str]:
     """Freeze everything but ``parts``; returns the names of the trainable parameters."""
     model.unfreeze_experts()
     model.requires_grad_(False)
-    if "new_experts" in parts and "original_experts" not in parts:
+    if Part.NEW_EXPERTS in parts and Part.ORIGINAL_EXPERTS not in parts:
         model.freeze_original_experts()
-    moe_prefixes = tuple(f"model.layers.{index}.mlp." for index, _ in model.moe_blocks())
+    blocks = [MLPKeys.of_layer(index) for index, _ in model.moe_blocks()]
     for name, param in model.named_parameters():
-        param.requires_grad_(_is_trainable(name, moe_prefixes, parts))
+        param.requires_grad_(_is_trainable(name, blocks, parts))
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     if not names:
         raise UsageError(f"nothing to train with --trainable {','.join(parts)}")
     return names
 
 
-def _is_trainable(name: str, moe_prefixes: tuple[str, ...], parts: Sequence[str]) -> bool:
-    if not name.startswith(moe_prefixes):
-        return "non_moe" in parts
-    if name.endswith(".gate.weight"):
-        return "routers" in parts
-    if ".experts.trainable_" in name:  # the new experts of a split storage
-        return "new_experts" in parts
-    return "new_experts" in parts and "original_experts" in parts  # fused storage: all experts
+def _is_trainable(name: str, blocks: list[MLPKeys], parts: Sequence[Part | str]) -> bool:
+    block = next((mlp for mlp in blocks if name.startswith(mlp.block_prefix)), None)
+    if block is None:
+        return Part.NON_MOE in parts
+    if name == block.moe(MoETensor.ROUTER):
+        return Part.ROUTERS in parts
+    if is_trainable_expert_parameter(name):  # the new experts of a split storage
+        return Part.NEW_EXPERTS in parts
+    return Part.NEW_EXPERTS in parts and Part.ORIGINAL_EXPERTS in parts  # fused storage: all experts
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, frozen expert buffers included in the total."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen_buffers = sum(b.numel() for name, b in model.named_buffers() if ".frozen_" in name)
+    frozen_buffers = sum(b.numel() for name, b in model.named_buffers() if is_frozen_expert_buffer(name))
     return trainable, sum(p.numel() for p in model.parameters()) + frozen_buffers

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pdmoe.dtypes import DTYPES
 from pdmoe.errors import PdmoeError
+from pdmoe.options import DTYPES
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:

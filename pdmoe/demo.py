@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdmoe.io import CheckpointReader, prepare_output_dir
+from pdmoe.layout import MoETensor, match_moe
 
 # A stand-in "new language" corpus: short Swahili sentences, repeated into a learnable text.
 NEW_LANGUAGE_TEXT = (
@@ -93,16 +94,14 @@ def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> 
     ):
         for name in grafted:
             tensor = grafted.get(name)
-            if name.endswith(".mlp.gate.weight"):
+            match = match_moe(name)
+            if match is not None and match[1] is MoETensor.ROUTER:
                 report.routers_checked += 1
                 report.routers_equal_cpt += torch.equal(tensor, trained.get(name))
                 continue
-            prefix = name.rsplit(".experts.", 1)[0]
-            if name.endswith(".experts.gate_up_proj"):
-                parts = [dense.get(f"{prefix}.gate_proj.weight"), dense.get(f"{prefix}.up_proj.weight")]
-                expected, tensor = torch.cat(parts), tensor[0]
-            elif name.endswith(".experts.down_proj"):
-                expected, tensor = dense.get(f"{prefix}.down_proj.weight"), tensor[0]
+            if match is not None:  # expert 0 of a fused expert tensor: the dense projections, fused
+                mlp, fused = match
+                expected, tensor = torch.cat([dense.get(key) for key in mlp.fused_sources(fused)]), tensor[0]
             else:
                 expected = dense.get(name)
             report.instruct_tensors_checked += 1

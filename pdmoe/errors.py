@@ -13,4 +13,12 @@ class CheckpointError(PdmoeError):
 
 
 class UsageError(PdmoeError):
-    """Options or arguments that cannot work together."""
+    """Options or arguments that cannot work together, or an option value that cannot work."""
+
+
+class DataError(PdmoeError):
+    """A data file is missing, empty, not in its declared format, or tagged with an undeclared language."""
+
+
+class TrainingError(PdmoeError):
+    """Training cannot go on: the loss or the gradients stopped being finite."""

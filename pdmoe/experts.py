@@ -2,26 +2,32 @@
 
 Weights are stored as on disk (METHOD.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
 For CPT the original experts can be frozen without copying anything each step: the storage is
-split into a frozen buffer (experts 0..n-1) and a trainable Parameter (the rest), both views of the
-same memory, and the expert function receives the pair. The state dict always shows the fused
-tensors, so checkpoints and optimizers see one stable format.
+split once into a frozen buffer (experts 0..n-1) and a trainable Parameter (the rest), each owning
+only its own experts' memory (under FSDP the trainable part is sharded and the frozen part holds
+nothing else alive), and the expert function receives the pair.
+
+The state dict shows the fused tensors by default, the on-disk format (``StateDictLayout.FUSED``).
+Sharded training needs keys that are the module's own tensors (torch's distributed state dicts
+look every key up as an attribute and gather it), so a trainer can switch to
+``StateDictLayout.SPLIT`` and fuse when it writes the checkpoint (``fuse_split_experts``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
 from pdmoe.errors import UsageError
+from pdmoe.layout import FUSED_EXPERT_TENSORS, MoETensor, frozen_attribute, trainable_attribute
 
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 ExpertFunction = Callable[
     [torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor
 ]
-_FUSED = ("gate_up_proj", "down_proj")
 
 
 def expert_function(impl: str, device: torch.device) -> ExpertFunction:
@@ -37,6 +43,13 @@ def expert_function(impl: str, device: torch.device) -> ExpertFunction:
     raise UsageError(f"unknown experts implementation {impl!r}; use 'auto', 'torch' or 'triton'")
 
 
+class StateDictLayout(Enum):
+    """What the state dict of experts with frozen originals holds."""
+
+    FUSED = "fused"  # one [E, ...] tensor per weight, as on disk
+    SPLIT = "split"  # the module's own tensors: the trainable Parameter (the frozen buffer is not saved)
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t)."""
 
@@ -47,23 +60,29 @@ class MoEExperts(nn.Module):
         self.num_experts = num_experts
         self.impl = impl
         self.num_frozen = 0
+        self.state_dict_layout = StateDictLayout.FUSED
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.register_state_dict_post_hook(_fuse_state_dict)
         self.register_load_state_dict_pre_hook(_split_state_dict)
 
-    def weights(self, name: str) -> ExpertWeight:
-        """A fused weight, or the (frozen, trainable) pair while experts are frozen."""
+    def weights(self, tensor: MoETensor) -> ExpertWeight:
+        """A fused weight, or the (frozen, trainable) pair while experts are frozen.
+
+        The pair has one dtype: FSDP's mixed precision hands the forward a low-precision copy of the
+        trainable part but leaves buffers alone, so the frozen part follows it."""
         if self.num_frozen:
-            return getattr(self, f"frozen_{name}"), getattr(self, f"trainable_{name}")
-        return getattr(self, name)
+            frozen = getattr(self, frozen_attribute(tensor))
+            trainable = getattr(self, trainable_attribute(tensor))
+            return frozen.to(trainable.dtype), trainable
+        return getattr(self, tensor.attribute)
 
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         function = expert_function(self.impl, hidden.device)
         return function(
-            hidden, self.weights("gate_up_proj"), self.weights("down_proj"), topk_weights, topk_ids
+            hidden, self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN), topk_weights, topk_ids
         )
 
     def freeze_experts(self, num_frozen: int) -> None:
@@ -71,57 +90,69 @@ class MoEExperts(nn.Module):
         if not 0 < num_frozen < self.num_experts:
             raise UsageError(f"can freeze 1..{self.num_experts - 1} leading experts, not {num_frozen}")
         self.unfreeze_experts()
-        for name in _FUSED:
-            fused = getattr(self, name)
-            delattr(self, name)
-            self.register_buffer(f"frozen_{name}", fused.data[:num_frozen], persistent=False)
-            setattr(
-                self,
-                f"trainable_{name}",
-                nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad),
-            )
+        for tensor in FUSED_EXPERT_TENSORS:
+            fused = getattr(self, tensor.attribute)
+            delattr(self, tensor.attribute)
+            # Copies, not views: a view would keep the whole fused storage alive beside the sharded
+            # or offloaded trainable part. The fused tensor is freed when this loop lets go of it.
+            self.register_buffer(frozen_attribute(tensor), fused.data[:num_frozen].clone(), persistent=False)
+            trainable = nn.Parameter(fused.data[num_frozen:].clone(), requires_grad=fused.requires_grad)
+            setattr(self, trainable_attribute(tensor), trainable)
+            del fused
         self.num_frozen = num_frozen
 
     def unfreeze_experts(self) -> None:
         """Back to one fused Parameter per weight (one copy; done at save time, not per step)."""
         if not self.num_frozen:
             return
-        for name in _FUSED:
-            frozen, trainable = self.weights(name)
-            delattr(self, f"frozen_{name}")
-            delattr(self, f"trainable_{name}")
-            setattr(
-                self,
-                name,
-                nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad),
-            )
+        for tensor in FUSED_EXPERT_TENSORS:
+            frozen, trainable = self.weights(tensor)
+            delattr(self, frozen_attribute(tensor))
+            delattr(self, trainable_attribute(tensor))
+            fused = nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad)
+            setattr(self, tensor.attribute, fused)
         self.num_frozen = 0
 
     def extra_repr(self) -> str:
-        down = self.weights("down_proj")
+        down = self.weights(MoETensor.DOWN)
         _, hidden, intermediate = (down[0] if isinstance(down, tuple) else down).shape
         return f"experts={self.num_experts}, hidden={hidden}, intermediate={intermediate}, impl={self.impl}, frozen={self.num_frozen}"
+
+
+def fuse_split_experts(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Replace, in a ``StateDictLayout.SPLIT`` state dict of ``model`` (full tensors, e.g. gathered
+    from every rank), each trainable expert tensor by the fused tensor of the on-disk format."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEExperts) and module.num_frozen:
+            _fuse_into(module, state_dict, f"{prefix}." if prefix else "")
+    return state_dict
+
+
+def _fuse_into(module: MoEExperts, state_dict: dict[str, Any], prefix: str) -> None:
+    for tensor in FUSED_EXPERT_TENSORS:
+        key = f"{prefix}{trainable_attribute(tensor)}"
+        if key not in state_dict:
+            continue
+        trainable = state_dict.pop(key).detach()
+        frozen = getattr(module, frozen_attribute(tensor))
+        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat([frozen.to(trainable.device), trainable])
 
 
 def _fuse_state_dict(
     module: MoEExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
-    if not module.num_frozen:
-        return
-    for name in _FUSED:
-        frozen, trainable = module.weights(name)
-        state_dict.pop(f"{prefix}trainable_{name}", None)
-        state_dict[f"{prefix}{name}"] = torch.cat([frozen, trainable.detach()])
+    if module.num_frozen and module.state_dict_layout is StateDictLayout.FUSED:
+        _fuse_into(module, state_dict, prefix)
 
 
 def _split_state_dict(module: MoEExperts, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    if not module.num_frozen:
+    if not module.num_frozen or module.state_dict_layout is StateDictLayout.SPLIT:
         return
-    for name in _FUSED:
-        fused = state_dict.pop(f"{prefix}{name}", None)
+    for tensor in FUSED_EXPERT_TENSORS:
+        fused = state_dict.pop(f"{prefix}{tensor.attribute}", None)
         if fused is None:
             continue
-        frozen, _ = module.weights(name)
+        frozen, _ = module.weights(tensor)
         with torch.no_grad():
             frozen.copy_(fused[: module.num_frozen])
-        state_dict[f"{prefix}trainable_{name}"] = fused[module.num_frozen :]
+        state_dict[f"{prefix}{trainable_attribute(tensor)}"] = fused[module.num_frozen :]

@@ -21,7 +21,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from pdmoe.config import MoEConfig
-from pdmoe.experts import MoEExperts
+from pdmoe.experts import MoEExperts, StateDictLayout
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
 from pdmoe.router import TopKRouter
@@ -77,6 +77,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.model = DENSE_MODELS[config.base_model_type](config)
+        # The decoder layer class of this family only: FSDP's transformer wrap policy (accelerate)
+        # refuses classes the model does not contain.
+        self._no_split_modules = [type(self.model.layers[0]).__name__]
         for index in config.moe_layers:
             self.model.layers[index].mlp = MoEBlock(
                 config.hidden_size,
@@ -104,13 +107,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         for index in self.config.moe_layers:
             yield index, self.model.layers[index].mlp
 
-    def set_experts_impl(self, impl: str) -> None:
-        """Switch every block between the Triton kernels ('triton'), the reference ('torch') and 'auto'."""
-        self.config.experts_impl = impl
-        self.config.validate_moe()
-        for _, block in self.moe_blocks():
-            block.experts.impl = impl
-
     def freeze_original_experts(self) -> None:
         """Split every MoE layer's storage so the original experts get no gradients (CPT stage)."""
         frozen = self.config.num_original_experts
@@ -120,6 +116,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def unfreeze_experts(self) -> None:
         for _, block in self.moe_blocks():
             block.experts.unfreeze_experts()
+
+    def set_experts_state_dict_layout(self, layout: StateDictLayout) -> None:
+        """How the state dict shows experts with frozen originals (see ``StateDictLayout``)."""
+        for _, block in self.moe_blocks():
+            block.experts.state_dict_layout = layout
 
     def forward(
         self,

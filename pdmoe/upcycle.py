@@ -8,49 +8,42 @@ one expert block, whatever the model size.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from pdmoe.config import MoEConfig, check_supported_family, parse_layers
-from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
+from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.outputs import ensure_free_space
 from pdmoe.io.reader import BLOCK_ELEMENTS
-from pdmoe.io.writer import copy_side_files, ensure_free_space, parse_size, write_json
-
-_DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-
-
-def router_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.gate.weight"
+from pdmoe.io.side_files import copy_side_files
+from pdmoe.layout import DenseProjection, MLPKeys, MoETensor, match_dense
+from pdmoe.options import parse_dtype, parse_size
 
 
-def gate_up_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.experts.gate_up_proj"
+class UpcycleRule(Enum):
+    """How an output tensor is made from the dense checkpoint."""
 
-
-def down_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.experts.down_proj"
-
-
-def dense_mlp_key(layer: int, part: str) -> str:
-    return f"model.layers.{layer}.mlp.{part}.weight"
+    COPY = "copy"  # the dense tensor of the same key, as it is
+    ROUTER = "router"  # a new seeded N(0, std) router
+    EXPERTS = "experts"  # E copies of the layer's dense projections, fused (``layout.FUSED_FROM``)
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One output tensor and how it is made: 'copy' of the same key, 'router', 'gate_up' or 'down'."""
+    """One output tensor and how it is made; ``mlp`` and ``tensor`` name the MoE tensor it is."""
 
     meta: TensorMeta
-    rule: str
-    layer: int = -1
+    rule: UpcycleRule
+    mlp: MLPKeys | None = None
+    tensor: MoETensor | None = None
 
 
 @dataclass(frozen=True)
@@ -92,34 +85,34 @@ def plan_upcycle(
     if dtype is not None:
         config.dtype = dtype
     for layer in moe_layers:
-        missing = [dense_mlp_key(layer, p) for p in _MLP_PARTS if dense_mlp_key(layer, p) not in reader]
+        keys = MLPKeys.of_layer(layer)
+        missing = [keys.dense(p) for p in DenseProjection if keys.dense(p) not in reader]
         if missing:
             raise CheckpointError(
                 f"{reader.directory} lacks {', '.join(missing)}; is it a complete dense checkpoint?"
             )
 
-    moe = set(moe_layers)
+    moe = {MLPKeys.of_layer(layer) for layer in moe_layers}
     tensors: list[PlannedTensor] = []
     for name in reader:
         meta = reader.meta(name)
         out_dtype = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
-        match = _DENSE_MLP.match(name)
-        if match is None or int(match[1]) not in moe:
-            tensors.append(PlannedTensor(TensorMeta(name, out_dtype, meta.shape), "copy"))
+        match = match_dense(name)
+        if match is None or match[0] not in moe:
+            tensors.append(PlannedTensor(TensorMeta(name, out_dtype, meta.shape), UpcycleRule.COPY))
             continue
-        layer, part = int(match[1]), match[2]
-        if part != "gate_proj":
-            continue  # the three MoE tensors of a layer are emitted once, where its gate_proj was
+        mlp, projection = match
+        if projection is not DenseProjection.GATE:
+            continue  # the MoE tensors of a layer are emitted once, where its gate_proj was
         inter, hidden = meta.shape
-        tensors += [
-            PlannedTensor(TensorMeta(router_key(layer), out_dtype, (num_experts, hidden)), "router", layer),
-            PlannedTensor(
-                TensorMeta(gate_up_key(layer), out_dtype, (num_experts, 2 * inter, hidden)), "gate_up", layer
-            ),
-            PlannedTensor(
-                TensorMeta(down_key(layer), out_dtype, (num_experts, hidden, inter)), "down", layer
-            ),
-        ]
+        shapes = {
+            MoETensor.ROUTER: (num_experts, hidden),
+            MoETensor.GATE_UP: (num_experts, 2 * inter, hidden),
+            MoETensor.DOWN: (num_experts, hidden, inter),
+        }
+        for tensor, shape in shapes.items():
+            rule = UpcycleRule.ROUTER if tensor is MoETensor.ROUTER else UpcycleRule.EXPERTS
+            tensors.append(PlannedTensor(TensorMeta(mlp.moe(tensor), out_dtype, shape), rule, mlp, tensor))
     return UpcyclePlan(config=config, tensors=tensors)
 
 
@@ -133,23 +126,21 @@ def _output_blocks(
     reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float
 ) -> Iterator[torch.Tensor]:
     """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN."""
-    meta, layer = planned.meta, planned.layer
-    if planned.rule == "copy":
+    meta = planned.meta
+    if planned.rule is UpcycleRule.COPY:
         for start in range(0, meta.numel, BLOCK_ELEMENTS):
             count = min(BLOCK_ELEMENTS, meta.numel - start)
             yield reader.read_elements(meta.name, start, count).to(meta.dtype)
-        return
-    if planned.rule == "router":
-        yield _router_weight(meta, layer, seed, std)
-        return
-    if planned.rule == "gate_up":
-        parts = [reader.get(dense_mlp_key(layer, "gate_proj")), reader.get(dense_mlp_key(layer, "up_proj"))]
+    elif planned.rule is UpcycleRule.ROUTER:
+        yield _router_weight(meta, planned.mlp.layer, seed, std)
+    elif planned.rule is UpcycleRule.EXPERTS:
+        expert = torch.cat([reader.get(key) for key in planned.mlp.fused_sources(planned.tensor)]).to(
+            meta.dtype
+        )
+        for _ in range(meta.shape[0]):
+            yield expert  # the same block E times: queued writes share it, nothing is copied
     else:
-        parts = [reader.get(dense_mlp_key(layer, "down_proj"))]
-    expert = torch.cat(parts).to(meta.dtype)
-    del parts
-    for _ in range(meta.shape[0]):
-        yield expert  # the same block E times: queued writes share it, nothing is copied
+        raise AssertionError(f"unhandled upcycle rule {planned.rule}")
 
 
 def upcycle(

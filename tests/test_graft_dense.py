@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_graft_fixtures import (
+
+from pdmoe.graft import graft
+from pdmoe.graft.planner import Role
+from tests.graft_checkpoints import (
     dense_config,
     dense_tensors,
     load_dir,
@@ -16,8 +19,6 @@ from test_graft_fixtures import (
     reference_graft,
     save_checkpoint,
 )
-
-from pdmoe.graft import graft
 
 
 def assert_matches(out: Path, expected: dict[str, torch.Tensor]) -> None:
@@ -75,7 +76,7 @@ def test_cpt_extended_vocabulary(tmp_path: Path) -> None:
     assert_matches(out, reference_graft(base, instruct, cpt))
     got, cpt_tensors = load_dir(out), load_dir(cpt)
     assert torch.equal(got["lm_head.weight"][20:], cpt_tensors["lm_head.weight"][20:])
-    assert report.plan.tokenizer_source == "cpt"
+    assert report.plan.tokenizer_source is Role.CPT
     assert (out / "tokenizer.json").read_bytes() == (cpt / "tokenizer.json").read_bytes()
     assert (out / "chat_template.jinja").read_text() == "instruct template"
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "{{ instruct }}"
@@ -98,7 +99,7 @@ def test_instruct_extended_vocabulary(tmp_path: Path, skip_embeddings: bool) -> 
         got["model.embed_tokens.weight"][20:], instruct_tensors["model.embed_tokens.weight"][20:]
     )
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 22
-    assert report.plan.tokenizer_source == "instruct"
+    assert report.plan.tokenizer_source is Role.INSTRUCT
     assert (out / "tokenizer.json").read_bytes() == (instruct / "tokenizer.json").read_bytes()
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_graft_fixtures import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, PdmoeError, UsageError
 from pdmoe.graft import graft
+from tests.graft_checkpoints import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
 
 def assert_nothing_finished(out: Path) -> None:
@@ -196,7 +196,7 @@ def test_out_is_an_input(tmp_path: Path) -> None:
 def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, instruct, cpt = make(tmp_path)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("pdmoe.io.writer.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr("pdmoe.io.outputs.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(CheckpointError, match="GiB free but the output needs"):
         graft(base, instruct, cpt, tmp_path / "out")
     assert_nothing_finished(tmp_path / "out")
@@ -208,7 +208,7 @@ def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     [
         ({"resume": True, "overwrite": True}, UsageError, "pass only one"),
         ({"dtype": "int8"}, UsageError, "unsupported output dtype 'int8'"),
-        ({"shard_size": "lots"}, CheckpointError, "cannot read size 'lots'"),
+        ({"shard_size": "lots"}, UsageError, "cannot read size 'lots'"),
         ({"scale": float("nan")}, UsageError, "--scale must be a finite number"),
     ],
 )

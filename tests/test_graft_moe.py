@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from test_graft_fixtures import Pipeline, load_dir, real_pipeline, reference_graft
 
+from pdmoe import MoEConfig, MoEForCausalLM
 from pdmoe.graft import graft
+from tests.graft_checkpoints import Pipeline, load_dir, real_pipeline, reference_graft
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,19 @@ def test_side_files_and_manifest(pipeline: Pipeline, grafted) -> None:
     assert "pdmoe_version" in manifest
 
 
-def test_grafted_moe_loads_with_transformers(grafted) -> None:
+def test_grafted_moe_loads_with_transformers(pipeline: Pipeline, grafted) -> None:
+    """transformers' Auto class loads the output as pdmoe's model, and it computes what an
+    MoEForCausalLM holding the independently recomputed graft computes."""
     from transformers import AutoModelForCausalLM  # importing pdmoe registered the MoE model with it
 
     out, _ = grafted
-    model = AutoModelForCausalLM.from_pretrained(out)
-    logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert torch.isfinite(logits).all()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(loaded, MoEForCausalLM)
+    expected = MoEForCausalLM(MoEConfig.from_pretrained(out)).eval()
+    expected.load_state_dict(reference_graft(pipeline.base, pipeline.instruct, pipeline.cpt), strict=True)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, expected(tokens).logits)
 
 
 def test_tied_embeddings_on_the_real_pipeline(tmp_path) -> None:

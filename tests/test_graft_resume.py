@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from test_graft_fixtures import make
 
 from pdmoe.graft import graft
 from pdmoe.io.writer import ShardWriter
+from tests.graft_checkpoints import make
 
 SHARD_SIZE = 3000
 

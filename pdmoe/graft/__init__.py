@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from pdmoe.dtypes import parse_dtype
 from pdmoe.errors import UsageError
 from pdmoe.graft.planner import GraftPlan, build_plan
-from pdmoe.graft.runner import GraftReport, execute
+from pdmoe.graft.runner import GraftOptions, GraftReport, execute
+from pdmoe.io.outputs import prepare_output_dir
 from pdmoe.io.reader import CheckpointReader
-from pdmoe.io.writer import parse_size, prepare_output_dir
+from pdmoe.options import parse_dtype, parse_size
 
 __all__ = ["GraftPlan", "GraftReport", "graft"]
 
@@ -59,12 +59,12 @@ def graft(
         prepare_output_dir(
             out_dir, overwrite=overwrite, resume=resume, inputs=(b.directory, i.directory, c.directory)
         )
-        options = {
-            "scale": scale,
-            "skip_embeddings": skip_embeddings,
-            "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
-            "shard_size": shard_bytes,
-            "resume": resume,
-            "overwrite": overwrite,
-        }
-        return execute(plan, b, i, c, out_dir, resume=resume, options=options)
+        options = GraftOptions(
+            scale=scale,
+            skip_embeddings=skip_embeddings,
+            dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+            shard_size=shard_bytes,
+            resume=resume,
+            overwrite=overwrite,
+        )
+        return execute(plan, b, i, c, out_dir, options=options)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdmoe.dtypes import DTYPES
 from pdmoe.graft import graft
+from pdmoe.options import DTYPES
 
 _DESCRIPTION = """\
 Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).

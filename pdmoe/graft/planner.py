@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -41,12 +41,45 @@ from pdmoe.errors import CheckpointError
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta
 from pdmoe.io.writer import plan_shards, shard_file_names
+from pdmoe.layout import (
+    EMBED_TOKENS,
+    FUSED_EXPERT_TENSORS,
+    FUSED_FROM,
+    LM_HEAD,
+    VOCABULARY_TENSOR,
+    DenseProjection,
+    MLPKeys,
+    MoETensor,
+    match_moe,
+)
 
-RULES = ("shared_delta", "expert_delta", "router", "cpt_only", "embedding_kept")
-VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out)\.weight$")
-_EXPERTS = re.compile(r"^(?P<mlp>.+)\.experts\.gate_up_proj$")
-_EXPERTS_DOWN = re.compile(r"^(?P<mlp>.+)\.experts\.down_proj$")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+class Role(Enum):
+    """The three input checkpoints of a graft."""
+
+    BASE = "base"
+    INSTRUCT = "instruct"
+    CPT = "cpt"
+
+
+class GraftRule(Enum):
+    """How an output tensor is made (see the module docstring)."""
+
+    SHARED_DELTA = "shared_delta"
+    EXPERT_DELTA = "expert_delta"
+    ROUTER = "router"
+    CPT_ONLY = "cpt_only"
+    EMBEDDING_KEPT = "embedding_kept"
+
+
+class RowSource(Enum):
+    """Where a piece of rows comes from."""
+
+    DELTA = "delta"  # CPT's rows plus the delta of BASE / INSTRUCT's ``dense`` rows
+    CPT = "cpt"  # CPT's rows as they are
+    INSTRUCT = "instruct"  # INSTRUCT's ``dense`` rows, for tokens only INSTRUCT has
+
+
 _STRUCTURE = (
     "hidden_size",
     "intermediate_size",
@@ -62,14 +95,12 @@ _SHOWN_MISMATCHES = 5
 class Piece:
     """Rows [start, stop) of the output (of each expert) and where they come from.
 
-    ``source`` is ``delta`` (CPT rows start..stop plus the delta of ``dense`` rows
-    ``dense_start``..), ``cpt`` (CPT's rows as they are) or ``instruct`` (INSTRUCT's ``dense`` rows
-    from ``dense_start``, for tokens only INSTRUCT has).
+    ``dense`` rows are read from ``dense_start`` on (``RowSource.DELTA`` and ``INSTRUCT``).
     """
 
     start: int
     stop: int
-    source: str
+    source: RowSource
     dense: str | None = None
     dense_start: int = 0
 
@@ -79,7 +110,7 @@ class TensorPlan:
     """One output tensor: its rule, layout (``experts`` leading slices, 0 for a plain tensor) and rows."""
 
     out: TensorMeta
-    rule: str
+    rule: GraftRule
     experts: int
     pieces: tuple[Piece, ...]
     shard: int
@@ -115,7 +146,7 @@ class GraftPlan:
     alpha: float
     skip_embeddings: bool
     config: dict[str, Any]
-    tokenizer_source: str
+    tokenizer_source: Role
     vocab: VocabRows | None
     moe_layers: list[int]
     num_experts: int
@@ -126,7 +157,7 @@ class GraftPlan:
 
     def counts(self) -> dict[str, int]:
         found = Counter(plan.rule for plan in self.tensors)
-        return {rule: found.get(rule, 0) for rule in RULES}
+        return {rule.value: found.get(rule, 0) for rule in GraftRule}
 
     def fingerprint(self, inputs: dict[str, Any]) -> str:
         """Identifies this plan on these inputs: a resumed run reuses only shards that carry it."""
@@ -139,9 +170,9 @@ class GraftPlan:
                     p.out.name,
                     str(p.out.dtype),
                     p.out.shape,
-                    p.rule,
+                    p.rule.value,
                     p.shard,
-                    [(x.start, x.stop, x.source, x.dense, x.dense_start) for x in p.pieces],
+                    [(x.start, x.stop, x.source.value, x.dense, x.dense_start) for x in p.pieces],
                 )
                 for p in self.tensors
             ],
@@ -152,7 +183,7 @@ class GraftPlan:
         names = shard_file_names(len(self.shards))
         lines = [
             f"graft plan: {len(self.tensors)} tensors, {self.total_bytes / 2**30:.3f} GiB in {len(names)} shard(s), "
-            f"ALPHA={self.alpha:g}, tokenizer from {self.tokenizer_source.upper()}",
+            f"ALPHA={self.alpha:g}, tokenizer from {self.tokenizer_source.value.upper()}",
             "counts: " + ", ".join(f"{rule}={count}" for rule, count in self.counts().items()),
         ]
         if self.moe_layers:
@@ -164,12 +195,12 @@ class GraftPlan:
             )
         for plan in self.tensors:
             sources = " + ".join(
-                f"[{p.start}:{p.stop}] {p.source}"
+                f"[{p.start}:{p.stop}] {p.source.value}"
                 + (f"({p.dense})" if p.dense and p.dense != plan.out.name else "")
                 for p in plan.pieces
             )
             lines.append(
-                f"{plan.out.name}  {plan.rule}  {str(plan.out.dtype).removeprefix('torch.')}{list(plan.out.shape)}"
+                f"{plan.out.name}  {plan.rule.value}  {str(plan.out.dtype).removeprefix('torch.')}{list(plan.out.shape)}"
                 f"  -> {names[plan.shard]}  {sources}"
             )
         return "\n".join(lines)
@@ -186,7 +217,7 @@ def _mismatch_error(title: str, problems: list[str], hint: str) -> CheckpointErr
 def _rows_may_grow(name: str, small: TensorMeta, big: TensorMeta) -> bool:
     """Embedding-like tensors may have more rows (tokens) in a later checkpoint, nothing else."""
     return (
-        VOCAB_TENSOR.search(name) is not None
+        VOCABULARY_TENSOR.search(name) is not None
         and len(small.shape) == len(big.shape) >= 1
         and small.shape[1:] == big.shape[1:]
         and big.shape[0] >= small.shape[0]
@@ -233,9 +264,9 @@ def _check_base_instruct(base: CheckpointReader, instruct: CheckpointReader) -> 
 
 def _tied_counterpart(name: str, base: CheckpointReader) -> str | None:
     """BASE's embeddings stand for a head that CPT has and BASE lacks (a model without one ties it)."""
-    if not name.endswith("lm_head.weight"):
+    if not name.endswith(LM_HEAD):
         return None
-    embeddings = [key for key in base if key.endswith("embed_tokens.weight")]
+    embeddings = [key for key in base if key.endswith(EMBED_TOKENS)]
     return embeddings[0] if len(embeddings) == 1 else None
 
 
@@ -249,47 +280,37 @@ class _Builder:
     problems: list[str] = field(default_factory=list)
     vocab: list[VocabRows] = field(default_factory=list)
 
-    def moe_mlps(self) -> dict[str, int]:
+    def moe_mlps(self) -> dict[MLPKeys, int]:
         """MoE blocks of CPT (``model.layers.3.mlp`` -> number of experts), checked against BASE's FFN."""
-        found: dict[str, int] = {}
+        found: dict[MLPKeys, int] = {}
         for name in self.cpt:
-            match = _EXPERTS.match(name)
-            if match is None:
+            match = match_moe(name)
+            if match is None or match[1] is not MoETensor.GATE_UP:
                 continue
-            mlp = match.group("mlp")
-            dense = [f"{mlp}.{part}_proj.weight" for part in ("gate", "up", "down")]
-            missing = [f"{key} in BASE" for key in dense if key not in self.base]
-            missing += (
-                [f"{mlp}.experts.down_proj in CPT"] if f"{mlp}.experts.down_proj" not in self.cpt else []
-            )
+            mlp = match[0]
+            missing = [f"{mlp.dense(p)} in BASE" for p in DenseProjection if mlp.dense(p) not in self.base]
+            missing += [f"{mlp.moe(t)} in CPT" for t in FUSED_EXPERT_TENSORS if mlp.moe(t) not in self.cpt]
             if missing:
                 self.problems.append(f"{name}: MoE layer in CPT, but no {missing[0]}")
                 continue
-            gate_up, down = self.cpt.meta(name), self.cpt.meta(f"{mlp}.experts.down_proj")
-            gate, up, dense_down = (self.base.meta(key) for key in dense)
-            experts = gate_up.shape[0] if gate_up.shape else 0
-            want_gate_up = (experts, gate.shape[0] + up.shape[0], *gate.shape[1:])
-            if gate.shape[1:] != up.shape[1:] or gate_up.shape != want_gate_up:
-                self.problems.append(
-                    f"{name}: {list(gate_up.shape)} in CPT, expected {list(want_gate_up)} from BASE"
-                )
-            if down.shape != (experts, *dense_down.shape):
-                self.problems.append(
-                    f"{mlp}.experts.down_proj: {list(down.shape)} in CPT, expected {[experts, *dense_down.shape]} from BASE"
-                )
+            experts = self.cpt.meta(name).shape[0] if self.cpt.meta(name).shape else 0
+            for tensor in FUSED_EXPERT_TENSORS:
+                key, sources = mlp.moe(tensor), [self.base.meta(k) for k in mlp.fused_sources(tensor)]
+                have = self.cpt.meta(key).shape
+                want = (experts, sum(s.shape[0] for s in sources), *sources[0].shape[1:])
+                if have != want or any(s.shape[1:] != sources[0].shape[1:] for s in sources):
+                    self.problems.append(f"{key}: {list(have)} in CPT, expected {list(want)} from BASE")
             found[mlp] = experts
         return found
 
-    def check_cpt_covers_base(self, moe: dict[str, int]) -> None:
-        replaced = {f"{mlp}.{part}_proj.weight" for mlp in moe for part in ("gate", "up", "down")}
+    def check_cpt_covers_base(self, moe: dict[MLPKeys, int]) -> None:
+        replaced = {mlp.dense(projection) for mlp in moe for projection in DenseProjection}
         for name in sorted(self.base):
             if name in replaced and name not in self.cpt:
                 continue
             if name not in self.cpt:
                 hint = (
-                    " (CPT ties lm_head to the embeddings, BASE does not)"
-                    if name.endswith("lm_head.weight")
-                    else ""
+                    " (CPT ties lm_head to the embeddings, BASE does not)" if name.endswith(LM_HEAD) else ""
                 )
                 self.problems.append(f"{name}: in BASE, missing in CPT{hint}")
             elif problem := _shape_problem(name, self.base.meta(name), self.cpt.meta(name), "BASE", "CPT"):
@@ -310,10 +331,12 @@ class _Builder:
         base_rows = self.base.meta(dense).shape[0] if meta.shape else 1
         cpt_rows = meta.shape[0] if meta.shape else 1
         instruct_rows = self.instruct.meta(dense).shape[0] if meta.shape else 1
-        keep = self.skip_embeddings and VOCAB_TENSOR.search(name) is not None
-        pieces = [Piece(0, cpt_rows, "cpt")] if keep else [Piece(0, base_rows, "delta", dense)]
+        keep = self.skip_embeddings and VOCABULARY_TENSOR.search(name) is not None
+        pieces = (
+            [Piece(0, cpt_rows, RowSource.CPT)] if keep else [Piece(0, base_rows, RowSource.DELTA, dense)]
+        )
         if not keep and cpt_rows > base_rows:
-            pieces.append(Piece(base_rows, cpt_rows, "cpt"))
+            pieces.append(Piece(base_rows, cpt_rows, RowSource.CPT))
         out_rows = cpt_rows
         if instruct_rows > base_rows:
             if cpt_rows > base_rows:
@@ -324,10 +347,10 @@ class _Builder:
                     "and graft again"
                 )
             out_rows = cpt_rows + instruct_rows - base_rows
-            pieces.append(Piece(cpt_rows, out_rows, "instruct", dense, base_rows))
-        if VOCAB_TENSOR.search(name):
+            pieces.append(Piece(cpt_rows, out_rows, RowSource.INSTRUCT, dense, base_rows))
+        if VOCABULARY_TENSOR.search(name):
             self.vocab.append(VocabRows(base_rows, instruct_rows, cpt_rows, out_rows))
-        rule = "embedding_kept" if keep else "shared_delta"
+        rule = GraftRule.EMBEDDING_KEPT if keep else GraftRule.SHARED_DELTA
         return self.out_meta(name, out_rows if meta.shape else None), rule, tuple(pieces)
 
 
@@ -349,8 +372,8 @@ def build_plan(
     builder.problems.extend(_config_problems(base.config, cpt_config, "BASE", "CPT", cpt_type))
     moe = builder.moe_mlps()
     builder.check_cpt_covers_base(moe)
-    routers = {f"{mlp}.gate.weight" for mlp in moe}
-    layers = sorted(int(m.group(1)) for mlp in moe if (m := _LAYER.search(f"{mlp}.")))
+    routers = {mlp.moe(MoETensor.ROUTER) for mlp in moe}
+    layers = sorted(mlp.layer for mlp in moe if mlp.layer is not None)
     if "moe_layers" in cpt_config and sorted(cpt_config["moe_layers"]) != layers:
         builder.problems.append(
             f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}"
@@ -362,21 +385,18 @@ def build_plan(
             "CPT must be BASE after continued pre-training, dense or upcycled with `pdmoe upcycle`.",
         )
 
-    entries: list[tuple[TensorMeta, str, int, tuple[Piece, ...]]] = []
+    entries: list[tuple[TensorMeta, GraftRule, int, tuple[Piece, ...]]] = []
     for name in _file_order(cpt):
         meta = cpt.meta(name)
-        match = _EXPERTS.match(name) or _EXPERTS_DOWN.match(name)
-        if match and match.group("mlp") in moe:
-            mlp, experts = match.group("mlp"), moe[match.group("mlp")]
-            if name.endswith("gate_up_proj"):
-                half = base.meta(f"{mlp}.gate_proj.weight").shape[0]
-                pieces = (
-                    Piece(0, half, "delta", f"{mlp}.gate_proj.weight"),
-                    Piece(half, meta.shape[1], "delta", f"{mlp}.up_proj.weight"),
-                )
-            else:
-                pieces = (Piece(0, meta.shape[1], "delta", f"{mlp}.down_proj.weight"),)
-            entries.append((builder.out_meta(name), "expert_delta", experts, pieces))
+        match = match_moe(name)
+        if match and match[0] in moe and match[1] in FUSED_FROM:
+            mlp, tensor = match
+            pieces, start = [], 0
+            for key in mlp.fused_sources(tensor):
+                rows = base.meta(key).shape[0]
+                pieces.append(Piece(start, start + rows, RowSource.DELTA, key))
+                start += rows
+            entries.append((builder.out_meta(name), GraftRule.EXPERT_DELTA, moe[mlp], tuple(pieces)))
             continue
         dense = name if name in base else _tied_counterpart(name, base)
         if name in routers or dense is None or not meta.dtype.is_floating_point:
@@ -384,9 +404,9 @@ def build_plan(
             entries.append(
                 (
                     builder.out_meta(name),
-                    "router" if name in routers else "cpt_only",
+                    GraftRule.ROUTER if name in routers else GraftRule.CPT_ONLY,
                     0,
-                    (Piece(0, rows, "cpt"),),
+                    (Piece(0, rows, RowSource.CPT),),
                 )
             )
             continue
@@ -409,7 +429,7 @@ def build_plan(
         alpha=alpha,
         skip_embeddings=skip_embeddings,
         config=_output_config(cpt_config, vocab, dtype),
-        tokenizer_source="cpt" if vocab is not None and vocab.cpt > vocab.base else "instruct",
+        tokenizer_source=Role.CPT if vocab is not None and vocab.cpt > vocab.base else Role.INSTRUCT,
         vocab=vocab,
         moe_layers=layers,
         num_experts=max(moe.values(), default=0),

@@ -21,24 +21,31 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
-from pdmoe.graft.planner import GraftPlan, Piece, TensorPlan
+from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
+from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.outputs import ensure_free_space
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
-from pdmoe.io.writer import SIDE_FILES, CheckpointWriter, copy_side_files, ensure_free_space, write_json
+from pdmoe.io.side_files import (
+    CHAT_TEMPLATE_FILES,
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    copy_side_files,
+)
+from pdmoe.io.writer import CheckpointWriter
 
 MANIFEST = "graft.json"
 RUN_STAMPS = ".graft-inputs.json"
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 _SHARD_FILE = re.compile(r"^\.?model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?$")
 
 
@@ -74,22 +81,41 @@ def pdmoe_version() -> str:
         return "unknown (not installed)"
 
 
+@dataclass(frozen=True)
+class GraftOptions:
+    """The options of a graft as given, recorded in ``graft.json``."""
+
+    scale: float
+    skip_embeddings: bool
+    dtype: str | None
+    shard_size: int
+    resume: bool
+    overwrite: bool
+
+
+class _Work(Enum):
+    """Scratch buffers of the arithmetic (input blocks have one buffer per ``Role``)."""
+
+    DELTA = "delta"
+    SUM = "sum"
+
+
 class _Streamer:
     """Produces the output blocks of one tensor plan, in file order, from the three readers."""
 
-    def __init__(self, readers: dict[str, CheckpointReader], alpha: float):
+    def __init__(self, readers: dict[Role, CheckpointReader], alpha: float):
         self.readers, self.alpha = readers, alpha
         self.bytes_read = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[Role | _Work, torch.Tensor] = {}
 
-    def _scratch(self, role: str, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable buffer per role: a fresh allocation per block would cost a page fault per 4 KiB."""
-        buffer = self._buffers.get(role)
+    def _scratch(self, key: Role | _Work, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable buffer per use: a fresh allocation per block would cost a page fault per 4 KiB."""
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
-            buffer = self._buffers[role] = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
+            buffer = self._buffers[key] = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
         return buffer[:count]
 
-    def _read(self, role: str, name: str, start: int, count: int) -> torch.Tensor:
+    def _read(self, role: Role, name: str, start: int, count: int) -> torch.Tensor:
         """Elements of tensor ``name`` of input ``role``, in that role's buffer: valid until its next read."""
         reader = self.readers[role]
         block = reader.read_elements(
@@ -116,7 +142,7 @@ class _Streamer:
         shared = {
             index: self._delta(plan, *span, keep=True)
             for index, span in enumerate(spans)
-            if plan.experts and span[0].source == "delta"
+            if plan.experts and span[0].source is RowSource.DELTA
         }
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
@@ -127,12 +153,11 @@ class _Streamer:
     ) -> torch.Tensor:
         """The delta of these rows; in a scratch buffer unless it must be ``keep``-t across experts."""
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
-        base = self._read("base", piece.dense, offset, count)
-        instruct = self._read("instruct", piece.dense, offset, count)
-        work = work_dtype(base.dtype, instruct.dtype, self.readers["cpt"].meta(plan.out.name).dtype)
-        return param_delta(
-            base, instruct, self.alpha, work, out=None if keep else self._scratch("delta", count, work)
-        )
+        base = self._read(Role.BASE, piece.dense, offset, count)
+        instruct = self._read(Role.INSTRUCT, piece.dense, offset, count)
+        work = work_dtype(base.dtype, instruct.dtype, self.readers[Role.CPT].meta(plan.out.name).dtype)
+        scratch = None if keep else self._scratch(_Work.DELTA, count, work)
+        return param_delta(base, instruct, self.alpha, work, out=scratch)
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
@@ -140,28 +165,30 @@ class _Streamer:
         """A new tensor (the writer thread owns it) with output rows [start, stop) of ``expert``."""
         width, dtype = plan.width, plan.out.dtype
         count = (stop - start) * width
-        if piece.source == "instruct":
+        if piece.source is RowSource.INSTRUCT:
             offset = (piece.dense_start + start - piece.start) * width
-            return self._read("instruct", piece.dense, offset, count).to(dtype, copy=True)
-        cpt = self._read("cpt", plan.out.name, (expert * plan.rows + start) * width, count)
-        if piece.source == "cpt":
+            return self._read(Role.INSTRUCT, piece.dense, offset, count).to(dtype, copy=True)
+        cpt = self._read(Role.CPT, plan.out.name, (expert * plan.rows + start) * width, count)
+        if piece.source is RowSource.CPT:
             return cpt.to(dtype, copy=True)
+        if piece.source is not RowSource.DELTA:
+            raise AssertionError(f"unhandled row source {piece.source}")
         if delta is None:
             delta = self._delta(plan, piece, start, stop)
-        return apply_delta(cpt, delta, dtype, scratch=self._scratch("sum", count, delta.dtype))
+        return apply_delta(cpt, delta, dtype, scratch=self._scratch(_Work.SUM, count, delta.dtype))
 
 
-def _inputs_manifest(readers: dict[str, CheckpointReader]) -> dict[str, dict]:
+def _inputs_manifest(readers: dict[Role, CheckpointReader]) -> dict[str, dict]:
     return {
-        role: {"path": str(reader.directory.resolve()), "header_sha256": reader.header_digests()}
+        role.value: {"path": str(reader.directory.resolve()), "header_sha256": reader.header_digests()}
         for role, reader in readers.items()
     }
 
 
-def _file_stamps(readers: dict[str, CheckpointReader]) -> dict[str, list[list]]:
+def _file_stamps(readers: dict[Role, CheckpointReader]) -> dict[str, list[list]]:
     """Name, size and mtime of every input shard: header hashes cannot see values rewritten in place."""
     return {
-        role: [
+        role.value: [
             [name, (stat := shard.path.stat()).st_size, stat.st_mtime_ns]
             for name, shard in sorted(reader.shards.items())
         ]
@@ -193,8 +220,8 @@ def _forget_earlier_run(out_dir: Path, writer: CheckpointWriter) -> None:
 
 def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path) -> None:
     write_json(out_dir / "config.json", plan.config)
-    copy_side_files(instruct, out_dir, ("generation_config.json",))
-    if plan.tokenizer_source == "instruct":
+    copy_side_files(instruct, out_dir, (GENERATION_CONFIG,))
+    if plan.tokenizer_source is Role.INSTRUCT:
         copy_side_files(instruct, out_dir, TOKENIZER_FILES)
         return
     copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
@@ -209,19 +236,30 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
         write_json(out_dir / "tokenizer_config.json", {**tokenizer_config, "chat_template": template})
 
 
-@contextmanager
-def _one_compute_thread() -> Iterator[None]:
-    """Arithmetic on one core, the writer thread on the other.
+def _on_single_threaded_worker(work: Callable[[], int]) -> int:
+    """Run ``work`` on a thread of its own with one intra-op thread: arithmetic on one core, the
+    writer thread on the other.
 
     The elementwise ops are memory-bound; a second OpenMP thread gains little and, when the writer
     thread (or anything else) holds the other core, spin-waits: measured 1.5-3x slower on 2 cores.
+    torch's intra-op thread count belongs to the calling thread, so the caller's stays as it was.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        try:
+            result.append(work())
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="pdmoe-graft-compute")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def execute(
@@ -231,19 +269,18 @@ def execute(
     cpt: CheckpointReader,
     out_dir: Path,
     *,
-    resume: bool,
-    options: dict,
+    options: GraftOptions,
 ) -> GraftReport:
     """Write the grafted checkpoint described by ``plan`` into the prepared ``out_dir``."""
     started = time.perf_counter()
-    readers = {"base": base, "instruct": instruct, "cpt": cpt}
+    readers = {Role.BASE: base, Role.INSTRUCT: instruct, Role.CPT: cpt}
     inputs = _inputs_manifest(readers)
     fingerprint = plan.fingerprint(
         {"version": pdmoe_version(), **{role: e["header_sha256"] for role, e in inputs.items()}}
     )
     writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
     stamps = _file_stamps(readers)
-    trusted = resume and _earlier_file_stamps(out_dir) == stamps
+    trusted = options.resume and _earlier_file_stamps(out_dir) == stamps
     complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
     ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
@@ -252,22 +289,27 @@ def execute(
     _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
 
     streamer = _Streamer(readers, plan.alpha)
-    written = 0
-    with _one_compute_thread(), BackgroundShardWriter(writer) as sink:
-        for tensor in plan.tensors:
-            if tensor.shard in complete:
-                continue
-            for block in streamer.blocks(tensor):
-                sink.write(tensor.shard, tensor.out.name, block)
-                written += block.nbytes
+
+    def stream_all() -> int:
+        written = 0
+        with BackgroundShardWriter(writer) as sink:
+            for tensor in plan.tensors:
+                if tensor.shard in complete:
+                    continue
+                for block in streamer.blocks(tensor):
+                    sink.write(tensor.shard, tensor.out.name, block)
+                    written += block.nbytes
+        return written
+
+    written = _on_single_threaded_worker(stream_all)
 
     manifest = {
         "pdmoe_version": pdmoe_version(),
         "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
         "alpha": plan.alpha,
-        "options": options,
+        "options": asdict(options),
         "counts": plan.counts(),
-        "tokenizer_from": plan.tokenizer_source,
+        "tokenizer_from": plan.tokenizer_source.value,
         "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
         "moe_layers": plan.moe_layers,
         "num_experts": plan.num_experts,

@@ -11,42 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from pdmoe.errors import CheckpointError
+from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.reader import INDEX_FILE, SINGLE_FILE
 from pdmoe.io.safetensors_format import TensorMeta, encode_header, read_header
-
-_FREE_SPACE_MARGIN = 64 * 1024 * 1024
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-    }
-    upper = text.strip().upper()
-    unit = next((unit for unit in units if upper.endswith(unit)), None)
-    number, factor = (upper[: -len(unit)], units[unit]) if unit else (upper.rstrip("B"), 1)
-    try:
-        size = int(float(number) * factor)
-    except ValueError:
-        raise CheckpointError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
-    if size <= 0:
-        raise CheckpointError(f"shard size must be positive, got {text!r}")
-    return size
 
 
 def plan_shards(entries: list[TensorMeta], max_shard_bytes: int) -> list[list[TensorMeta]]:
@@ -68,39 +40,6 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def prepare_output_dir(
-    out_dir: Path, *, overwrite: bool, resume: bool = False, inputs: tuple[Path, ...] = ()
-) -> None:
-    """Create ``out_dir``; refuse a non-empty one unless told to overwrite it or resume into it."""
-    out_dir = Path(out_dir)
-    for source in inputs:
-        if out_dir.resolve() == Path(source).resolve():
-            raise CheckpointError(f"output directory {out_dir} is also an input; choose another --out")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise CheckpointError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(out_dir).free
-    if free < needed_bytes + _FREE_SPACE_MARGIN:
-        raise CheckpointError(
-            f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
-            "free some space or choose another --out"
-        )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -112,8 +51,8 @@ class ShardWriter:
     def __init__(self, path: Path, entries: list[TensorMeta], metadata: dict[str, str] | None) -> None:
         self.path = path
         self.entries = entries
-        self._tmp = path.with_name(f".{path.name}.partial")
-        self._handle = self._tmp.open("wb")
+        self._staged = Staged(path)
+        self._handle = self._staged.path.open("wb")
         self._handle.write(encode_header(entries, metadata))
         self._next = 0
         self._written = 0
@@ -159,11 +98,11 @@ class ShardWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        os.replace(self._tmp, self.path)
+        self._staged.commit()
 
     def abort(self) -> None:
         self._handle.close()
-        self._tmp.unlink(missing_ok=True)
+        self._staged.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -227,33 +166,3 @@ class CheckpointWriter:
         }
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         write_text_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write a JSON side file atomically (configs, manifests)."""
-    write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-
-
-def copy_side_files(source: Path, out_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> list[str]:
-    """Copy the tokenizer / generation files that exist in ``source``; returns the names copied."""
-    copied = []
-    for name in names:
-        path = Path(source) / name
-        if path.is_file():
-            shutil.copyfile(path, Path(out_dir) / name)
-            copied.append(name)
-    return copied

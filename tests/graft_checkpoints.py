@@ -1,7 +1,6 @@
 """Checkpoints for the graft tests, and the independent recomputation the outputs are judged by.
 
-No tests here: the other ``test_graft_*`` modules import these helpers (pytest puts ``tests/`` on
-``sys.path``). The reference loads whole state dicts with ``safetensors.torch.load_file`` and
+The ``test_graft_*`` modules import these helpers from the ``tests`` package. The reference loads whole state dicts with ``safetensors.torch.load_file`` and
 computes in float64, written from METHOD.md, not from the implementation.
 """
 

@@ -1,0 +1,73 @@
+"""Files and folders that appear under their final name only when complete.
+
+Everything pdmoe writes is first written to a hidden sibling (``.NAME.partial``) and renamed into
+place when whole: a reader, or a run that was killed, sees the old state or the new one, never a
+half-written file under a name that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+
+class Staged:
+    """A hidden sibling ``path`` of ``final`` to write into (a file, or a folder the caller creates).
+
+    ``commit()`` renames it to ``final``; ``abort()`` removes it. As a context manager it yields
+    ``path`` (a stale one of an earlier killed run removed first), commits on success and aborts on
+    an exception. ``tag`` makes the name unique when several processes may stage the same target.
+    """
+
+    def __init__(self, final: str | Path, *, tag: str = "") -> None:
+        self.final = Path(final)
+        self.path = self.final.with_name(f".{self.final.name}{tag}.partial")
+
+    def commit(self) -> None:
+        """Rename into place; an existing ``final`` file is replaced, a non-empty folder is not."""
+        os.replace(self.path, self.final)
+
+    def commit_files_into(self, directory: Path, last: str) -> None:
+        """Move the staged folder's files into ``directory`` (each rename atomic), ``last`` after all
+        the others, so a reader that waits for ``last`` finds everything; then drop the staged folder."""
+        names = sorted(path.name for path in self.path.iterdir())
+        for name in [*(n for n in names if n != last), *([last] if last in names else [])]:
+            os.replace(self.path / name, Path(directory) / name)
+        self.path.rmdir()
+
+    def abort(self) -> None:
+        if self.path.is_dir() and not self.path.is_symlink():
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Path:
+        self.abort()
+        return self.path
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
+    with Staged(path) as staged:
+        staged.write_text(text)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a JSON side file atomically (configs, manifests)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
