@@ -33,11 +33,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import tuning
 from .tiles import (
     _load_rows,
-    _mma_k_loop,
     _offset,
-    _pick_expert,
-    _row_tile,
     _row_tile_count,
+    _row_tile_product,
     _swizzle,
     _tile_ptrs,
     persistent_grid,
@@ -173,38 +171,40 @@ def _gate_up_fwd_kernel(
     num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(F, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-        expert, start, end = _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M, BLOCK_E)
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        tokens = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0) // top_k
-        w, local = _pick_expert(w_desc1, w_desc2, w_ptr1, w_ptr2, n_first, expert, stride_we, W_TMA)
-        n0 = pid_n * BLOCK_N
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_g, acc_u = _mma_k_loop(
-            acc_g,
-            acc_u,
+        acc_g, acc_u, start, row_ok, n0 = _row_tile_product(
+            tile,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            top_k,
             x_ptr,
             x_ptr,
-            0,
-            _offset(tokens, stride_xt),
-            row_ok,
+            stride_xt,
             stride_xh,
-            w,
-            local,
-            n0,
-            F + n0,
-            2 * F,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
             stride_wn,
             stride_wk,
+            F,
+            2 * F,
             0,
             H,
+            True,
+            True,
             False,
             W_TMA,
             True,
             True,
             PRECISION,
+            BLOCK_E,
+            GROUP_M,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
@@ -268,41 +268,46 @@ def _grouped_gemm_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n * n_split, tl.num_programs(0)):
         split = tile % n_split
-        pid_m, pid_n = _swizzle(tile // n_split, num_m, num_n, GROUP_M)
-        expert, start, end = _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M, BLOCK_E)
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        w, local = _pick_expert(w_desc1, w_desc2, w_ptr1, w_ptr2, n_first, expert, stride_we, W_TMA)
-        n0 = pid_n * BLOCK_N
         k_lo = split * k_chunk
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc, _ = _mma_k_loop(
-            acc,
-            acc,
+        acc, _, start, row_ok, n0 = _row_tile_product(
+            tile // n_split,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            1,
             a_desc,
             a_ptr,
-            start,
-            _offset(rows, stride_ar),
-            row_ok,
+            stride_ar,
             stride_ak,
-            w,
-            local,
-            n0,
-            n0,
-            N,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
             stride_wn,
             stride_wk,
+            0,
+            N,
             k_lo,
             tl.minimum(K, k_lo + k_chunk),
+            True,
+            False,
             A_TMA,
             W_TMA,
             K_MAJOR,
             False,
             PRECISION,
+            BLOCK_E,
+            GROUP_M,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
         )
+        rows = start + tl.arange(0, BLOCK_M)
         if HAS_SCALE:
             slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
             acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -484,41 +489,45 @@ def _act_bwd_kernel(
     num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(F, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-        expert, start, end = _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M, BLOCK_E)
+        acc, _, start, row_ok, n0 = _row_tile_product(
+            tile,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            1,
+            a_desc,
+            a_ptr,
+            stride_ar,
+            stride_ak,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
+            stride_wn,
+            stride_wk,
+            0,
+            F,
+            0,
+            H,
+            NEED_G,
+            False,
+            A_TMA,
+            W_TMA,
+            False,
+            False,
+            PRECISION,
+            BLOCK_E,
+            GROUP_M,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        n0 = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if NEED_G:
-            w, local = _pick_expert(w_desc1, w_desc2, w_ptr1, w_ptr2, n_first, expert, stride_we, W_TMA)
-            acc, _ = _mma_k_loop(
-                acc,
-                acc,
-                a_desc,
-                a_ptr,
-                start,
-                _offset(rows, stride_ar),
-                row_ok,
-                stride_ak,
-                w,
-                local,
-                n0,
-                n0,
-                F,
-                stride_wn,
-                stride_wk,
-                0,
-                H,
-                A_TMA,
-                W_TMA,
-                False,
-                False,
-                PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-            )
         slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
         s = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
         part = _act_bwd_epilogue(
@@ -542,7 +551,7 @@ def _act_bwd_kernel(
             EPILOGUE_SPLIT,
         )
         if NEED_DSCALE:
-            tl.store(dscale_part_ptr + _offset(rows, num_n) + pid_n, part, mask=row_ok)
+            tl.store(dscale_part_ptr + _offset(rows, num_n) + n0 // BLOCK_N, part, mask=row_ok)
 
 
 @triton.jit

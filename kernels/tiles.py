@@ -189,6 +189,96 @@ def _mma_k_loop(
     return acc, acc2
 
 
+@triton.jit
+def _row_tile_product(
+    tile,
+    num_m,
+    num_n,
+    offsets_ptr,
+    order_ptr,
+    sorted_slots_ptr,
+    n_experts,
+    top_k,
+    a_desc,
+    a_ptr,
+    stride_ar,
+    stride_ak,
+    w_desc1,
+    w_desc2,
+    w_ptr1,
+    w_ptr2,
+    n_first,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    n_second,
+    n_end,
+    k_lo,
+    k_hi,
+    MMA: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
+    K_MAJOR: tl.constexpr,
+    DUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Tile number ``tile`` (row tile x column tile) of a persistent row-tiled kernel: the prologue and
+    the K-loop every such kernel shares.
+
+    Returns (acc, acc2, start, row_ok, n0): the tile's expert rows start.. (row_ok: before the expert's
+    end), its first column n0, and acc = A[rows] · W_e[k_lo:k_hi, n0:n0+BLOCK_N] (zero unless ``MMA``);
+    with ``DUAL`` also acc2 from columns n_second + n0.. of the same weight (the up half). With
+    ``GATHER_A`` A's rows are the rows' tokens (sorted slot // top_k) instead of the rows themselves."""
+    pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+    expert, start, end = _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M, BLOCK_E)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = acc
+    if DUAL:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MMA:
+        a_rows = rows
+        if GATHER_A:
+            a_rows = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0) // top_k
+        w, local = _pick_expert(w_desc1, w_desc2, w_ptr1, w_ptr2, n_first, expert, stride_we, W_TMA)
+        acc, acc2 = _mma_k_loop(
+            acc,
+            acc2,
+            a_desc,
+            a_ptr,
+            start,
+            _offset(a_rows, stride_ar),
+            row_ok,
+            stride_ak,
+            w,
+            local,
+            n0,
+            n_second + n0,
+            n_end,
+            stride_wn,
+            stride_wk,
+            k_lo,
+            k_hi,
+            A_TMA,
+            W_TMA,
+            K_MAJOR,
+            DUAL,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+    return acc, acc2, start, row_ok, n0
+
+
 def persistent_grid(tiles_upper_bound: int, programs: int) -> tuple[int]:
     """One program per tile up to ``programs`` (SMs × CTAs per SM); each loops over the rest."""
     return (max(1, min(tiles_upper_bound, programs)),)
