@@ -86,14 +86,25 @@ def config_for(device_name: str, kernel: str, n_tokens: int, dtype: torch.dtype)
         # next_pow2(T) (>= 16 for tl.dot) holds all of them and each active expert's weights are
         # streamed exactly once, by cdiv(N, BLOCK_N) programs.
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(n_tokens))
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        # IEEE fp32 products run on the FMA units with both operands in registers: small tiles.
+    if dtype == torch.float32:
+        _adapt_to_fp32(cfg, kernel)
+    return cfg
+
+
+def _adapt_to_fp32(cfg: dict[str, Any], kernel: str) -> None:
+    """fp32 tiles take twice the bytes. IEEE products (torch's default "highest" matmul precision) run
+    on the FMA units with both operands in registers: small tiles. TF32 tensor cores: half K, a
+    shallower pipeline. Either way gate_up_fwd, with two accumulators, gets half the columns."""
+    if torch.get_float32_matmul_precision() == "highest":
         cfg.update(_FP32_IEEE, BLOCK_M=min(cfg["BLOCK_M"], _FP32_IEEE["BLOCK_M"]))
-    elif dtype == torch.float32:
-        # TF32 tensor cores, twice the bytes per tile: halve K and keep the pipeline shallow.
+        if kernel == "gate_up_fwd":
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 32)
+    else:
         cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
         cfg["num_stages"] = min(cfg["num_stages"], 3)
-    return cfg
+    if kernel == "gate_up_fwd":
+        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
+        cfg["EPILOGUE_SPLIT"] = max(1, min(cfg["EPILOGUE_SPLIT"], cfg["BLOCK_N"] // 32))
 
 
 def interpreting() -> bool:

@@ -14,8 +14,10 @@ or running it. Each distinct launch is then compiled with ``triton.compile`` for
     (--jobs N compiles in N forked processes)
 
 Violations, for launches at training sizes (T > 64): a spill; a bf16/tf32 GEMM without wgmma; a K-loop
-with fewer than num_stages - 1 buffers; fewer CTAs per SM than the table's ``ctas_per_sm``. At every
-size: more shared memory than a block may have. The test runs the subset (bf16, the largest shape,
+with fewer than num_stages - 1 buffers, or (bf16) with an operand that passes through registers
+(column "bufs" marks it "r"; TF32 wgmma needs K-major operands, so Triton transposes MN-major ones that
+way); fewer CTAs per SM than the table's ``ctas_per_sm``. At every size: more shared memory than a
+block may have. The test runs the subset (bf16, the largest shape,
 T = 16384: the launches a training step makes) in a subprocess, since the test process interprets.
 """
 
@@ -75,6 +77,7 @@ class Compiled:
     ctas_per_sm: int
     mma: str
     kloop_buffers: int | None  # None: no K-loop with a dot
+    operand_through_registers: bool
     mma_wait_pendings: int | None
 
 
@@ -206,13 +209,12 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
     return registers, spills
 
 
-def _kloop(ttgir: str) -> tuple[int | None, int | None]:
-    """(fewest shared-memory buffers of a K-loop's dot operands, fewest wgmma wait pendings in it).
-
-    K-loops are the innermost ``scf.for`` loops with a dot (a persistent kernel's tile loop is not one).
-    Pipelined operands live in [stages, rows, cols] allocations made before the loop; an operand
-    stored to shared memory inside the loop from registers (``local_alloc %value``) has one buffer.
-    """
+def _kloop(ttgir: str) -> tuple[int | None, bool, int | None]:
+    """For the K-loops (innermost ``scf.for`` loops with a dot; a persistent kernel's tile loop is not
+    one): the fewest shared-memory buffers their operands are prefetched into ([stages, rows, cols]
+    allocations made before the loop), whether an operand passes through registers inside a loop (stored
+    to shared memory there by ``local_alloc %value``: computed, or transposed for TF32), and the fewest
+    wgmma wait pendings."""
     lines = ttgir.splitlines()
     float_tile = r"x(?:bf16|f16|f32)"
     staged = [
@@ -221,8 +223,7 @@ def _kloop(ttgir: str) -> tuple[int | None, int | None]:
             rf"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+{float_tile}", ttgir
         )
     ]
-    buffers: list[int] = []
-    pendings: list[int] = []
+    loops, through_registers, pendings = 0, False, []
     for start, line in enumerate(lines):
         if "scf.for" not in line:
             continue
@@ -234,10 +235,12 @@ def _kloop(ttgir: str) -> tuple[int | None, int | None]:
         body = "\n".join(lines[start + 1 : end + 1])
         if "scf.for" in body or not ("warp_group_dot " in body or "tt.dot " in body):
             continue
-        from_registers = re.search(rf"ttg\.local_alloc %\S+ : \(tensor<[^>]*{float_tile},", body)
-        buffers.append(1 if from_registers or not staged else min(staged))
+        loops += 1
+        through_registers |= bool(re.search(rf"ttg\.local_alloc %\S+ : \(tensor<[^>]*{float_tile},", body))
         pendings += [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", body)]
-    return (min(buffers) if buffers else None), (min(pendings) if pendings else None)
+    if not loops:
+        return None, False, None
+    return (min(staged) if staged else 1), through_registers, (min(pendings) if pendings else None)
 
 
 def _ctas_per_sm(registers: int, shared: int, num_warps: int) -> int:
@@ -260,10 +263,10 @@ def compile_launch(captured: Captured) -> Compiled:
     ptx = kernel.asm["ptx"]
     registers, spills = _ptxas_report(ptx)
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-    buffers, pendings = _kloop(kernel.asm["ttgir"])
+    buffers, through_registers, pendings = _kloop(kernel.asm["ttgir"])
     shared = kernel.metadata.shared
     ctas = _ctas_per_sm(registers, shared, spec["num_warps"])
-    return Compiled(registers, spills, shared, ctas, mma, buffers, pendings)
+    return Compiled(registers, spills, shared, ctas, mma, buffers, through_registers, pendings)
 
 
 def _compile_or_error(captured: Captured) -> Compiled | str:
@@ -305,6 +308,13 @@ def _flags(launch: Launch) -> str:
     return " ".join(shown)
 
 
+def _buffers(result: Compiled) -> str:
+    """K-loop buffers, with an "r" where an operand passes through registers in the loop."""
+    if result.kloop_buffers is None:
+        return "-"
+    return f"{result.kloop_buffers}{'r' if result.operand_through_registers else ''}"
+
+
 def violations(launch: Launch, captured: Captured, result: Compiled) -> list[str]:
     found = []
     if result.shared > BLOCK_SHARED_MAX:
@@ -318,6 +328,8 @@ def violations(launch: Launch, captured: Captured, result: Compiled) -> list[str
             found.append(f"{result.mma} instead of wgmma")
         if result.kloop_buffers < launch.num_stages - 1:
             found.append(f"K-loop keeps {result.kloop_buffers} of {launch.num_stages} buffers")
+        if _dtype(launch) == "bf16" and result.operand_through_registers:
+            found.append("a K-loop operand passes through registers")
     promised = max(captured.ctas_per_sm, default=0)
     if promised > result.ctas_per_sm:
         found.append(f"table says {promised} CTAs/SM, {result.ctas_per_sm} fit")
@@ -355,7 +367,7 @@ def main(scope: dict, jobs: int = 1) -> int:
             row = (
                 f"{launch.kernel:22} {_dtype(launch):5} {sizes:>11} {launch.num_warps:>2} {launch.num_stages:>2} "
                 f"{result.registers:>4} {result.spill_bytes:>5} {result.shared:>6} {result.ctas_per_sm:>6} "
-                f"{result.mma:8} {result.kloop_buffers if result.kloop_buffers is not None else '-':>4} "
+                f"{result.mma:8} {_buffers(result):>4} "
                 f"{result.mma_wait_pendings if result.mma_wait_pendings is not None else '-':>4}  {_flags(launch)}"
                 + ("   <-- " + "; ".join(bad) if bad else "")
             )
