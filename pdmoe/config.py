@@ -13,6 +13,7 @@ from typing import Any
 from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
 
 from pdmoe.errors import UsageError
+from pdmoe.experts import experts_impl_name, experts_implementation
 
 DENSE_CONFIGS: dict[str, type[PreTrainedConfig]] = {
     "llama": LlamaConfig,
@@ -20,7 +21,6 @@ DENSE_CONFIGS: dict[str, type[PreTrainedConfig]] = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
 }
-EXPERTS_IMPLS = ("auto", "torch", "triton")
 
 
 def check_supported_family(model_type: str | None) -> type[PreTrainedConfig]:
@@ -69,7 +69,6 @@ class MoEConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     norm_topk_prob: bool = True
     output_router_logits: bool = False
-    experts_impl: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         dense_class = check_supported_family(self.base_model_type)
@@ -100,8 +99,6 @@ class MoEConfig(PreTrainedConfig):
             raise UsageError(
                 f"top-k ({self.num_experts_per_tok}) must be between 1 and the number of experts ({self.num_experts})"
             )
-        if self.experts_impl not in EXPERTS_IMPLS:
-            raise UsageError(f"experts_impl {self.experts_impl!r} is not one of {', '.join(EXPERTS_IMPLS)}")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise UsageError(f"moe_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
@@ -109,6 +106,17 @@ class MoEConfig(PreTrainedConfig):
             raise UsageError(
                 f"original_experts {self.original_experts} must lie in 0..{self.num_experts - 1}"
             )
+
+    @property
+    def experts_impl(self) -> str:
+        """The experts implementation: "auto" (the default), "torch" or "triton" (see pdmoe.experts).
+
+        A per-load choice kept in transformers' ``_experts_implementation``, which config.json never holds."""
+        return experts_impl_name(self._experts_implementation)
+
+    @experts_impl.setter
+    def experts_impl(self, name: str) -> None:
+        self._experts_implementation = experts_implementation(name)
 
     @property
     def num_original_experts(self) -> int:
