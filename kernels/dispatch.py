@@ -23,6 +23,10 @@ from __future__ import annotations
 import enum
 
 import torch
+import triton
+import triton.language as tl
+
+from .tiles import _offset
 
 
 class RaggedGemm(enum.Enum):
@@ -55,9 +59,30 @@ def use_grouped_mm(gemm: RaggedGemm, operands: tuple[torch.Tensor, ...], rows: i
     )
 
 
+@triton.jit
+def _zero_empty_experts_kernel(out_ptr, offsets_ptr, per_expert, BLOCK: tl.constexpr):
+    expert = tl.program_id(1)
+    if tl.load(offsets_ptr + expert + 1) == tl.load(offsets_ptr + expert):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        zeros = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + _offset(expert, per_expert) + offs, zeros, mask=offs < per_expert)
+
+
 def weight_grad_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[E, M, N] with dW_e = a[rows of e]^T b[rows of e] for sorted-row a [N_rows, M] and b [N_rows, N]."""
-    return torch._grouped_mm(a.t(), b, offs=offsets[1:])
+    """[E, M, N] with dW_e = a[rows of e]^T b[rows of e] for sorted-row a [N_rows, M] and b [N_rows, N].
+
+    An expert without rows gets exact zeros from a kernel that writes only those experts' slices (its
+    other programs stop after reading two offsets): a grouped GEMM whose K is empty for a group can
+    leave that group's output unwritten (reported for CUTLASS's sm_100 grouped GEMM, NVIDIA/cutlass
+    issue 2674), and no host sync may ask which experts are empty."""
+    out = torch._grouped_mm(a.t(), b, offs=offsets[1:])
+    n_experts, per_expert = out.shape[0], out[0].numel()
+    if n_experts and per_expert:
+        block = 4096
+        _zero_empty_experts_kernel[(triton.cdiv(per_expert, block), n_experts)](
+            out, offsets, per_expert, BLOCK=block
+        )
+    return out
 
 
 def input_grad_grouped_mm(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

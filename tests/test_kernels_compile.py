@@ -5,7 +5,8 @@ registers and spills (ptxas), shared memory, CTAs per SM, the tensor-core instru
 mma.sync, from the PTX) and how many shared-memory buffers each K-loop keeps (from the TTGIR).
 
 Kernels are captured exactly as ``moe_mlp`` launches them: the op's forward and backward run on meta
-tensors at real model shapes under a stand-in Hopper driver, and a Triton JIT hook records every
+tensors at real model shapes under a stand-in Hopper driver (inference; training with whole weights,
+with the frozen pair, and with ``torch._grouped_mm`` dispatch), and a Triton JIT hook records every
 launch's specialisation (signature, constexprs, alignment, num_warps, num_stages) instead of compiling
 or running it. Each distinct launch is then compiled with ``triton.compile`` for ``GPUTarget("cuda", 90)``.
 
@@ -176,7 +177,7 @@ def capture(device_name: str, shapes, tokens, dtypes) -> dict[Launch, Captured]:
     precision = torch.get_float32_matmul_precision()
     scenario = {"tokens": 0, "ctas": None}
     grouped_mm = moe_op.use_grouped_mm
-    moe_op.use_grouped_mm = lambda *args: False  # capture pdmoe's own kernel for every GEMM
+    moe_op.use_grouped_mm = lambda *args: False  # pdmoe's own kernel for every GEMM, unless said otherwise
     try:
         with _capturing(device_name, scenario) as launches:
             for dtype in dtypes:
@@ -188,6 +189,10 @@ def capture(device_name: str, shapes, tokens, dtypes) -> dict[Launch, Captured]:
                         if n_tokens > DECODE_MAX_TOKENS:
                             _scenario(shape, n_tokens, torch_dtypes[dtype], train=True, frozen=False)
                             _scenario(shape, n_tokens, torch_dtypes[dtype], train=True, frozen=True)
+                            if dtype == "bf16":  # what runs beside torch._grouped_mm
+                                moe_op.use_grouped_mm = lambda *args: True
+                                _scenario(shape, n_tokens, torch_dtypes[dtype], train=True, frozen=False)
+                                moe_op.use_grouped_mm = lambda *args: False
     finally:
         torch.set_float32_matmul_precision(precision)
         moe_op.use_grouped_mm = grouped_mm
