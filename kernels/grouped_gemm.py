@@ -31,6 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
+from .permutation import Permutation
 from .tiles import (
     _load_rows,
     _offset,
@@ -742,7 +743,7 @@ def gate_up_fwd(
     w_second: torch.Tensor,
     n_first: int,
     n_experts: int,
-    perm,
+    perm: Permutation,
     top_k: int,
     save_preact: bool,
     cfg: dict[str, Any],
@@ -797,7 +798,7 @@ def grouped_gemm(
     n_experts: int,
     transpose_w: bool,
     scale: torch.Tensor | None,
-    perm,
+    perm: Permutation,
     cfg: dict[str, Any],
     n_split: int = 1,
 ) -> torch.Tensor:
@@ -875,7 +876,7 @@ def act_bwd(
     n_experts: int,
     scale: torch.Tensor,
     preact: torch.Tensor,
-    perm,
+    perm: Permutation,
     *,
     need_dpreact: bool,
     need_dscale: bool,
@@ -946,7 +947,7 @@ def weight_grad(
     b: torch.Tensor,
     expert_base: int,
     n_local: int,
-    perm,
+    perm: Permutation,
     *,
     out_dtype: torch.dtype,
     cfg: dict[str, Any],

@@ -11,9 +11,9 @@ Pipeline (grouped_gemm.py has the GEMMs, permutation.py the expert order, rows.p
   The two weight gradients and d(hidden)'s GEMM are plain ragged GEMMs; dispatch.py sends them to
   ``torch._grouped_mm`` where that is expected to be faster.
 
-FLOPs: forward 6·T·k·H·F; backward 12·T·k·H·F (act_bwd, d(hidden), two weight gradients, 2·T·k·H·F·2
-each), minus what is not asked for. Bytes moved besides the GEMM operands: the gathers and combines,
-O(T·k·H) each, about 1 % of the GEMM time at training sizes.
+FLOPs: forward 6·T·k·H·F; backward 12·T·k·H·F (act_bwd 2, d(hidden) 4, dW_gate_up 4, dW_down 2, in
+units of T·k·H·F), minus what is not asked for. Besides the GEMMs, the gathers and combines move
+O(T·k·H) bytes each: 1-4 % of a training step's time (the most where H·F per expert is small).
 
 Saved for backward, per token: the pre-activations [gate | up] (k·2F elements in the activation dtype:
 k·4F bytes in bf16) and two int32 indices per slot (8k bytes); plus 8E + 4 bytes per call. Neither h,

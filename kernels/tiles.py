@@ -4,8 +4,9 @@ operand tile is loaded (TMA descriptor or pointers), and the K-loop.
 Rows are the T·k slots in expert-grouped order (permutation.py). A row tile never straddles two
 experts; the row tiles of all experts are numbered in ``expert_order`` (most rows first) and each
 program of a persistent grid walks ``tile = pid, pid + programs, ...`` over (row tile, column tile)
-pairs. Nothing about the per-expert counts is known on the host: each program derives the schedule
-from ``offsets`` once, before its tile loop.
+pairs. Nothing about the per-expert counts is known on the host: the grid is sized by an upper bound
+and each program finds its tiles' experts from ``offsets`` and ``expert_order`` (a few hundred bytes
+every program reads, so they stay in cache).
 
 An operand comes either as a host-made TMA descriptor (``*_TMA`` true: contiguous last dimension,
 16-byte aligned rows) or as a base pointer plus strides; both produce the same tile. Weights are
@@ -54,8 +55,7 @@ def _row_tile_count(offsets_ptr, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
 @triton.jit
 def _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Expert and row range [start, end) of the pid_m-th row tile, counting the experts' tiles in
-    ``expert_order``. Recomputed per tile from the (cached) offsets, so nothing of the schedule stays
-    in registers through the K-loop."""
+    ``expert_order`` (a vector of BLOCK_E lanes: loads, a prefix sum and three reductions)."""
     lane = tl.arange(0, BLOCK_E)
     live = lane < n_experts
     experts = tl.load(order_ptr + lane, mask=live, other=0)
