@@ -50,8 +50,14 @@ def test_matches_reference(dtype, T, H, F, E, k):
     check(random_moe_inputs(T, H, F, E, k, dtype=dtype, device=CUDA, seed=T), dtype)
 
 
-def test_pointer_operands(monkeypatch):
-    monkeypatch.setattr(gg, "_tma_ok", lambda t: False)
+@pytest.mark.parametrize("tma", [True, False])
+def test_own_kernels_at_training_size(monkeypatch, tma):
+    """Every GEMM on pdmoe's kernels (no grouped_mm dispatch) in the large-T tables, with the TMA and
+    the pointer operand paths."""
+    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, dispatch.RaggedGemm.WEIGHT_GRAD, None)
+    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, dispatch.RaggedGemm.INPUT_GRAD, None)
+    if not tma:
+        monkeypatch.setattr(gg, "_tma_ok", lambda t: False)
     check(random_moe_inputs(1500, 256, 192, 8, 2, dtype=torch.bfloat16, device=CUDA, seed=3), torch.bfloat16)
 
 
