@@ -12,51 +12,45 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoTokenizer
 
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
+from pdmoe.io.hf_loading import load_causal_lm
+from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
+from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.modeling import MoEForCausalLM
+from pdmoe.options import DTYPES
 
 from .collective import together
 
 
 def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of an upcycled MoE, or an error saying what the directory is instead."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory"
-        )
-    config = json.loads(path.read_text())
-    if config.get("model_type") != "pdmoe":
-        raise UsageError(
-            f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
-            f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
-        )
+    """The ``config.json`` of an upcycled MoE, checked against its tensors (safetensors headers read
+    strictly, pickles and remote code refused), or an error saying what the directory is instead."""
+    with CheckpointReader(model_dir) as reader:
+        config = reader.config
+        if config.get("model_type") != "pdmoe":
+            raise UsageError(
+                f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
+                f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
+            )
+        reader.check_config()
     return config
 
 
 def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
     read_moe_config(model_dir)
-    return MoEForCausalLM.from_pretrained(model_dir, dtype=dtype)
-
-
-def load_tokenizer(model_dir: str | Path):
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(
-            f"cannot load the tokenizer of {model_dir} ({error}); copy the tokenizer files into it"
-        ) from None
+    return load_causal_lm(model_dir, MoEForCausalLM, dtype=dtype)
 
 
 def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     """The dtype the input checkpoint was saved in (the final checkpoint is saved the same way)."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name)
+    if name not in DTYPES:
+        raise CheckpointError(f"config.json names dtype {name!r}; pdmoe checkpoints are {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def save_final_model(

@@ -11,6 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pdmoe.io.atomic import write_text_atomic
+from pdmoe.io.outputs import check_writable
+
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
 from .freezing import PARTS, Stage
@@ -68,7 +71,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
     d = _DEFAULTS
     parser.add_argument(
-        "--model", required=True, type=Path, help="upcycled MoE checkpoint (from pdmoe upcycle)"
+        "--model",
+        required=True,
+        type=Path,
+        help="upcycled MoE checkpoint (from pdmoe upcycle): folder or hub id ORG/NAME[@REV]",
     )
     parser.add_argument(
         "--out",
@@ -215,6 +221,9 @@ def run_cpt(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path, option)  # before the evaluation, not after it
     corpus = corpus_spec(
         args.data,
         args.langs,
@@ -234,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     if args.plot:
         if save_heatmap(result, args.plot):
             print(f"pdmoe eval: heatmap written to {args.plot}")
@@ -246,7 +255,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "cpt",
-        help="continued pre-training (or the review stage) of an upcycled MoE",
         description="Train the new experts and routers of an upcycled MoE on new-language text "
         "(--stage review: routers only, with language-prior routing). "
         "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
@@ -259,10 +267,11 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        help="per-language perplexity and expert routing shares of an MoE checkpoint",
         description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="MoE checkpoint directory")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+    )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
     parser.add_argument(

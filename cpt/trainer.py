@@ -29,7 +29,8 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from pdmoe.config import MoEConfig
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
-from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.hub import resolve_model
+from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
 from pdmoe.layout import is_frozen_expert_buffer
 
 from .checkpoints import (
@@ -40,6 +41,7 @@ from .checkpoints import (
     save_final_model,
     truncate_metrics,
 )
+from .collective import together
 from .data import (
     CorpusSpec,
     PackedSequences,
@@ -278,6 +280,7 @@ class TrainingRun:
     lpr_coef: float
     model_dir: Path
     model_config: dict[str, Any]
+    output: OutputFolder | None  # the claimed --out (main process only)
     interval: _Interval = field(init=False)
     bar: tqdm = field(init=False)
 
@@ -319,7 +322,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     is not this run's is refused before anything is written."""
     _check_numbers(config)
     parts = trainable_parts(config.stage, config.trainable)
-    model_dir, out = Path(config.model), Path(config.out)
+    model_dir, out = resolve_model(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
     seq_len = _sequence_length(config, model_config)
     corpus, eval_corpus = _check_data(config, out)
@@ -329,10 +332,12 @@ def setup(config: TrainConfig) -> TrainingRun:
     if seq_len != (config.seq_len or DEFAULT_SEQ_LEN):
         accelerator.print(f"pdmoe cpt: --seq-len {seq_len}, the model's maximum (give --seq-len to choose)")
     config = replace(config, seq_len=seq_len)
-    if accelerator.is_main_process:
-        prepare_output_dir(
-            out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
-        )
+    output_rules = {
+        "inputs": (model_dir, *config.data, *config.eval_data),
+        "overwrite": config.overwrite,
+        "resume": config.resume is not None,
+    }
+    check_output(out, Command.CPT, **output_rules)  # fail before the long preparations
     sequences, eval_sequences = _setup_data(config, accelerator, model_dir, corpus, eval_corpus)
     global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
     total_steps = _total_steps(config, len(sequences), global_batch)
@@ -343,6 +348,20 @@ def setup(config: TrainConfig) -> TrainingRun:
     model, params, optimizer, scheduler = _setup_training(config, accelerator, model_dir, parts, total_steps)
     if record is not None:
         load_training_checkpoint(accelerator, resume_from, record, model, optimizer, scheduler)
+    output: list[OutputFolder] = []  # claimed once nothing can be refused any more, before any write
+
+    def claim() -> None:
+        output.append(
+            claim_output(out, Command.CPT, settings=asdict(config), keep_partial=True, **output_rules)
+        )
+
+    together(
+        accelerator,
+        claim,
+        main_only=True,
+        elsewhere=CheckpointError(f"the main process could not claim {out}"),
+    )
+    if record is not None:
         if accelerator.is_main_process:
             truncate_metrics(out / METRICS_FILE, state.step)
         accelerator.print(f"pdmoe cpt: resumed from {resume_from} at step {state.step}")
@@ -365,6 +384,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         lpr_coef=config.lpr_coef if parse_stage(config.stage) is Stage.REVIEW else 0.0,
         model_dir=model_dir,
         model_config=model_config,
+        output=output[0] if output else None,
     )
 
 
@@ -621,17 +641,22 @@ def train(config: TrainConfig) -> Path:
     """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
     run = setup(config)
     run.model.train()
-    while not run.finished:
-        grad_norm = train_step(run)
-        step = run.state.step
-        if _due(step, config.log_every, run.total_steps):
-            log_metrics(run, grad_norm)
-        if run.eval_sequences is not None and _due(step, config.eval_every, run.total_steps):
-            evaluate(run)
-        if step % config.save_every == 0 and not run.finished:
-            save_checkpoint(run)
-    run.bar.close()
-    save_final_model(run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config))
+    with run.output if run.output is not None else nullcontext():  # the lock goes on every exit
+        while not run.finished:
+            grad_norm = train_step(run)
+            step = run.state.step
+            if _due(step, config.log_every, run.total_steps):
+                log_metrics(run, grad_norm)
+            if run.eval_sequences is not None and _due(step, config.eval_every, run.total_steps):
+                evaluate(run)
+            if step % config.save_every == 0 and not run.finished:
+                save_checkpoint(run)
+        run.bar.close()
+        save_final_model(
+            run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config)
+        )
+        if run.output is not None:
+            run.output.finish()
     run.accelerator.end_training()
     return run.out
 

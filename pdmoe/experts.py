@@ -14,48 +14,28 @@ look every key up as an attribute and gather it), so a trainer can switch to
 The implementation is chosen through transformers' experts interface, like any transformers MoE:
 ``MoEExperts.forward`` is the eager one (the PyTorch reference) and ``config._experts_implementation``
 names the function that runs instead (pdmoe.kernels registers "pdmoe" and "pdmoe_auto"; both read the
-frozen/trainable pair through ``expert_weights()``). pdmoe's names for the choice, ``experts_impl``:
-"auto" (the default: the kernels on CUDA, the reference elsewhere), "torch" (the reference) and
-"triton" (the kernels), or their keys "pdmoe_auto", "eager" and "pdmoe". It is a per-load setting
-(``from_pretrained(..., experts_impl=...)`` or ``experts_implementation=...``), never in config.json.
+frozen/trainable pair through ``expert_weights()``). pdmoe's names for the choice (``experts_impl``,
+mapped in pdmoe.config): "auto" (the default: the kernels on CUDA, the reference elsewhere), "torch"
+(the reference) and "triton" (the kernels), or their keys "pdmoe_auto", "eager" and "pdmoe". It is a
+per-load setting (``from_pretrained(..., experts_impl=...)`` or ``experts_implementation=...``),
+never in config.json.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
+from pdmoe.config import MoEConfig, experts_impl_name
 from pdmoe.errors import UsageError
 from pdmoe.kernels import moe_mlp_reference
-from pdmoe.kernels.transformers_experts import AUTO_NAME
-from pdmoe.kernels.transformers_experts import NAME as KERNELS_NAME
 from pdmoe.layout import FUSED_EXPERT_TENSORS, MoETensor, frozen_attribute, trainable_attribute
 
-if TYPE_CHECKING:
-    from pdmoe.config import MoEConfig
-
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-# pdmoe's names of the experts implementations -> transformers' experts-interface keys. All three read
-# the (frozen, trainable) pair; transformers' other implementations (grouped_mm, ...) read fused weights.
-EXPERTS_IMPLS = {"auto": AUTO_NAME, "torch": "eager", "triton": KERNELS_NAME}
-
-
-def experts_implementation(name: str | None) -> str:
-    """transformers' experts-interface key for ``name``: pdmoe's name or the key itself (None: "auto")."""
-    key = EXPERTS_IMPLS.get("auto" if name is None else name, name)
-    if key not in EXPERTS_IMPLS.values():
-        raise UsageError(f"unknown experts implementation {name!r}; use one of {', '.join(EXPERTS_IMPLS)}")
-    return key
-
-
-def experts_impl_name(key: str | None) -> str:
-    """pdmoe's name ("auto", "torch" or "triton") of an experts-interface key (None: "auto")."""
-    return {value: name for name, value in EXPERTS_IMPLS.items()}[experts_implementation(key)]
 
 
 class StateDictLayout(Enum):

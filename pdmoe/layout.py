@@ -79,8 +79,7 @@ class MLPKeys:
     @property
     def layer(self) -> int | None:
         """The decoder layer index, when the prefix is the standard ``model.layers.N.mlp``."""
-        match = _LAYER.match(f"{self.prefix}.")
-        return int(match.group(1)) if match else None
+        return layer_index(f"{self.prefix}.")
 
     def dense(self, projection: DenseProjection) -> str:
         return f"{self.prefix}.{projection.value}.weight"
@@ -96,6 +95,12 @@ class MLPKeys:
     def block_prefix(self) -> str:
         """Prefix of every parameter of the block (``model.layers.3.mlp.``)."""
         return f"{self.prefix}."
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (``model.layers.3.…`` -> 3), or None."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
 
 
 def match_dense(name: str) -> tuple[MLPKeys, DenseProjection] | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
@@ -20,8 +20,8 @@ from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
-from pdmoe.config import MoEConfig
-from pdmoe.experts import MoEExperts, StateDictLayout, experts_implementation
+from pdmoe.config import MoEConfig, experts_implementation
+from pdmoe.experts import MoEExperts, StateDictLayout
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
 from pdmoe.router import TopKRouter
@@ -170,3 +170,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             lm_loss=lm_loss,
         )
+
+
+AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM, exist_ok=True)

@@ -13,7 +13,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import pdmoe.kernels.moe_op as moe_op
 from pdmoe import MoEConfig, MoEForCausalLM
+from pdmoe.config import EXPERTS_IMPLS
 from pdmoe.errors import UsageError
+from pdmoe.kernels import transformers_experts
 from pdmoe.kernels.testing import tiny_transformers_moes
 from pdmoe.tiny import TINY_SIZES
 
@@ -112,4 +114,12 @@ def test_pdmoe_auto_on_a_transformers_model_off_cuda_is_its_eager_forward(name, 
         for impl in ("eager", "pdmoe_auto")
     }
     assert torch.equal(logits["pdmoe_auto"], logits["eager"]) and kernel_calls == []
-    assert {"pdmoe", "pdmoe_auto"} <= set(ALL_EXPERTS_FUNCTIONS)
+
+
+def test_pdmoe_names_map_to_the_registered_implementations():
+    assert EXPERTS_IMPLS == {
+        "auto": transformers_experts.AUTO_NAME,
+        "torch": "eager",
+        "triton": transformers_experts.NAME,
+    }
+    assert {transformers_experts.NAME, transformers_experts.AUTO_NAME} <= set(ALL_EXPERTS_FUNCTIONS)

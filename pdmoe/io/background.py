@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from pdmoe.io.writer import CheckpointWriter, ShardWriter
 
+T = TypeVar("T")
 _DONE = object()
 _ABORT = object()
 
@@ -95,3 +98,30 @@ class BackgroundShardWriter:
         except BaseException as exc:
             self._error = exc
             current.abort()
+
+
+def run_single_threaded(work: Callable[[], T]) -> T:
+    """Run ``work`` on a thread of its own with one intra-op thread: reading and arithmetic on one
+    core, the writer thread on the other.
+
+    The elementwise ops and reductions of streaming are memory-bound; a second OpenMP thread gains
+    little and, when the writer thread (or anything else) holds the other core, spin-waits:
+    measured 1.5-3x slower on 2 cores, over 10x for a reduction on a loaded machine. torch's
+    intra-op thread count belongs to the calling thread, so the caller's stays as it was.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        try:
+            result.append(work())
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="pdmoe-compute")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return result[0]
