@@ -20,7 +20,7 @@ import contextlib
 
 import pytest
 import torch
-from harness import CUDA, DEVICE, sync
+from harness import CUDA, DEVICE, Row, record, sync
 from transformers import MixtralConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -150,6 +150,8 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
     seconds = benchmark.stats.stats.median
     flops = 6 * T * k * H * F * (3 if train else 1)
     benchmark.extra_info.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+    rates = tuple(flops / t / 1e12 for t in benchmark.stats.stats.data)
+    record(Row(benchmark.group, impl, rates, unit="TFLOP/s"))
     if impl == "pdmoe":
         benchmark.extra_info["grouped_mm_rules"] = {g.value: r for g, r in dispatch.GROUPED_MM_RULES.items()}
     if device_peaks:
@@ -200,6 +202,14 @@ def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
     seconds = benchmark.stats.stats.median
     weight_bytes = ids.unique().numel() * 3 * H * F * experts.down_proj.element_size()
     gbs = weight_bytes / seconds / 1e9
+    record(
+        Row(
+            benchmark.group,
+            f"{impl} weights read",
+            tuple(weight_bytes / t / 1e9 for t in benchmark.stats.stats.data),
+            unit="GB/s",
+        )
+    )
     benchmark.extra_info.update(
         ms=seconds * 1e3,
         weight_gb_per_s=gbs,
