@@ -24,7 +24,6 @@ DENSE_CONFIGS: dict[str, str] = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
 }
-EXPERTS_IMPLS = ("auto", "torch", "triton")
 # The fields an MoE config adds to the dense one (besides ``base_model_type``).
 MOE_FIELDS = (
     "num_experts",
@@ -34,8 +33,25 @@ MOE_FIELDS = (
     "router_aux_loss_coef",
     "norm_topk_prob",
     "output_router_logits",
-    "experts_impl",
 )
+# pdmoe's names of the experts implementations -> the keys of transformers' experts interface that
+# pdmoe.kernels.transformers_experts registers ("pdmoe_auto", "pdmoe") or transformers has ("eager").
+# All three read the (frozen, trainable) pair of experts trained with frozen originals; transformers'
+# other implementations (grouped_mm, ...) read fused weights only. Never written to config.json.
+EXPERTS_IMPLS = {"auto": "pdmoe_auto", "torch": "eager", "triton": "pdmoe"}
+
+
+def experts_implementation(name: str | None) -> str:
+    """transformers' experts-interface key for ``name``: pdmoe's name or the key itself (None: "auto")."""
+    key = EXPERTS_IMPLS.get("auto" if name is None else name, name)
+    if key not in EXPERTS_IMPLS.values():
+        raise UsageError(f"unknown experts implementation {name!r}; use one of {', '.join(EXPERTS_IMPLS)}")
+    return key
+
+
+def experts_impl_name(key: str | None) -> str:
+    """pdmoe's name ("auto", "torch" or "triton") of an experts-interface key (None: "auto")."""
+    return {value: name for name, value in EXPERTS_IMPLS.items()}[experts_implementation(key)]
 
 
 def check_family_name(model_type: str | None) -> str:
@@ -89,7 +105,6 @@ class MoEConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     norm_topk_prob: bool = True
     output_router_logits: bool = False
-    experts_impl: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         dense_class = check_supported_family(self.base_model_type)
@@ -120,8 +135,6 @@ class MoEConfig(PreTrainedConfig):
             raise UsageError(
                 f"top-k ({self.num_experts_per_tok}) must be between 1 and the number of experts ({self.num_experts})"
             )
-        if self.experts_impl not in EXPERTS_IMPLS:
-            raise UsageError(f"experts_impl {self.experts_impl!r} is not one of {', '.join(EXPERTS_IMPLS)}")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise UsageError(f"moe_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
@@ -129,6 +142,17 @@ class MoEConfig(PreTrainedConfig):
             raise UsageError(
                 f"original_experts {self.original_experts} must lie in 0..{self.num_experts - 1}"
             )
+
+    @property
+    def experts_impl(self) -> str:
+        """The experts implementation: "auto" (the default), "torch" or "triton" (see pdmoe.experts).
+
+        A per-load choice kept in transformers' ``_experts_implementation``, which config.json never holds."""
+        return experts_impl_name(self._experts_implementation)
+
+    @experts_impl.setter
+    def experts_impl(self, name: str) -> None:
+        self._experts_implementation = experts_implementation(name)
 
     @property
     def num_original_experts(self) -> int:

@@ -1,4 +1,4 @@
-"""The experts of an MoE layer in the fused layout, and the switch between their implementations.
+"""The experts of an MoE layer in the fused layout, and the choice of their implementation.
 
 Weights are stored as on disk (METHOD.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
 For CPT the original experts can be frozen without copying anything each step: the storage is
@@ -10,37 +10,32 @@ The state dict shows the fused tensors by default, the on-disk format (``StateDi
 Sharded training needs keys that are the module's own tensors (torch's distributed state dicts
 look every key up as an attribute and gather it), so a trainer can switch to
 ``StateDictLayout.SPLIT`` and fuse when it writes the checkpoint (``fuse_split_experts``).
+
+The implementation is chosen through transformers' experts interface, like any transformers MoE:
+``MoEExperts.forward`` is the eager one (the PyTorch reference) and ``config._experts_implementation``
+names the function that runs instead (pdmoe.kernels registers "pdmoe" and "pdmoe_auto"; both read the
+frozen/trainable pair through ``expert_weights()``). pdmoe's names for the choice (``experts_impl``,
+mapped in pdmoe.config): "auto" (the default: the kernels on CUDA, the reference elsewhere), "torch"
+(the reference) and "triton" (the kernels), or their keys "pdmoe_auto", "eager" and "pdmoe". It is a
+per-load setting (``from_pretrained(..., experts_impl=...)`` or ``experts_implementation=...``),
+never in config.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations.moe import use_experts_implementation
 
+from pdmoe.config import MoEConfig, experts_impl_name
 from pdmoe.errors import UsageError
+from pdmoe.kernels import moe_mlp_reference
 from pdmoe.layout import FUSED_EXPERT_TENSORS, MoETensor, frozen_attribute, trainable_attribute
 
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-ExpertFunction = Callable[
-    [torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor
-]
-
-
-def expert_function(impl: str, device: torch.device) -> ExpertFunction:
-    """'torch' is the PyTorch reference, 'triton' the kernels, 'auto' the kernels on CUDA only."""
-    from pdmoe import kernels
-
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
-    if impl == "torch":
-        return kernels.moe_mlp_reference
-    if impl == "triton":
-        return kernels.moe_mlp
-    raise UsageError(f"unknown experts implementation {impl!r}; use 'auto', 'torch' or 'triton'")
 
 
 class StateDictLayout(Enum):
@@ -50,15 +45,21 @@ class StateDictLayout(Enum):
     SPLIT = "split"  # the module's own tensors: the trainable Parameter (the frozen buffer is not saved)
 
 
+@use_experts_implementation
 class MoEExperts(nn.Module):
-    """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t)."""
+    """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t).
 
-    def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"
-    ) -> None:
+    Built from the model config (transformers' experts interface keeps it as ``self.config`` and reads
+    ``config._experts_implementation`` at every call)."""
+
+    def __init__(self, config: MoEConfig) -> None:
         super().__init__()
+        num_experts, hidden_size, intermediate_size = (
+            config.num_experts,
+            config.hidden_size,
+            config.intermediate_size,
+        )
         self.num_experts = num_experts
-        self.impl = impl
         self.num_frozen = 0
         self.state_dict_layout = StateDictLayout.FUSED
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -77,13 +78,21 @@ class MoEExperts(nn.Module):
             return frozen.to(trainable.dtype), trainable
         return getattr(self, tensor.attribute)
 
+    def expert_weights(self) -> tuple[ExpertWeight, ExpertWeight]:
+        """(gate_up, down), each fused or the (frozen, trainable) pair: what the kernels read."""
+        return self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN)
+
+    @property
+    def impl(self) -> str:
+        """The experts implementation in use, by pdmoe's name where it has one."""
+        return experts_impl_name(self.config._experts_implementation)
+
     def forward(
-        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        function = expert_function(self.impl, hidden.device)
-        return function(
-            hidden, self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN), topk_weights, topk_ids
-        )
+        """The eager implementation: the PyTorch reference (transformers' experts call signature)."""
+        gate_up, down = self.expert_weights()
+        return moe_mlp_reference(hidden_states, gate_up, down, top_k_weights, top_k_index)
 
     def freeze_experts(self, num_frozen: int) -> None:
         """Freeze experts 0..num_frozen-1: no gradient, no optimizer state, no per-step copy for them."""

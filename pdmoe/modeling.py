@@ -20,7 +20,7 @@ from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
-from pdmoe.config import MoEConfig
+from pdmoe.config import MoEConfig, experts_implementation
 from pdmoe.experts import MoEExperts, StateDictLayout
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
@@ -58,6 +58,14 @@ class MoEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         init_moe_module(module, self.config.initializer_range)
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers' key of the requested experts implementation, pdmoe's "auto" unless asked otherwise."""
+        return experts_implementation(requested_experts)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts (pdmoe.experts.MoEExperts) use transformers' experts interface
+
 
 @torch.no_grad()
 def init_moe_module(module: nn.Module, std: float) -> None:
@@ -81,14 +89,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         # refuses classes the model does not contain.
         self._no_split_modules = [type(self.model.layers[0]).__name__]
         for index in config.moe_layers:
-            self.model.layers[index].mlp = MoEBlock(
-                config.hidden_size,
-                config.intermediate_size,
-                config.num_experts,
-                config.num_experts_per_tok,
-                normalize=config.norm_topk_prob,
-                impl=config.experts_impl,
-            )
+            self.model.layers[index].mlp = MoEBlock(config)
         # transformers initialises a nested PreTrainedModel with that model's own _init_weights,
         # which knows nothing of MoE modules: extend it for this instance.
         dense_init = self.model._init_weights
