@@ -640,6 +640,23 @@ def _due(step: int, every: int, last: int) -> bool:
 def train(config: TrainConfig) -> Path:
     """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
     run = setup(config)
+    accelerator, out = run.accelerator, run.out
+    try:
+        _train_to_the_end(run)
+    finally:
+        # The DDP / FSDP wrappers hold the process group. Free them while the group is still alive,
+        # so that its worker threads are joined by destroy_process_group (which releases the GIL)
+        # and not by a wrapper's destructor, which holds the GIL while a worker may be waiting for it
+        # to free a tensor of its last collective: a deadlock seen with gloo under load.
+        del run
+        accelerator.free_memory()
+        accelerator.end_training()
+    return out
+
+
+def _train_to_the_end(run: TrainingRun) -> None:
+    """The loop with its logs, evaluations and checkpoints, then the final model."""
+    config = run.config
     run.model.train()
     with run.output if run.output is not None else nullcontext():  # the lock goes on every exit
         while not run.finished:
@@ -657,8 +674,6 @@ def train(config: TrainConfig) -> Path:
         )
         if run.output is not None:
             run.output.finish()
-    run.accelerator.end_training()
-    return run.out
 
 
 def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:
