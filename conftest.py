@@ -2,14 +2,18 @@
 
 * Without a CUDA device, Triton kernels run in the interpreter: the variable must be set before
   triton is first imported, hence here, at the very top of collection.
-* ``pytest`` runs ``tests/``; ``pytest --benchmark`` runs the benchmark suite in ``bench/`` instead.
+* ``pytest`` runs ``tests/``; ``pytest --benchmark`` runs the benchmark suite in ``bench/`` instead,
+  ends with the summary table of ``bench/harness.py`` (every benchmark's rows, medians and ratios
+  to their baselines), and keeps pytest-benchmark's own tables narrow (min, median, rounds).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -27,6 +31,21 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if config.getoption("--benchmark") and config.getoption("benchmark_columns", None) is None:
+        config.option.benchmark_columns = ["min", "median", "rounds"]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    harness = sys.modules.get("harness")
+    if config.getoption("--benchmark") and harness is not None and harness.RESULTS:
+        terminalreporter.write_sep(
+            "=", "pdmoe benchmarks: medians of interleaved repeats, ratio to the baseline"
+        )
+        terminalreporter.write_line(harness.summary_table(harness.RESULTS))
+
+
 def pytest_ignore_collect(collection_path: Path, config):
     bench_dir = _ROOT / "bench"
     in_bench = collection_path == bench_dir or bench_dir in collection_path.parents
@@ -37,8 +56,6 @@ def pytest_ignore_collect(collection_path: Path, config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

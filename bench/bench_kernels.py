@@ -1,34 +1,38 @@
-"""Expert-MLP kernels against transformers' experts implementations, in one run (issue 4).
+"""Expert-MLP kernels against transformers' experts implementations, in one run.
 
 On CUDA (bf16): for each (H, F, E, k) and T, forward and forward+backward of
-  * ``pdmoe``      — the Triton kernels (``moe_mlp``),
-  * ``loop``       — transformers' eager experts forward (one cuBLAS GEMM pair per expert),
-  * ``grouped_mm`` — transformers' ``torch._grouped_mm`` experts path,
+  * ``pdmoe``        — the Triton kernels (``moe_mlp``), plain ragged GEMMs dispatched as dispatch.py says,
+  * ``pdmoe-triton`` — the same with every GEMM on pdmoe's own kernels (``GROUPED_MM_RULES`` all off),
+  * ``loop``         — transformers' eager experts forward (one cuBLAS GEMM pair per expert),
+  * ``grouped_mm``   — transformers' ``torch._grouped_mm`` experts path,
 with ms, TFLOP/s and % of a dense 8192³ bf16 matmul measured in the same session in ``extra_info``;
 and decode (T = 1, 8, 32, forward) as GB/s of active expert weights read, against the device's copy
 bandwidth, with and without CUDA-graph capture. On CPU only the plain-PyTorch paths at a tiny size
 (the Triton interpreter would measure nothing useful), so ``pytest --benchmark`` stays quick.
 
 FLOPs: forward 6·T·k·H·F (gate_up 4·T·k·H·F + down 2·T·k·H·F), forward+backward three times that.
+Inputs are fresh random values (never zeros); each timed step is synchronised.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from harness import CUDA, DEVICE, sync
+from harness import CUDA, DEVICE, Row, record, sync
 from transformers import MixtralConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from pdmoe.kernels import moe_mlp_reference  # importing the package registers the "pdmoe" experts
+from pdmoe.kernels import dispatch, moe_mlp_reference  # importing the package registers "pdmoe"
 from pdmoe.kernels.testing import random_routing
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 14336, 8, 2), (1536, 8960, 4, 2), (2048, 1408, 64, 8)] if CUDA else [(64, 128, 4, 2)]
 TOKENS = [16384, 4096, 256] if CUDA else [256]
 DECODE_TOKENS = [1, 8, 32]
-IMPLS = ["pdmoe", "loop", "grouped_mm"] if CUDA else ["reference", "loop"]
+IMPLS = ["pdmoe", "pdmoe-triton", "loop", "grouped_mm"] if CUDA else ["reference", "loop"]
 ROUNDS = 10 if CUDA else 3
 
 
@@ -80,6 +84,17 @@ def _experts(shape: tuple[int, int, int, int]) -> MixtralExperts:
     return _EXPERTS[shape]
 
 
+@contextlib.contextmanager
+def _own_kernels_only():
+    """Every ragged GEMM on pdmoe's Triton kernels, whatever the dispatch table says."""
+    saved = dict(dispatch.GROUPED_MM_RULES)
+    dispatch.GROUPED_MM_RULES.update(dict.fromkeys(saved))
+    try:
+        yield
+    finally:
+        dispatch.GROUPED_MM_RULES.update(saved)
+
+
 def _run(experts: MixtralExperts, impl: str, hidden, ids, weights) -> torch.Tensor:
     """One experts forward with ``impl``, called directly rather than through the config switch:
     ``loop`` is the module's own (eager) forward, ``pdmoe``/``grouped_mm`` the registered functions,
@@ -88,7 +103,7 @@ def _run(experts: MixtralExperts, impl: str, hidden, ids, weights) -> torch.Tens
         return moe_mlp_reference(hidden, experts.gate_up_proj, experts.down_proj, weights, ids)
     if impl == "loop":
         return type(experts).forward.__wrapped__(experts, hidden, ids, weights)
-    return ALL_EXPERTS_FUNCTIONS[impl](experts, hidden, ids, weights)
+    return ALL_EXPERTS_FUNCTIONS[impl.partition("-")[0]](experts, hidden, ids, weights)
 
 
 def _inputs(T: int, shape: tuple[int, int, int, int], seed: int = 0):
@@ -128,12 +143,17 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
                 _run(experts, impl, hidden, ids, weights)
         sync()
 
-    step()  # warm-up: Triton compiles, cuBLAS picks algorithms
-    benchmark.group = f"experts {mode} {_label(shape)} T={T} ({'cuda bf16' if CUDA else 'cpu fp32'})"
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+    with _own_kernels_only() if impl == "pdmoe-triton" else contextlib.nullcontext():
+        step()  # warm-up: Triton compiles, cuBLAS picks algorithms
+        benchmark.group = f"experts {mode} {_label(shape)} T={T} ({'cuda bf16' if CUDA else 'cpu fp32'})"
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
     seconds = benchmark.stats.stats.median
     flops = 6 * T * k * H * F * (3 if train else 1)
     benchmark.extra_info.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+    rates = tuple(flops / t / 1e12 for t in benchmark.stats.stats.data)
+    record(Row(benchmark.group, impl, rates, unit="TFLOP/s"))
+    if impl == "pdmoe":
+        benchmark.extra_info["grouped_mm_rules"] = {g.value: r for g, r in dispatch.GROUPED_MM_RULES.items()}
     if device_peaks:
         benchmark.extra_info.update(device_peaks)
         benchmark.extra_info["pct_of_dense_bf16"] = (
@@ -182,6 +202,14 @@ def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
     seconds = benchmark.stats.stats.median
     weight_bytes = ids.unique().numel() * 3 * H * F * experts.down_proj.element_size()
     gbs = weight_bytes / seconds / 1e9
+    record(
+        Row(
+            benchmark.group,
+            f"{impl} weights read",
+            tuple(weight_bytes / t / 1e9 for t in benchmark.stats.stats.data),
+            unit="GB/s",
+        )
+    )
     benchmark.extra_info.update(
         ms=seconds * 1e3,
         weight_gb_per_s=gbs,

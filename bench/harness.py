@@ -1,5 +1,5 @@
-"""What the benchmarks share: the device, synchronisation, synthetic checkpoints, copy speed and
-peak memory of a command run in a child process.
+"""What the benchmarks share: the device, synchronisation, synthetic checkpoints, copy speed, peak
+memory of a command run in a child process, interleaved timing and the summary table.
 
 Benchmarks import it as ``harness`` (pytest puts ``bench/`` on ``sys.path``), the way Liger-Kernel's
 benchmarks share ``benchmark/scripts/utils.py``.
@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,11 +140,11 @@ def tensor_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
 
 
-def copy_rate(inputs: tuple[Path, ...], scratch: Path) -> float:
-    """(read + written) bytes/s of copying the inputs' safetensors files, fsynced: the I/O floor."""
+def copy_inputs(inputs: tuple[Path, ...], scratch: Path) -> int:
+    """Copy the inputs' safetensors files into ``scratch``, fsynced, then delete the copies: the I/O
+    floor of a command that reads them and writes as much. Returns the bytes read + written."""
     scratch.mkdir()
     copied = 0
-    start = time.perf_counter()
     for directory in inputs:
         for path in directory.glob("*.safetensors"):
             target = scratch / f"{directory.name}-{path.name}"
@@ -149,9 +152,8 @@ def copy_rate(inputs: tuple[Path, ...], scratch: Path) -> float:
             with target.open("rb+") as handle:
                 os.fsync(handle.fileno())
             copied += path.stat().st_size
-    seconds = time.perf_counter() - start
     shutil.rmtree(scratch)
-    return 2 * copied / seconds
+    return 2 * copied
 
 
 _MEMORY_PROBE = """
@@ -179,3 +181,86 @@ def peak_memory(setup: str, statement: str, *args: str) -> dict[str, float]:
         cwd=REPOSITORY,
     )
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing that survives a busy machine, and the compact table every benchmark reports into.
+#
+# A candidate and its baseline run alternately (A B A B ...), so load that comes and goes hits
+# both alike; targets compare medians, and assertions keep a margin below the target where the
+# quantity itself moves with load (CPU-bound work against I/O-bound baselines).
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each run per round, the runs alternating within every round."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary table: a measured quantity of a candidate next to its baseline's."""
+
+    group: str
+    name: str
+    values: tuple[float, ...]  # every repeat
+    baseline: str = ""
+    baseline_values: tuple[float, ...] = ()
+    unit: str = "s"
+    target: str = ""  # e.g. "<= 1.3x", ">= 0.4x" or "<= 400 MiB"
+
+    @property
+    def ratio(self) -> float | None:
+        """Candidate median over baseline median."""
+        if not self.baseline_values:
+            return None
+        return statistics.median(self.values) / statistics.median(self.baseline_values)
+
+
+RESULTS: list[Row] = []
+
+
+def record(row: Row) -> Row:
+    """Add a row to the summary that ``pytest --benchmark`` prints at the end (any benchmark may)."""
+    RESULTS.append(row)
+    return row
+
+
+def _number(value: float, unit: str) -> str:
+    return f"{value:.3g}" if unit != "MiB" else f"{value:.0f}"
+
+
+def summary_table(rows: list[Row]) -> str:
+    """Rows as a compact table: min and median of every repeat, ratio of medians to the baseline."""
+    header = ("benchmark", "min", "median", "unit", "baseline (median)", "ratio", "target")
+    lines = [header]
+    for row in rows:
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
+        base = (
+            ""
+            if not row.baseline
+            else f"{row.baseline} ({_number(statistics.median(row.baseline_values), row.unit)})"
+        )
+        lines.append(
+            (
+                f"{row.group}: {row.name}",
+                _number(min(row.values), row.unit),
+                _number(statistics.median(row.values), row.unit),
+                row.unit,
+                base,
+                ratio,
+                row.target,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)

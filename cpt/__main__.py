@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdmoe.errors import PdmoeError
+from pdmoe.cli import run_command
 
 from .cli import add_cpt_arguments, run_cpt
 
@@ -16,11 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_cpt_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_cpt(args)
-    except PdmoeError as error:
-        print(f"pdmoe cpt: error: {error}", file=sys.stderr)
-        return 2
+    return run_command("cpt", lambda: run_cpt(args))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pdmoe.io.atomic import write_text_atomic
+from pdmoe.io.outputs import check_writable
+
 from .data import DATA_FORMATS, corpus_spec
 from .evaluate import evaluate_model, save_heatmap
 from .freezing import PARTS, Stage
-from .trainer import TrainConfig, train
+from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -68,7 +71,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
     d = _DEFAULTS
     parser.add_argument(
-        "--model", required=True, type=Path, help="upcycled MoE checkpoint (from pdmoe upcycle)"
+        "--model",
+        required=True,
+        type=Path,
+        help="upcycled MoE checkpoint (from pdmoe upcycle): folder or hub id ORG/NAME[@REV]",
     )
     parser.add_argument(
         "--out",
@@ -90,7 +96,10 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: routers,new_experts for cpt; routers for review)",
     )
     parser.add_argument(
-        "--seq-len", type=int, default=d["seq_len"], help="tokens per packed sequence (default: %(default)s)"
+        "--seq-len",
+        type=int,
+        default=d["seq_len"],
+        help=f"tokens per packed sequence (default: {DEFAULT_SEQ_LEN}, or the model's maximum when smaller)",
     )
     parser.add_argument(
         "--micro-batch-size",
@@ -205,12 +214,18 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cpt(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     out = train(train_config_from_args(args))
-    print(f"pdmoe cpt: wrote {out}")
+    if PartialState().is_main_process:
+        print(f"pdmoe cpt: wrote {out}")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path, option)  # before the evaluation, not after it
     corpus = corpus_spec(
         args.data,
         args.langs,
@@ -230,7 +245,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     if args.plot:
         if save_heatmap(result, args.plot):
             print(f"pdmoe eval: heatmap written to {args.plot}")
@@ -242,7 +257,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "cpt",
-        help="continued pre-training (or the review stage) of an upcycled MoE",
         description="Train the new experts and routers of an upcycled MoE on new-language text "
         "(--stage review: routers only, with language-prior routing). "
         "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
@@ -255,10 +269,11 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        help="per-language perplexity and expert routing shares of an MoE checkpoint",
         description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="MoE checkpoint directory")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+    )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
     parser.add_argument(

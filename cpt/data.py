@@ -11,10 +11,12 @@ seeded permutation per epoch: a position (sequences consumed so far) is all a re
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +31,11 @@ from pdmoe.io.atomic import Staged
 DATA_FORMATS = ("auto", "jsonl", "text")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TOKENIZE_CHUNK_DOCS = 1024
-_CACHE_VERSION = 1
+_TOKENIZE_CHUNK_CHARS = 2**22
+_MAX_PIECE_CHARS = 2**20
+_MAX_JSONL_LINE_CHARS = 2**26
+_READ_BYTES = 2**20
+_CACHE_VERSION = 2  # 2: documents longer than _MAX_PIECE_CHARS are tokenised in pieces
 
 
 @dataclass(frozen=True)
@@ -122,80 +128,145 @@ def corpus_spec(
     return CorpusSpec(data_files(paths, langs, data_format), languages, num_original, text_field, lang_field)
 
 
-def _text_documents(path: Path) -> Iterator[tuple[str, int]]:
-    """Documents of a plain-text file: paragraphs separated by blank lines, with their first line number."""
+@dataclass(frozen=True)
+class Piece:
+    """Text of one document, or a part of a long one; ``ends`` marks a document's last piece (EOS after it)."""
+
+    text: str
+    lang: int
+    ends: bool
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where ``path`` stops being UTF-8 (byte offset and line), found by a binary pass in bounded memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(_READ_BYTES)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                position = offset - pending + error.start
+                line = newlines + chunk.count(b"\n", 0, max(position - offset, 0)) + 1
+                return DataError(
+                    f"{path} is not UTF-8 text ({error.reason} at byte {position}, line {line}); "
+                    "is it the right file? (convert it with iconv -t utf-8)"
+                )
+            if not chunk:
+                raise AssertionError(f"{path} decoded as UTF-8 on a second reading")
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
+
+
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """A document as pieces of at most ``_MAX_PIECE_CHARS`` characters: the tokenizer's memory grows
+    with the length of what it is given (about 100 bytes per character), so a 200 MB document must
+    not reach it whole. Pieces are cut before a whitespace, where tokenizers split words anyway."""
+    start = 0
+    while len(text) - start > _MAX_PIECE_CHARS:
+        window = text[start : start + _MAX_PIECE_CHARS]
+        cut = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
+        stop = start + (cut if cut > 0 else _MAX_PIECE_CHARS)
+        yield text[start:stop], False
+        start = stop
+    yield text[start:], True
+
+
+def _text_documents(path: Path) -> Iterator[tuple[str, int, bool]]:
+    """Pieces of the documents of a plain-text file (paragraphs separated by blank lines), with the
+    number of the line where the document starts. Lines are read in bounded pieces too."""
     paragraph: list[str] = []
-    start = 1
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    if not paragraph:
-                        start = number
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph).rstrip("\n"), start
-                    paragraph = []
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); is it the right file?"
-        ) from None
+    size, start, number, continued = 0, 1, 0, False
+    with path.open(encoding="utf-8") as handle:
+        while chunk := handle.readline(_MAX_PIECE_CHARS):
+            if not continued:
+                number += 1
+            complete = chunk.endswith("\n") or len(chunk) < _MAX_PIECE_CHARS
+            if not continued and complete and not chunk.strip():
+                if paragraph:
+                    yield "".join(paragraph).rstrip("\n"), start, True
+                    paragraph, size = [], 0
+                continue
+            if not paragraph:
+                start = number
+            paragraph.append(chunk)
+            size += len(chunk)
+            continued = not complete
+            if size > _MAX_PIECE_CHARS:
+                *heads, (rest, _) = _pieces("".join(paragraph))
+                for head, _ in heads:
+                    yield head, start, False
+                paragraph, size = [rest], len(rest)
     if paragraph:
-        yield "".join(paragraph).rstrip("\n"), start
+        yield "".join(paragraph).rstrip("\n"), start, True
 
 
 def _jsonl_documents(path: Path, text_field: str, lang_field: str) -> Iterator[tuple[str, str | None, int]]:
     """(text, lang tag or None, line number) of every record of a JSONL file."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(
-                        f"{path} line {number} is not JSON; JSONL needs one object per line "
-                        "(for plain text use a .txt file or --data-format text)"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                    raise DataError(
-                        f"{path} line {number} has no string field {text_field!r} (found: {keys}); "
-                        "name the text field with --text-field"
-                    )
-                lang = record.get(lang_field)
-                yield record[text_field], None if lang is None else str(lang), number
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); is it the right file?"
-        ) from None
+    with path.open(encoding="utf-8") as handle:
+        number = 0
+        while line := handle.readline(_MAX_JSONL_LINE_CHARS):
+            number += 1
+            if len(line) == _MAX_JSONL_LINE_CHARS and not line.endswith("\n"):
+                raise DataError(
+                    f"{path} line {number} is longer than {_MAX_JSONL_LINE_CHARS} characters; split such "
+                    "documents into several records, or give them as plain text (--data-format text)"
+                )
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(
+                    f"{path} line {number} is not JSON; JSONL needs one object per line "
+                    "(for plain text use a .txt file or --data-format text)"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"{path} line {number} has no string field {text_field!r} (found: {keys}); "
+                    "name the text field with --text-field"
+                )
+            lang = record.get(lang_field)
+            yield record[text_field], None if lang is None else str(lang), number
 
 
-def iter_documents(spec: CorpusSpec) -> Iterator[tuple[str, int]]:
-    """(text, language id) of every document, in file order, checking every language tag."""
+def _file_pieces(file: DataFile, spec: CorpusSpec) -> Iterator[tuple[str, str | None, int, bool]]:
+    """(text, lang tag or None, line number, ends document) of every piece of one file."""
+    if file.format == "jsonl":
+        for text, tag, number in _jsonl_documents(file.path, spec.text_field, spec.lang_field):
+            for piece, ends in _pieces(text):
+                yield piece, tag, number, ends
+    else:
+        for text, number, ends in _text_documents(file.path):
+            yield text, None, number, ends
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[Piece]:
+    """Every document, as pieces of bounded length, in file order, checking every language tag."""
     lang_ids = {lang: index for index, lang in enumerate(spec.languages)}
     declared = ", ".join(spec.languages)
     for file in spec.files:
         count = 0
-        if file.format == "jsonl":
-            records = _jsonl_documents(file.path, spec.text_field, spec.lang_field)
-        else:
-            records = ((text, None, number) for text, number in _text_documents(file.path))
-        for text, tag, number in records:
-            lang = tag if tag is not None else file.lang
-            if lang is None:
-                raise DataError(
-                    f"{file.path} line {number} has no {spec.lang_field!r} field and the file has no --lang; "
-                    "tag the documents or pass --lang"
-                )
-            if lang not in lang_ids:
-                raise DataError(
-                    f"{file.path} line {number}: language {lang!r} is not declared (declared: {declared}); "
-                    "add it to --original-langs or --new-langs"
-                )
-            count += 1
-            yield text, lang_ids[lang]
+        try:
+            for text, tag, number, ends in _file_pieces(file, spec):
+                lang = tag if tag is not None else file.lang
+                if lang is None:
+                    raise DataError(
+                        f"{file.path} line {number} has no {spec.lang_field!r} field and the file has no --lang; "
+                        "tag the documents or pass --lang"
+                    )
+                if lang not in lang_ids:
+                    raise DataError(
+                        f"{file.path} line {number}: language {lang!r} is not declared (declared: {declared}); "
+                        "add it to --original-langs or --new-langs"
+                    )
+                count += ends
+                yield Piece(text, lang_ids[lang], ends)
+        except UnicodeDecodeError:
+            raise _not_utf8(file.path) from None
         if count == 0:
             raise DataError(f"data file {file.path} holds no documents (only blank lines)")
 
@@ -260,18 +331,24 @@ class TokenCache:
             (directory / cls.TOKENS).open("wb") as tokens_out,
             (directory / cls.LANGS).open("wb") as langs_out,
         ):
-            for texts, lang_ids in _chunks(iter_documents(spec), _TOKENIZE_CHUNK_DOCS):
-                encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-                lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-                ends = np.cumsum(lengths)
-                tokens = np.full(int(ends[-1]), eos, dtype=np.uint32)
+            for pieces in _batches(iter_documents(spec)):
+                encoded = tokenizer(
+                    [piece.text for piece in pieces], add_special_tokens=False, return_attention_mask=False
+                )["input_ids"]
+                ends = np.fromiter((piece.ends for piece in pieces), dtype=bool, count=len(pieces))
+                lengths = (
+                    np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded)) + ends
+                )
+                stops = np.cumsum(lengths)
+                tokens = np.full(int(stops[-1]), eos, dtype=np.uint32)
                 is_text = np.ones(len(tokens), dtype=bool)
-                is_text[ends - 1] = False  # one EOS after every document
+                is_text[stops[ends] - 1] = False  # one EOS after the last piece of every document
                 tokens[is_text] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint32)
                 tokens.tofile(tokens_out)
-                np.repeat(np.asarray(lang_ids, dtype=np.uint8), lengths).tofile(langs_out)
+                langs = np.asarray([piece.lang for piece in pieces], dtype=np.uint8)
+                np.repeat(langs, lengths).tofile(langs_out)
                 num_tokens += len(tokens)
-                num_documents += len(texts)
+                num_documents += int(ends.sum())
         return {
             "languages": list(spec.languages),
             "num_tokens": num_tokens,
@@ -296,6 +373,7 @@ class TokenCache:
         if (final / cls.META).is_file():
             return cls(final)
         # One staging directory per process: nodes that share the cache may tokenise at once.
+        _remove_stale_stagings(final)
         try:
             with Staged(final, tag=f".{socket.gethostname()}.{os.getpid()}") as partial:
                 partial.mkdir(parents=True)
@@ -308,23 +386,45 @@ class TokenCache:
         return cls(final)
 
 
+def _remove_stale_stagings(final: Path) -> None:
+    """Staging folders of ``final`` left by processes of this host that are gone (killed, e.g. for
+    memory): nothing else would ever remove them."""
+    host = socket.gethostname()
+    for path in final.parent.glob(f".{final.name}.{host}.*.partial"):
+        pid = path.name.removesuffix(".partial").rsplit(".", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _spec_summary(spec: CorpusSpec) -> dict:
     summary = asdict(spec)
     summary["files"] = [{**asdict(f), "path": str(f.path)} for f in spec.files]
     return summary
 
 
-def _chunks(documents: Iterator[tuple[str, int]], size: int) -> Iterator[tuple[list[str], list[int]]]:
-    texts: list[str] = []
-    langs: list[int] = []
-    for text, lang in documents:
-        texts.append(text)
-        langs.append(lang)
-        if len(texts) == size:
-            yield texts, langs
-            texts, langs = [], []
-    if texts:
-        yield texts, langs
+def _batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
+    """Pieces grouped for the tokenizer: up to ``_TOKENIZE_CHUNK_DOCS`` of them, and about
+    ``_TOKENIZE_CHUNK_CHARS`` characters, which bounds its memory."""
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if len(batch) == _TOKENIZE_CHUNK_DOCS or chars >= _TOKENIZE_CHUNK_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 class PackedSequences:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from pdmoe.errors import UsageError
+from pdmoe.hub import resolve_model
+from pdmoe.io.hf_loading import load_tokenizer
 from pdmoe.modeling import MoEForCausalLM
 
-from .checkpoints import checkpoint_dtype, load_moe_model, load_tokenizer, read_moe_config
+from .checkpoints import checkpoint_dtype, load_moe_model, read_moe_config
 from .data import CorpusSpec, PackedSequences, TokenCache
 
 
@@ -75,6 +77,13 @@ def per_language_nll(
     return sums, torch.bincount(target_langs, minlength=num_langs)
 
 
+def _exp(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class EvalResult:
     """Sums over evaluated tokens; combine processes by summing the tensors."""
@@ -86,16 +95,19 @@ class EvalResult:
     expert_counts: torch.Tensor  # [layers, languages, experts] int64
 
     def perplexity(self) -> dict[str, float]:
-        """exp(mean NLL) per language that had tokens."""
+        """exp(mean NLL) per language that had tokens (inf where that overflows a float)."""
         return {
-            lang: math.exp(self.nll_sum[i].item() / self.target_tokens[i].item())
+            lang: _exp(self.nll_sum[i].item() / self.target_tokens[i].item())
             for i, lang in enumerate(self.languages)
             if self.target_tokens[i] > 0
         }
 
     def to_dict(self) -> dict:
+        """The numbers as valid JSON: a perplexity that is not finite is null."""
         return {
-            "perplexity": self.perplexity(),
+            "perplexity": {
+                lang: value if math.isfinite(value) else None for lang, value in self.perplexity().items()
+            },
             "tokens": {lang: int(self.target_tokens[i]) for i, lang in enumerate(self.languages)},
             "expert_share": shares_by_language(self.expert_counts, self.languages, self.moe_layers),
         }
@@ -196,6 +208,7 @@ def evaluate_model(
 
     Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
     """
+    model_dir = resolve_model(model_dir)
     config = read_moe_config(model_dir)
     max_positions = config.get("max_position_embeddings") or 1024
     seq_len = min(1024, max_positions) if seq_len is None else seq_len

@@ -15,32 +15,33 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from pdmoe.config import MoEConfig
-from pdmoe.errors import UsageError
-from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.errors import CheckpointError, TrainingError, UsageError
+from pdmoe.experts import StateDictLayout
+from pdmoe.hub import resolve_model
+from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
+from pdmoe.layout import is_frozen_expert_buffer
 
 from .checkpoints import (
-    TrainerState,
     checkpoint_dtype,
-    latest_checkpoint,
     load_moe_model,
     load_tokenizer,
     read_moe_config,
-    read_trainer_state,
     save_final_model,
-    save_training_checkpoint,
     truncate_metrics,
 )
+from .collective import together
 from .data import (
     CorpusSpec,
     PackedSequences,
@@ -52,8 +53,17 @@ from .data import (
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
 from .losses import DEFAULT_LPR_COEF, language_prior_loss
+from .training_checkpoint import (
+    TrainerState,
+    check_settings,
+    latest_checkpoint,
+    load_training_checkpoint,
+    read_checkpoint_record,
+    save_training_checkpoint,
+)
 
 METRICS_FILE = "metrics.jsonl"
+DEFAULT_SEQ_LEN = 1024  # the method's; shorter when the model's maximum is
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_SETTINGS = (
     "out",
@@ -74,7 +84,10 @@ _FREE_SETTINGS = (
 
 @dataclass
 class TrainConfig:
-    """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow METHOD.md."""
+    """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow METHOD.md.
+
+    ``seq_len=None`` is ``DEFAULT_SEQ_LEN``, or the model's maximum when that is smaller.
+    """
 
     model: str | Path
     data: list[str | Path]
@@ -87,7 +100,7 @@ class TrainConfig:
     text_field: str = "text"
     lang_field: str = "lang"
     cache_dir: str | Path | None = None
-    seq_len: int = 1024
+    seq_len: int | None = None
     micro_batch_size: int = 4
     grad_accum: int = 1
     max_steps: int | None = None
@@ -123,21 +136,72 @@ def _mixed_precision(choice: str) -> str:
     return "bf16" if choice == "yes" else "no"
 
 
+# Numeric options and their checks. Integers: smallest allowed value, None allowed.
+_INTEGERS: dict[str, tuple[int, bool]] = {
+    "seq_len": (1, True),
+    "micro_batch_size": (1, False),
+    "grad_accum": (1, False),
+    "max_steps": (1, True),  # 0 steps would write the untrained model as a "trained" one
+    "max_tokens": (1, True),
+    "warmup_steps": (0, True),
+    "save_every": (1, False),
+    "keep_checkpoints": (0, False),
+    "eval_every": (0, False),
+    "eval_max_sequences": (1, False),
+    "log_every": (1, False),
+    "seed": (0, False),
+}
+# Floats: bound, bound itself allowed, None allowed.
+_FLOATS: dict[str, tuple[float, bool, bool]] = {
+    "lr": (0.0, False, False),
+    "min_lr_ratio": (0.0, True, False),
+    "weight_decay": (0.0, True, False),
+    "max_grad_norm": (0.0, True, False),
+    "aux_loss_coef": (0.0, True, True),
+    "lpr_coef": (0.0, True, False),
+}
+_MAX_INTEGER = 2**63 - 1
+
+
 def _check_numbers(config: TrainConfig) -> None:
-    positive = {
-        "--seq-len": config.seq_len,
-        "--micro-batch-size": config.micro_batch_size,
-        "--grad-accum": config.grad_accum,
-        "--save-every": config.save_every,
-        "--log-every": config.log_every,
-    }
-    for option, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1, got {value}")
+    """Every numeric option an int or a finite float in its range: NaN, infinities and bools are refused."""
+    for name, (minimum, optional) in _INTEGERS.items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= _MAX_INTEGER:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a whole number from {minimum} to 2**63-1, got {value!r}"
+            )
+    for name, (minimum, inclusive, optional) in _FLOATS.items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        in_range = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= minimum if inclusive else value > minimum)
+        )
+        if not in_range:
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")
+    if config.min_lr_ratio > 1:
+        raise UsageError(f"--min-lr-ratio must be at most 1, got {config.min_lr_ratio!r}")
     if config.max_steps is not None and config.max_tokens is not None:
         raise UsageError("give --max-steps or --max-tokens, not both")
-    if config.lr <= 0 or not 0 <= config.min_lr_ratio <= 1 or config.max_grad_norm < 0:
-        raise UsageError("--lr must be positive, --min-lr-ratio in [0, 1] and --max-grad-norm non-negative")
+
+
+def _sequence_length(config: TrainConfig, model_config: dict[str, Any]) -> int:
+    """``--seq-len``, or by default the method's 1024 capped at the model's maximum."""
+    max_positions = model_config.get("max_position_embeddings")
+    if config.seq_len is None:
+        return min(DEFAULT_SEQ_LEN, max_positions) if isinstance(max_positions, int) else DEFAULT_SEQ_LEN
+    if isinstance(max_positions, int) and config.seq_len > max_positions:
+        raise UsageError(
+            f"--seq-len {config.seq_len} is larger than the model's maximum ({max_positions} positions)"
+        )
+    return config.seq_len
 
 
 def _corpus(config: TrainConfig, paths: list, langs: list[str] | None) -> CorpusSpec:
@@ -161,14 +225,15 @@ def _total_steps(config: TrainConfig, num_sequences: int, global_batch: int) -> 
 
 
 def _settings(
-    config: TrainConfig, model_config: dict, data_key: str, world_size: int, total_steps: int
+    config: TrainConfig, model_config: dict, data_key: str, accelerator: Accelerator, total_steps: int
 ) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint it continues."""
     settings = {k: v for k, v in asdict(config).items() if k not in _FREE_SETTINGS}
     settings.update(
         model=hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16],
         data=data_key,
-        world_size=world_size,
+        world_size=accelerator.num_processes,
+        distributed="FSDP2" if accelerator.is_fsdp2 else accelerator.distributed_type.value,
         total_steps=total_steps,
     )
     return json.loads(json.dumps(settings, default=str))
@@ -215,6 +280,7 @@ class TrainingRun:
     lpr_coef: float
     model_dir: Path
     model_config: dict[str, Any]
+    output: OutputFolder | None  # the claimed --out (main process only)
     interval: _Interval = field(init=False)
     bar: tqdm = field(init=False)
 
@@ -252,27 +318,50 @@ class TrainingRun:
 
 def setup(config: TrainConfig) -> TrainingRun:
     """Check the options, then build the accelerator, output folder, data, model, optimizer and
-    schedule, and load the checkpoint to resume from: everything the loop needs."""
+    schedule, and load the checkpoint to resume from: everything the loop needs. A checkpoint that
+    is not this run's is refused before anything is written."""
     _check_numbers(config)
     parts = trainable_parts(config.stage, config.trainable)
-    model_dir, out = Path(config.model), Path(config.out)
+    model_dir, out = resolve_model(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
-    corpus, eval_corpus = _check_data(config, model_config, out)
+    seq_len = _sequence_length(config, model_config)
+    corpus, eval_corpus = _check_data(config, out)
+    resume_from = _resume_checkpoint(config, out)
+    record = read_checkpoint_record(resume_from) if resume_from else None
     accelerator = _setup_accelerator(config)
-    if accelerator.is_main_process:
-        prepare_output_dir(
-            out, overwrite=config.overwrite, resume=config.resume is not None, inputs=(model_dir,)
-        )
+    if seq_len != (config.seq_len or DEFAULT_SEQ_LEN):
+        accelerator.print(f"pdmoe cpt: --seq-len {seq_len}, the model's maximum (give --seq-len to choose)")
+    config = replace(config, seq_len=seq_len)
+    output_rules = {
+        "inputs": (model_dir, *config.data, *config.eval_data),
+        "overwrite": config.overwrite,
+        "resume": config.resume is not None,
+    }
+    check_output(out, Command.CPT, **output_rules)  # fail before the long preparations
     sequences, eval_sequences = _setup_data(config, accelerator, model_dir, corpus, eval_corpus)
     global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
     total_steps = _total_steps(config, len(sequences), global_batch)
-    settings = _settings(config, model_config, sequences.cache.key, accelerator.num_processes, total_steps)
-    resume_from = _resume_checkpoint(config, out)
-    state = read_trainer_state(resume_from, settings) if resume_from else TrainerState(settings=settings)
-    model, params = _setup_model(config, accelerator, model_dir, parts)
-    optimizer, scheduler = _setup_optimizer(config, accelerator, params, total_steps)
-    if resume_from:
-        accelerator.load_state(str(resume_from))
+    settings = _settings(config, model_config, sequences.cache.key, accelerator, total_steps)
+    if record is not None:
+        check_settings(resume_from, record, settings)
+    state = record.state if record is not None else TrainerState(settings=settings)
+    model, params, optimizer, scheduler = _setup_training(config, accelerator, model_dir, parts, total_steps)
+    if record is not None:
+        load_training_checkpoint(accelerator, resume_from, record, model, optimizer, scheduler)
+    output: list[OutputFolder] = []  # claimed once nothing can be refused any more, before any write
+
+    def claim() -> None:
+        output.append(
+            claim_output(out, Command.CPT, settings=asdict(config), keep_partial=True, **output_rules)
+        )
+
+    together(
+        accelerator,
+        claim,
+        main_only=True,
+        elsewhere=CheckpointError(f"the main process could not claim {out}"),
+    )
+    if record is not None:
         if accelerator.is_main_process:
             truncate_metrics(out / METRICS_FILE, state.step)
         accelerator.print(f"pdmoe cpt: resumed from {resume_from} at step {state.step}")
@@ -295,18 +384,12 @@ def setup(config: TrainConfig) -> TrainingRun:
         lpr_coef=config.lpr_coef if parse_stage(config.stage) is Stage.REVIEW else 0.0,
         model_dir=model_dir,
         model_config=model_config,
+        output=output[0] if output else None,
     )
 
 
-def _check_data(
-    config: TrainConfig, model_config: dict[str, Any], out: Path
-) -> tuple[CorpusSpec, CorpusSpec | None]:
-    """The training and eval corpora, checked against the stage, the model and the output folder."""
-    max_positions = model_config.get("max_position_embeddings")
-    if max_positions is not None and config.seq_len > max_positions:
-        raise UsageError(
-            f"--seq-len {config.seq_len} is larger than the model's maximum ({max_positions} positions)"
-        )
+def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec | None]:
+    """The training and eval corpora, checked against the stage and the output folder."""
     corpus = _corpus(config, config.data, config.langs)
     if parse_stage(config.stage) is Stage.REVIEW and not corpus.original_languages:
         raise UsageError("the review stage needs original-language text: declare it with --original-langs")
@@ -331,7 +414,23 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
             f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
             "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...)"
         )
+    _check_strategy(accelerator)
     return accelerator
+
+
+def _check_strategy(accelerator: Accelerator) -> None:
+    """Refuse the strategies whose gradient clipping or checkpoints would be wrong for a model that
+    trains only some of its parameters (tested: one process, DDP, FSDP2)."""
+    kind = accelerator.distributed_type
+    if kind is DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UsageError(
+            "FSDP version 1 is not supported (it clips each process's gradients by their own norm when only "
+            "some parameters train); set fsdp_version: 2 in the accelerate config"
+        )
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA):
+        raise UsageError(
+            f"accelerate's {kind.value} set-up is not supported by pdmoe cpt; use FSDP (fsdp_version: 2) or DDP"
+        )
 
 
 def _setup_data(
@@ -358,36 +457,50 @@ def _setup_data(
     return sequences, eval_sequences
 
 
-def _setup_model(
-    config: TrainConfig, accelerator: Accelerator, model_dir: Path, parts: tuple[Part, ...]
-) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The MoE with only ``parts`` trainable, prepared by accelerate, and its trainable parameters."""
+def _setup_training(
+    config: TrainConfig, accelerator: Accelerator, model_dir: Path, parts: tuple[Part, ...], total_steps: int
+) -> tuple[
+    torch.nn.Module, list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
+]:
+    """The MoE with only ``parts`` trainable, AdamW with linear warmup and cosine decay to
+    ``min_lr_ratio`` of the peak, prepared by accelerate together (FSDP2 shards the model and
+    hands the optimizer the shards), and the trainable parameters."""
     torch.manual_seed(config.seed)
     model = load_moe_model(model_dir)
     model.config.use_cache = False
     apply_trainable(model, parts)
+    # Keys that are the modules' own tensors: what sharded state dicts need; fused at the final save.
+    model.set_experts_state_dict_layout(StateDictLayout.SPLIT)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     accelerator.print(
-        f"pdmoe cpt: stage {config.stage}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
+        f"pdmoe cpt: stage {parse_stage(config.stage).value}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
     )
-    model = accelerator.prepare(model)
-    return model, [p for p in model.parameters() if p.requires_grad]
-
-
-def _setup_optimizer(
-    config: TrainConfig, accelerator: Accelerator, params: list[torch.nn.Parameter], total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with linear warmup and cosine decay to ``min_lr_ratio`` of the peak."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+    )
     warmup = config.warmup_steps if config.warmup_steps is not None else total_steps // 100
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup, total_steps, min_lr_rate=config.min_lr_ratio
     )
-    optimizer = accelerator.prepare(optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    return optimizer, scheduler
+    model, optimizer = accelerator.prepare(model, optimizer)
+    _frozen_experts_from_process_zero(accelerator, model)
+    return model, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler
+
+
+def _frozen_experts_from_process_zero(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """FSDP distributes parameters from process 0 but leaves buffers alone, and with RAM-efficient
+    loading the other processes may hold placeholders instead of the weights (depending on the
+    transformers version): the frozen experts, buffers, are taken from process 0 too."""
+    if accelerator.distributed_type is not DistributedType.FSDP:
+        return
+    for name, buffer in accelerator.unwrap_model(model).named_buffers():
+        if is_frozen_expert_buffer(name):
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def forward_backward_step(
@@ -406,12 +519,16 @@ def forward_backward_step(
     return torch.stack([loss, output.lm_loss, output.aux_loss, lpr]).detach().double(), output.router_logits
 
 
-def train_step(run: TrainingRun) -> torch.Tensor | None:
+def train_step(run: TrainingRun) -> torch.Tensor:
     """One optimizer step over the next global batch (every micro-batch of every process); advances
-    ``run.state`` and the logging interval, returns the gradient norm before clipping (None when off)."""
+    ``run.state`` and the logging interval, returns the gradient norm before clipping.
+
+    Raises ``TrainingError`` before the update when a loss or the gradient norm is not finite, so
+    the weights and the checkpoints on disk stay the last good ones."""
     config, accelerator = run.config, run.accelerator
     world, num_langs = accelerator.num_processes, len(run.corpus.languages)
     step_indices = run.order.take(run.state.position, run.global_batch)
+    step_losses = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     for micro in range(config.grad_accum):
         indices = micro_batch_slice(
             step_indices, micro, accelerator.process_index, world, config.micro_batch_size
@@ -422,13 +539,13 @@ def train_step(run: TrainingRun) -> torch.Tensor | None:
             losses, router_logits = forward_backward_step(
                 run, input_ids, langs < run.corpus.num_original_languages
             )
-        run.interval.losses += losses / config.grad_accum
+        step_losses += losses / config.grad_accum
         run.interval.counts += expert_token_counts(
             router_logits, langs, num_langs, run.moe.num_experts_per_tok
         )
-    grad_norm = (
-        accelerator.clip_grad_norm_(run.params, config.max_grad_norm) if config.max_grad_norm else None
-    )
+    grad_norm = clip_gradients(run)
+    _stop_unless_finite(run, step_losses, grad_norm)
+    run.interval.losses += step_losses
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -442,7 +559,39 @@ def train_step(run: TrainingRun) -> torch.Tensor | None:
     return grad_norm
 
 
-def log_metrics(run: TrainingRun, grad_norm: torch.Tensor | None) -> dict[str, Any]:
+def clip_gradients(run: TrainingRun) -> torch.Tensor:
+    """Clip the gradients to ``--max-grad-norm`` (0: no clipping) by their norm over every process
+    and every trainable parameter (sharded ones included), and return that norm."""
+    max_norm = run.config.max_grad_norm or math.inf  # a factor of exactly 1 when off
+    norm = run.accelerator.clip_grad_norm_(run.params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+_CHECKED = ("loss", "lm_loss", "aux_loss", "lpr_loss", "gradient norm")
+
+
+def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Every process stops together when any process's loss, or the gradient norm, is NaN or infinite."""
+    values = torch.cat(
+        [
+            run.accelerator.reduce(step_losses, "sum"),
+            grad_norm.detach().double().reshape(1).to(step_losses.device),
+        ]
+    ).tolist()
+    bad = [
+        f"{name} is {value}" for name, value in zip(_CHECKED, values, strict=True) if not math.isfinite(value)
+    ]
+    if bad:
+        run.accelerator.wait_for_everyone()  # see collective.any_process
+        last = latest_checkpoint(run.out)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"step {run.state.step + 1}: {', '.join(bad)}; stopped before updating the weights and {kept} "
+            "(lower --lr, raise --warmup-steps or check the data, then --resume)"
+        )
+
+
+def log_metrics(run: TrainingRun, grad_norm: torch.Tensor) -> dict[str, Any]:
     """Reduce the interval over processes, append it to ``metrics.jsonl`` and start a new interval."""
     lr = run.scheduler.get_last_lr()[0]
     record = _log_record(
@@ -473,7 +622,15 @@ def evaluate(run: TrainingRun) -> EvalResult:
 
 def save_checkpoint(run: TrainingRun) -> Path:
     """A resumable checkpoint of the run as it is now."""
-    return save_training_checkpoint(run.accelerator, run.out, run.state, run.config.keep_checkpoints)
+    return save_training_checkpoint(
+        run.accelerator,
+        run.out,
+        run.state,
+        run.config.keep_checkpoints,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+    )
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -483,20 +640,40 @@ def _due(step: int, every: int, last: int) -> bool:
 def train(config: TrainConfig) -> Path:
     """Run CPT or the review stage; returns the output directory holding the final HF checkpoint."""
     run = setup(config)
+    accelerator, out = run.accelerator, run.out
+    try:
+        _train_to_the_end(run)
+    finally:
+        # The DDP / FSDP wrappers hold the process group. Free them while the group is still alive,
+        # so that its worker threads are joined by destroy_process_group (which releases the GIL)
+        # and not by a wrapper's destructor, which holds the GIL while a worker may be waiting for it
+        # to free a tensor of its last collective: a deadlock seen with gloo under load.
+        del run
+        accelerator.free_memory()
+        accelerator.end_training()
+    return out
+
+
+def _train_to_the_end(run: TrainingRun) -> None:
+    """The loop with its logs, evaluations and checkpoints, then the final model."""
+    config = run.config
     run.model.train()
-    while not run.finished:
-        grad_norm = train_step(run)
-        step = run.state.step
-        if _due(step, config.log_every, run.total_steps):
-            log_metrics(run, grad_norm)
-        if run.eval_sequences is not None and _due(step, config.eval_every, run.total_steps):
-            evaluate(run)
-        if step % config.save_every == 0 and not run.finished:
-            save_checkpoint(run)
-    run.bar.close()
-    save_final_model(run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config))
-    run.accelerator.end_training()
-    return run.out
+    with run.output if run.output is not None else nullcontext():  # the lock goes on every exit
+        while not run.finished:
+            grad_norm = train_step(run)
+            step = run.state.step
+            if _due(step, config.log_every, run.total_steps):
+                log_metrics(run, grad_norm)
+            if run.eval_sequences is not None and _due(step, config.eval_every, run.total_steps):
+                evaluate(run)
+            if step % config.save_every == 0 and not run.finished:
+                save_checkpoint(run)
+        run.bar.close()
+        save_final_model(
+            run.accelerator, run.model, run.model_dir, run.out, checkpoint_dtype(run.model_config)
+        )
+        if run.output is not None:
+            run.output.finish()
 
 
 def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:
@@ -521,7 +698,7 @@ def _log_record(
     interval: _Interval,
     state: TrainerState,
     lr: float,
-    grad_norm: torch.Tensor | None,
+    grad_norm: torch.Tensor,
     corpus: CorpusSpec,
     moe_layers: list[int],
 ) -> dict[str, Any]:
@@ -532,7 +709,7 @@ def _log_record(
     record.update(
         step=state.step,
         lr=lr,
-        grad_norm=None if grad_norm is None else float(grad_norm),
+        grad_norm=float(grad_norm),
         tokens_seen=state.tokens_seen,
         tokens_per_s=interval.tokens / max(elapsed, 1e-9),
         expert_load=shares_by_language(counts, corpus.languages, moe_layers),
@@ -541,8 +718,24 @@ def _log_record(
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as handle:
+            handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot append to {path} ({error.strerror or error}); free space and --resume"
+        ) from None
+
+
+def _finite_or_null(value: Any) -> Any:
+    """Non-finite floats (a diverged eval perplexity) as null: every line stays valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _evaluate(accelerator: Accelerator, model, sequences: PackedSequences, config: TrainConfig) -> EvalResult:

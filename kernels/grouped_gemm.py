@@ -1,22 +1,24 @@
-"""Grouped GEMMs over expert-sorted rows, with the MoE's gather/scatter and SwiGLU fused in.
+"""Grouped GEMMs over expert-sorted rows, with the MoE's gather and SwiGLU fused in.
 
-Rows are the T·k slots in expert-grouped order (``routing.route``); a row tile never straddles two
-experts. Every kernel works on any strides, takes the expert weights as two tensors
-(``first`` holds experts [0, n_first), ``second`` the rest: the frozen/trainable split, or the same
-tensor twice with n_first = E) and computes element offsets in int64, so T·k·H beyond 2^31 is fine.
+Rows are the T·k slots in expert-grouped order (permutation.py). Every kernel runs a persistent grid
+over its tiles (tiles.py: the schedule, operand loads and K-loop they share), takes the expert
+weights as two tensors (``first`` holds experts [0, n_first), ``second`` the rest: the frozen/trainable
+split, or the same tensor twice with n_first = E), reads weights and contiguous row operands through
+TMA descriptors where the device and the strides allow (pointers otherwise), and computes element
+offsets in int64, so T·k·H beyond 2^31 is fine.
 
 Forward
   * ``gate_up_fwd``: h[r] = silu(x[t_r] Wg_e^T) ⊙ (x[t_r] Wu_e^T) — token rows gathered in the operand
-    load (prologue), gate and up as two accumulators of one tile, SwiGLU in the epilogue; optionally
-    also stores the pre-activations [g | u] for backward.
-  * ``scatter_gemm``: out[slot_r] = s_r · (A[r] B_e^T) — routing-weight multiply and scatter back to
-    slot order in the epilogue (used for the down projection and, without scale, for d(hidden)).
-    Every slot row is written exactly once, so summing a token's k rows afterwards is deterministic.
+    load, gate and up as two accumulators of one tile, SwiGLU in the epilogue; optionally also stores
+    the pre-activations [g | u] for backward.
+  * ``grouped_gemm``: out[r] = s_r · (A[r] W_e^T) (or A[r] W_e) in sorted row order, optionally split
+    over K into fp32 partials (decode); the down projection, and d(hidden) in the backward.
 Backward
-  * ``act_bwd``: G = dy[t_r] W_down,e, then in the epilogue d[g | u] from the saved pre-activations
-    (h recomputed, never saved) and the per-tile partial of d(topk_weight)_r = <G_r, h_r>.
-  * ``weight_grad``: dW_e = Σ_{r ∈ e} A[r]^T B[r], one program per (expert, output tile) looping over
-    the expert's rows: no atomics, nothing launched for experts outside the requested range.
+  * ``act_bwd``: G = dy[t_r] W_down,e from the gathered dy, then in the epilogue d[g | u] from the saved
+    pre-activations, y1s = s·h (the down projection's weight-gradient operand; h recomputed, never
+    saved) and the per-tile partial of d(topk_weight)_r = <G_r, h_r>.
+  * ``weight_grad``: dW_e = Σ_{r ∈ e} A[r]^T B[r] over contiguous sorted rows (K = the expert's rows),
+    experts with the most rows first, optionally split over rows into fp32 partials.
 """
 
 from __future__ import annotations
@@ -26,60 +28,128 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import tuning
+from .permutation import Permutation
+from .tiles import (
+    _load_rows,
+    _offset,
+    _row_tile_count,
+    _row_tile_product,
+    _swizzle,
+    _tile_ptrs,
+    persistent_grid,
+    row_tiles_upper_bound,
+)
 
 
 @triton.jit
-def _offset(index, stride):
-    """Element offset index·stride in int64 (int32 would wrap once T·k·H passes 2^31)."""
-    return index.to(tl.int64) * stride
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right column halves of a [BLOCK_M, BLOCK_N] tile."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
 @triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped tile order: GROUP_M row tiles walk the column tiles together, so B tiles stay in L2."""
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
+def _gate_up_store(
+    g,
+    u,
+    row0,
+    row_ok,
+    c0,
+    F,
+    h_ptr,
+    preact_ptr,
+    stride_hr,
+    stride_pr,
+    SAVE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SUB_N: tl.constexpr,
+):
+    cols = c0 + tl.arange(0, SUB_N)
+    mask = row_ok[:, None] & (cols < F)[None, :]
+    h = g * tl.sigmoid(g) * u
+    tl.store(_tile_ptrs(h_ptr, row0, stride_hr, cols, BLOCK_M), h.to(h_ptr.dtype.element_ty), mask=mask)
+    if SAVE_PREACT:
+        p_ptrs = _tile_ptrs(preact_ptr, row0, stride_pr, cols, BLOCK_M)
+        tl.store(p_ptrs, g.to(preact_ptr.dtype.element_ty), mask=mask)
+        tl.store(p_ptrs + F, u.to(preact_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _expert_tile(offsets_ptr, pid_m, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Expert and row range [start, end) of the pid_m-th row tile; expert == n_experts past the last."""
-    e_idx = tl.arange(0, BLOCK_E)
-    starts = tl.load(offsets_ptr + e_idx, mask=e_idx < n_experts, other=0)
-    ends = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < n_experts, other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    last = tl.cumsum(tiles, axis=0)
-    expert = tl.sum((last <= pid_m).to(tl.int32), axis=0)
-    here = e_idx == expert
-    start = tl.sum(tl.where(here, starts + (pid_m - last + tiles) * BLOCK_M, 0), axis=0)
-    end = tl.sum(tl.where(here, ends, 0), axis=0)
-    return expert, start, end
-
-
-@triton.jit
-def _expert_weights(first_ptr, second_ptr, n_first, expert, stride_e):
-    """Base pointer of expert ``expert`` in the logical concatenation (first, second)."""
-    ptr = second_ptr + _offset(expert - n_first, stride_e)
-    if expert < n_first:
-        ptr = first_ptr + _offset(expert, stride_e)
-    return ptr
+def _gate_up_epilogue(
+    g,
+    u,
+    row0,
+    row_ok,
+    c0,
+    F,
+    h_ptr,
+    preact_ptr,
+    stride_hr,
+    stride_pr,
+    SAVE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SUB_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """``_gate_up_store`` on SPLIT column slices of the tile, one after the other (fewer live registers)."""
+    if SPLIT == 1:
+        _gate_up_store(
+            g, u, row0, row_ok, c0, F, h_ptr, preact_ptr, stride_hr, stride_pr, SAVE_PREACT, BLOCK_M, SUB_N
+        )
+    else:
+        g0, g1 = _halves(g, BLOCK_M, SUB_N)
+        u0, u1 = _halves(u, BLOCK_M, SUB_N)
+        _gate_up_epilogue(
+            g0,
+            u0,
+            row0,
+            row_ok,
+            c0,
+            F,
+            h_ptr,
+            preact_ptr,
+            stride_hr,
+            stride_pr,
+            SAVE_PREACT,
+            BLOCK_M,
+            SUB_N // 2,
+            SPLIT // 2,
+        )
+        _gate_up_epilogue(
+            g1,
+            u1,
+            row0,
+            row_ok,
+            c0 + SUB_N // 2,
+            F,
+            h_ptr,
+            preact_ptr,
+            stride_hr,
+            stride_pr,
+            SAVE_PREACT,
+            BLOCK_M,
+            SUB_N // 2,
+            SPLIT // 2,
+        )
 
 
 @triton.jit
 def _gate_up_fwd_kernel(
     x_ptr,
-    w1_ptr,
-    w2_ptr,
+    w_desc1,
+    w_desc2,
+    w_ptr1,
+    w_ptr2,
     h_ptr,
     preact_ptr,
     sorted_slots_ptr,
     offsets_ptr,
+    order_ptr,
     n_experts,
     n_first,
     top_k,
-    num_m,
     H,
     F,
     stride_xt,
@@ -90,71 +160,104 @@ def _gate_up_fwd_kernel(
     stride_hr,
     stride_pr,
     SAVE_PREACT: tl.constexpr,
+    W_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
 ):
+    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
-    expert, start, end = _expert_tile(offsets_ptr, pid_m, n_experts, BLOCK_M, BLOCK_E)
-    if expert >= n_experts:
-        return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    tokens = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0) // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
-    ks = tl.arange(0, BLOCK_K)
-    w_ptr = _expert_weights(w1_ptr, w2_ptr, n_first, expert, stride_we)
-    a_ptrs = x_ptr + _offset(tokens, stride_xt)[:, None] + ks[None, :] * stride_xh
-    g_ptrs = w_ptr + _offset(cols, stride_wn)[None, :] + ks[:, None] * stride_wk
-    u_ptrs = g_ptrs + _offset(F, stride_wn)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = ks + k0 < H
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_xh
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    mask = row_ok[:, None] & col_ok[None, :]
-    out_rows = _offset(rows, stride_hr)[:, None]
-    tl.store(h_ptr + out_rows + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
-    if SAVE_PREACT:
-        p_ptrs = preact_ptr + _offset(rows, stride_pr)[:, None] + cols[None, :]
-        tl.store(p_ptrs, acc_g.to(preact_ptr.dtype.element_ty), mask=mask)
-        tl.store(p_ptrs + F, acc_u.to(preact_ptr.dtype.element_ty), mask=mask)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        acc_g, acc_u, start, row_ok, n0 = _row_tile_product(
+            tile,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            top_k,
+            x_ptr,
+            x_ptr,
+            stride_xt,
+            stride_xh,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
+            stride_wn,
+            stride_wk,
+            F,
+            2 * F,
+            0,
+            H,
+            True,
+            True,
+            False,
+            W_TMA,
+            True,
+            True,
+            PRECISION,
+            BLOCK_E,
+            GROUP_M,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        _gate_up_epilogue(
+            acc_g,
+            acc_u,
+            start,
+            row_ok,
+            n0,
+            F,
+            h_ptr,
+            preact_ptr,
+            stride_hr,
+            stride_pr,
+            SAVE_PREACT,
+            BLOCK_M,
+            BLOCK_N,
+            EPILOGUE_SPLIT,
+        )
 
 
 @triton.jit
-def _scatter_gemm_kernel(
+def _grouped_gemm_kernel(
+    a_desc,
     a_ptr,
-    w1_ptr,
-    w2_ptr,
+    w_desc1,
+    w_desc2,
+    w_ptr1,
+    w_ptr2,
     scale_ptr,
     out_ptr,
     sorted_slots_ptr,
     offsets_ptr,
+    order_ptr,
     n_experts,
     n_first,
-    num_m,
     N,
     K,
+    k_chunk,
+    n_split,
     stride_ar,
     stride_ak,
     stride_we,
     stride_wn,
     stride_wk,
+    stride_os,
     stride_or,
     HAS_SCALE: tl.constexpr,
+    A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
+    K_MAJOR: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -162,172 +265,433 @@ def _scatter_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
-    expert, start, end = _expert_tile(offsets_ptr, pid_m, n_experts, BLOCK_M, BLOCK_E)
-    if expert >= n_experts:
-        return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    w_ptr = _expert_weights(w1_ptr, w2_ptr, n_first, expert, stride_we)
-    a_ptrs = a_ptr + _offset(rows, stride_ar)[:, None] + ks[None, :] * stride_ak
-    b_ptrs = w_ptr + _offset(cols, stride_wn)[None, :] + ks[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks + k0 < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_wk
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + _offset(slots, stride_or)[:, None] + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    for tile in range(tl.program_id(0), num_m * num_n * n_split, tl.num_programs(0)):
+        split = tile % n_split
+        k_lo = split * k_chunk
+        acc, _, start, row_ok, n0 = _row_tile_product(
+            tile // n_split,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            1,
+            a_desc,
+            a_ptr,
+            stride_ar,
+            stride_ak,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
+            stride_wn,
+            stride_wk,
+            0,
+            N,
+            k_lo,
+            tl.minimum(K, k_lo + k_chunk),
+            True,
+            False,
+            A_TMA,
+            W_TMA,
+            K_MAJOR,
+            False,
+            PRECISION,
+            BLOCK_E,
+            GROUP_M,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        rows = start + tl.arange(0, BLOCK_M)
+        if HAS_SCALE:
+            slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
+            acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        cols = n0 + tl.arange(0, BLOCK_N)
+        out_ptrs = _tile_ptrs(out_ptr + _offset(split, stride_os), start, stride_or, cols, BLOCK_M)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
-def _act_bwd_kernel(
-    dy_ptr,
-    w1_ptr,
-    w2_ptr,
-    scale_ptr,
+def _act_bwd_store(
+    G,
+    row0,
+    row_ok,
+    s,
+    c0,
+    F,
     preact_ptr,
     dpreact_ptr,
-    dscale_part_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    n_experts,
-    n_first,
-    top_k,
-    num_m,
-    H,
-    F,
-    stride_dt,
-    stride_dh,
-    stride_we,
-    stride_wh,
-    stride_wf,
+    y1s_ptr,
     stride_pr,
     stride_dr,
+    stride_yr,
     NEED_DSCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    WRITE_DPREACT: tl.constexpr,
+    WRITE_Y1S: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):
-    num_n = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
-    expert, start, end = _expert_tile(offsets_ptr, pid_m, n_experts, BLOCK_M, BLOCK_E)
-    if expert >= n_experts:
-        return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
-    ks = tl.arange(0, BLOCK_K)
-    w_ptr = _expert_weights(w1_ptr, w2_ptr, n_first, expert, stride_we)
-    a_ptrs = dy_ptr + _offset(slots // top_k, stride_dt)[:, None] + ks[None, :] * stride_dh
-    b_ptrs = w_ptr + _offset(cols, stride_wf)[None, :] + ks[:, None] * stride_wh
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = ks + k0 < H
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_dh
-        b_ptrs += BLOCK_K * stride_wh
-    mask = row_ok[:, None] & col_ok[None, :]
-    p_ptrs = preact_ptr + _offset(rows, stride_pr)[:, None] + cols[None, :]
+    """SwiGLU backward of one column slice; returns its part of <G_r, h_r> per row."""
+    cols = c0 + tl.arange(0, SUB_N)
+    mask = row_ok[:, None] & (cols < F)[None, :]
+    p_ptrs = _tile_ptrs(preact_ptr, row0, stride_pr, cols, BLOCK_M)
     g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(p_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
+    if WRITE_Y1S:
+        y_ptrs = _tile_ptrs(y1s_ptr, row0, stride_yr, cols, BLOCK_M)
+        tl.store(y_ptrs, (silu * u * s[:, None]).to(y1s_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DPREACT:
+        dh = G * s[:, None]
+        d_ptrs = _tile_ptrs(dpreact_ptr, row0, stride_dr, cols, BLOCK_M)
+        tl.store(d_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dpreact_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs + F, (dh * silu).to(dpreact_ptr.dtype.element_ty), mask=mask)
     if NEED_DSCALE:
-        part = tl.sum(acc * silu * u, axis=1)
-        tl.store(dscale_part_ptr + _offset(rows, num_n) + pid_n, part, mask=row_ok)
-    dh = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    d_ptrs = dpreact_ptr + _offset(rows, stride_dr)[:, None] + cols[None, :]
-    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(d_ptrs, dg.to(dpreact_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_ptrs + F, (dh * silu).to(dpreact_ptr.dtype.element_ty), mask=mask)
+        return tl.sum(G * silu * u, axis=1)
+    else:
+        return tl.zeros_like(s)
 
 
 @triton.jit
-def _weight_grad_kernel(
+def _act_bwd_epilogue(
+    G,
+    row0,
+    row_ok,
+    s,
+    c0,
+    F,
+    preact_ptr,
+    dpreact_ptr,
+    y1s_ptr,
+    stride_pr,
+    stride_dr,
+    stride_yr,
+    NEED_DSCALE: tl.constexpr,
+    WRITE_DPREACT: tl.constexpr,
+    WRITE_Y1S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SUB_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """``_act_bwd_store`` on SPLIT column slices of G, one after the other (fewer live registers)."""
+    if SPLIT == 1:
+        return _act_bwd_store(
+            G,
+            row0,
+            row_ok,
+            s,
+            c0,
+            F,
+            preact_ptr,
+            dpreact_ptr,
+            y1s_ptr,
+            stride_pr,
+            stride_dr,
+            stride_yr,
+            NEED_DSCALE,
+            WRITE_DPREACT,
+            WRITE_Y1S,
+            BLOCK_M,
+            SUB_N,
+        )
+    else:
+        left, right = _halves(G, BLOCK_M, SUB_N)
+        part = _act_bwd_epilogue(
+            left,
+            row0,
+            row_ok,
+            s,
+            c0,
+            F,
+            preact_ptr,
+            dpreact_ptr,
+            y1s_ptr,
+            stride_pr,
+            stride_dr,
+            stride_yr,
+            NEED_DSCALE,
+            WRITE_DPREACT,
+            WRITE_Y1S,
+            BLOCK_M,
+            SUB_N // 2,
+            SPLIT // 2,
+        )
+        return part + _act_bwd_epilogue(
+            right,
+            row0,
+            row_ok,
+            s,
+            c0 + SUB_N // 2,
+            F,
+            preact_ptr,
+            dpreact_ptr,
+            y1s_ptr,
+            stride_pr,
+            stride_dr,
+            stride_yr,
+            NEED_DSCALE,
+            WRITE_DPREACT,
+            WRITE_Y1S,
+            BLOCK_M,
+            SUB_N // 2,
+            SPLIT // 2,
+        )
+
+
+@triton.jit
+def _act_bwd_kernel(
+    a_desc,
     a_ptr,
-    b_ptr,
+    w_desc1,
+    w_desc2,
+    w_ptr1,
+    w_ptr2,
     scale_ptr,
-    out_ptr,
+    preact_ptr,
+    dpreact_ptr,
+    y1s_ptr,
+    dscale_part_ptr,
     sorted_slots_ptr,
     offsets_ptr,
-    expert_base,
-    top_k,
+    order_ptr,
+    n_experts,
+    n_first,
+    H,
+    F,
+    stride_ar,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_pr,
+    stride_dr,
+    stride_yr,
+    NEED_G: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    WRITE_DPREACT: tl.constexpr,
+    WRITE_Y1S: tl.constexpr,
+    A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
+    num_n = tl.cdiv(F, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        acc, _, start, row_ok, n0 = _row_tile_product(
+            tile,
+            num_m,
+            num_n,
+            offsets_ptr,
+            order_ptr,
+            sorted_slots_ptr,
+            n_experts,
+            1,
+            a_desc,
+            a_ptr,
+            stride_ar,
+            stride_ak,
+            w_desc1,
+            w_desc2,
+            w_ptr1,
+            w_ptr2,
+            n_first,
+            stride_we,
+            stride_wn,
+            stride_wk,
+            0,
+            F,
+            0,
+            H,
+            NEED_G,
+            False,
+            A_TMA,
+            W_TMA,
+            False,
+            False,
+            PRECISION,
+            BLOCK_E,
+            GROUP_M,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        rows = start + tl.arange(0, BLOCK_M)
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
+        s = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
+        part = _act_bwd_epilogue(
+            acc,
+            start,
+            row_ok,
+            s,
+            n0,
+            F,
+            preact_ptr,
+            dpreact_ptr,
+            y1s_ptr,
+            stride_pr,
+            stride_dr,
+            stride_yr,
+            NEED_DSCALE,
+            WRITE_DPREACT,
+            WRITE_Y1S,
+            BLOCK_M,
+            BLOCK_N,
+            EPILOGUE_SPLIT,
+        )
+        if NEED_DSCALE:
+            tl.store(dscale_part_ptr + _offset(rows, num_n) + n0 // BLOCK_N, part, mask=row_ok)
+
+
+@triton.jit
+def _reduce_rows(
+    acc,
+    a_desc,
+    a_ptr,
+    b_desc,
+    b_ptr,
+    lo,
+    hi,
+    m0,
+    n0,
     M,
     N,
-    swiglu_shift,
     stride_ar,
     stride_am,
     stride_br,
     stride_bn,
+    TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += A[lo:hi, m0:m0+BLOCK_M]^T · B[lo:hi, n0:n0+BLOCK_N]: whole BLOCK_K row steps in the
+    pipelined loop, the ragged last step (rows of the next expert follow) with masked loads."""
+    full = lo + (hi - lo) // BLOCK_K * BLOCK_K
+    for r0 in range(lo, full, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        ok = rows < hi
+        a = _load_rows(
+            a_desc, a_ptr, r0, _offset(rows, stride_ar), ok, m0, M, stride_am, TMA, BLOCK_K, BLOCK_M
+        )
+        b = _load_rows(
+            b_desc, b_ptr, r0, _offset(rows, stride_br), ok, n0, N, stride_bn, TMA, BLOCK_K, BLOCK_N
+        )
+        acc = tl.dot(a.T, b, acc, input_precision=PRECISION)
+    if full < hi:
+        rows = full + tl.arange(0, BLOCK_K)
+        ok = rows < hi
+        a = _load_rows(
+            a_ptr, a_ptr, full, _offset(rows, stride_ar), ok, m0, M, stride_am, False, BLOCK_K, BLOCK_M
+        )
+        b = _load_rows(
+            b_ptr, b_ptr, full, _offset(rows, stride_br), ok, n0, N, stride_bn, False, BLOCK_K, BLOCK_N
+        )
+        acc = tl.dot(a.T, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _weight_grad_kernel(
+    a_desc,
+    a_ptr,
+    b_desc,
+    b_ptr,
+    out_ptr,
+    offsets_ptr,
+    order_ptr,
+    n_experts,
+    expert_base,
+    n_local,
+    M,
+    N,
+    n_split,
+    stride_ar,
+    stride_am,
+    stride_br,
+    stride_bn,
+    stride_os,
     stride_oe,
     stride_om,
     stride_on,
-    A_GATHER: tl.constexpr,
-    A_SCALE: tl.constexpr,
-    B_GATHER: tl.constexpr,
-    B_SWIGLU: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    local = tl.program_id(1)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    start = tl.load(offsets_ptr + expert_base + local)
-    end = tl.load(offsets_ptr + expert_base + local + 1)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = ms < M
-    n_ok = ns < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        r_ok = rows < end
-        slots = tl.load(sorted_slots_ptr + rows, mask=r_ok, other=0)
-        a_rows = slots // top_k if A_GATHER else rows
-        a = tl.load(
-            a_ptr + _offset(a_rows, stride_ar)[None, :] + ms[:, None] * stride_am,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_expert = num_m * num_n
+    # This launch's experts [expert_base, expert_base + n_local), in expert_order (most rows first).
+    lane = tl.arange(0, BLOCK_E)
+    order = tl.load(order_ptr + lane, mask=lane < n_experts, other=-1)
+    mine = (order >= expert_base) & (order < expert_base + n_local)
+    position = tl.cumsum(mine.to(tl.int32), axis=0) - 1
+    for tile in range(tl.program_id(0), n_local * n_split * per_expert, tl.num_programs(0)):
+        index = tile // (n_split * per_expert)
+        split = tile // per_expert % n_split
+        pid_m, pid_n = _swizzle(tile % per_expert, num_m, num_n, GROUP_M)
+        expert = tl.sum(tl.where(mine & (position == index), order, 0), axis=0)
+        start = tl.load(offsets_ptr + expert)
+        end = tl.load(offsets_ptr + expert + 1)
+        chunk = tl.cdiv(tl.cdiv(end - start, n_split), BLOCK_K) * BLOCK_K
+        lo = tl.minimum(start + split * chunk, end)
+        hi = tl.minimum(lo + chunk, end)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _reduce_rows(
+            acc,
+            a_desc,
+            a_ptr,
+            b_desc,
+            b_ptr,
+            lo,
+            hi,
+            m0,
+            n0,
+            M,
+            N,
+            stride_ar,
+            stride_am,
+            stride_br,
+            stride_bn,
+            TMA,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
         )
-        if A_SCALE:
-            scale = tl.load(scale_ptr + slots, mask=r_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
-        b_rows = slots // top_k if B_GATHER else rows
-        b_ptrs = b_ptr + _offset(b_rows, stride_br)[:, None] + ns[None, :] * stride_bn
-        b_mask = r_ok[:, None] & n_ok[None, :]
-        if B_SWIGLU:
-            g = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
-            u = tl.load(b_ptrs + swiglu_shift * stride_bn, mask=b_mask, other=0.0).to(tl.float32)
-            b = (g * tl.sigmoid(g) * u).to(b_ptr.dtype.element_ty)
-        else:
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    out_ptrs = out_ptr + _offset(local, stride_oe) + _offset(ms, stride_om)[:, None] + ns[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        ms = m0 + tl.arange(0, BLOCK_M)
+        ns = n0 + tl.arange(0, BLOCK_N)
+        out_ptrs = (
+            out_ptr
+            + _offset(split, stride_os)
+            + _offset(expert - expert_base, stride_oe)
+            + _offset(ms, stride_om)[:, None]
+            + ns[None, :] * stride_on
+        )
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & (ns < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Host-side launchers. ``cfg`` holds BLOCK_M/N/K, GROUP_M, num_warps, num_stages (see tuning.py).
+# Host-side launchers. ``cfg`` is a tuning.get_config() entry.
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -338,15 +702,39 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def row_tiles_upper_bound(n_rows: int, n_experts: int, block_m: int) -> int:
-    """Most row tiles any routing of n_rows rows over n_experts can need (the grid is sized by this,
-    not by the actual counts, so launching needs no host sync)."""
-    return min(n_rows, triton.cdiv(n_rows, block_m) + min(n_experts, n_rows))
+def _block_e(n_experts: int) -> int:
+    """Lanes of the per-expert vectors of the tile schedule: at least 128, one register layout for
+    every E up to 128 (64 lanes over 8 warps compiled to 40 more registers and spills in act_bwd)."""
+    return max(128, triton.next_power_of_2(n_experts))
 
 
-def _launch_opts(cfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return {key: cfg[key] for key in keys}
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether the copy engine can address ``t``: contiguous last dimension, 16-byte aligned base and
+    strides, no empty dimension."""
+    size = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and all(s * size % 16 == 0 for s in t.stride()[:-1])
+        and t.data_ptr() % 16 == 0
+        and all(d > 0 for d in t.shape)
+    )
+
+
+def _row_operand(t: torch.Tensor, block: list[int], use_tma: bool) -> tuple[Any, bool]:
+    """(descriptor or the tensor itself, whether it is a descriptor) of a 2-D row operand."""
+    if use_tma and _tma_ok(t):
+        return TensorDescriptor.from_tensor(t, block), True
+    return t, False
+
+
+def _weight_operand(
+    first: torch.Tensor, second: torch.Tensor, block: list[int], use_tma: bool
+) -> tuple[Any, Any, bool]:
+    """Descriptors of both weight parts (one expert per box) when both allow it, else the tensors."""
+    if use_tma and _tma_ok(first) and _tma_ok(second):
+        box = [1, *block]
+        return TensorDescriptor.from_tensor(first, box), TensorDescriptor.from_tensor(second, box), True
+    return first, second, False
 
 
 def gate_up_fwd(
@@ -355,50 +743,54 @@ def gate_up_fwd(
     w_second: torch.Tensor,
     n_first: int,
     n_experts: int,
-    sorted_slots: torch.Tensor,
-    offsets: torch.Tensor,
+    perm: Permutation,
     top_k: int,
     save_preact: bool,
     cfg: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, F] in expert-sorted row order and, if ``save_preact``, [gate | up] [N, 2F] (else empty)."""
-    n_rows, (two_f, H) = sorted_slots.numel(), w_first.shape[1:]
+    n_rows, (two_f, H) = perm.sorted_slots.numel(), w_first.shape[1:]
     F = two_f // 2
     h = x.new_empty(n_rows, F)
     preact = x.new_empty(n_rows, two_f) if save_preact else x.new_empty(0, two_f)
-    num_m = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"])
-    grid = (num_m * triton.cdiv(F, cfg["BLOCK_N"]),)
-    if num_m:
-        _gate_up_fwd_kernel[grid](
-            x,
-            w_first,
-            w_second,
-            h,
-            preact,
-            sorted_slots,
-            offsets,
-            n_experts,
-            n_first,
-            top_k,
-            num_m,
-            H,
-            F,
-            x.stride(0),
-            x.stride(1),
-            w_first.stride(0),
-            w_first.stride(1),
-            w_first.stride(2),
-            h.stride(0),
-            preact.stride(0),
-            SAVE_PREACT=save_preact,
-            PRECISION=_precision(x.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts),
-            **_launch_opts(cfg),
-        )
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"])
+    if not tiles:
+        return h, preact
+    use_tma = tuning.current_device(x.device).tma
+    w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_N"], cfg["BLOCK_K"]], use_tma)
+    _gate_up_fwd_kernel[persistent_grid(tiles, tuning.programs(cfg, x.device))](
+        x,
+        w1,
+        w2,
+        w_first,
+        w_second,
+        h,
+        preact,
+        perm.sorted_slots,
+        perm.offsets,
+        perm.expert_order,
+        n_experts,
+        n_first,
+        top_k,
+        H,
+        F,
+        x.stride(0),
+        x.stride(1),
+        w_first.stride(0),
+        w_first.stride(1),
+        w_first.stride(2),
+        h.stride(0),
+        preact.stride(0),
+        SAVE_PREACT=save_preact,
+        W_TMA=w_tma,
+        PRECISION=_precision(x.dtype),
+        BLOCK_E=_block_e(n_experts),
+        **tuning.launch_options(cfg, epilogue=True),
+    )
     return h, preact
 
 
-def scatter_gemm(
+def grouped_gemm(
     a: torch.Tensor,
     w_first: torch.Tensor,
     w_second: torch.Tensor,
@@ -406,98 +798,148 @@ def scatter_gemm(
     n_experts: int,
     transpose_w: bool,
     scale: torch.Tensor | None,
-    sorted_slots: torch.Tensor,
-    offsets: torch.Tensor,
+    perm: Permutation,
     cfg: dict[str, Any],
+    n_split: int = 1,
 ) -> torch.Tensor:
-    """out[slot_r] = scale_r · a[r] @ W_e^T (or W_e without the transpose when ``transpose_w``), [N, ·]."""
+    """out[r] = scale[slot_r] · a[r] @ W_e^T (W_e without the transpose when ``transpose_w``), in sorted
+    row order: [N, N_out] in a's dtype, or [n_split, N, N_out] fp32 partial sums over K chunks."""
     n_rows, K = a.shape
-    # W_e is [N_out, K] (down_proj [H, F]) or, with transpose_w, [K, N_out] (gate_up_proj [2F, H]).
-    s_n, s_k = (
-        (w_first.stride(2), w_first.stride(1)) if transpose_w else (w_first.stride(1), w_first.stride(2))
+    # W_e is [N_out, K] (down_proj [H, F]: K-major) or, with transpose_w, [K, N_out] (gate_up_proj [2F, H]).
+    if transpose_w:
+        N, stride_n, stride_k, w_block = (
+            w_first.shape[2],
+            w_first.stride(2),
+            w_first.stride(1),
+            [cfg["BLOCK_K"], cfg["BLOCK_N"]],
+        )
+    else:
+        N, stride_n, stride_k, w_block = (
+            w_first.shape[1],
+            w_first.stride(1),
+            w_first.stride(2),
+            [cfg["BLOCK_N"], cfg["BLOCK_K"]],
+        )
+    if n_split > 1:
+        out = torch.empty(n_split, n_rows, N, dtype=torch.float32, device=a.device)
+    else:
+        out = a.new_empty(1, n_rows, N)
+    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    tiles = (
+        row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) * n_split
     )
-    N = w_first.shape[2] if transpose_w else w_first.shape[1]
-    out = a.new_empty(n_rows, N)
-    num_m = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"])
-    if num_m:
-        _scatter_gemm_kernel[(num_m * triton.cdiv(N, cfg["BLOCK_N"]),)](
+    if tiles:
+        use_tma = tuning.current_device(a.device).tma
+        a_op, a_tma = _row_operand(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
+        w1, w2, w_tma = _weight_operand(w_first, w_second, w_block, use_tma)
+        _grouped_gemm_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
+            a_op,
             a,
+            w1,
+            w2,
             w_first,
             w_second,
             a if scale is None else scale,
             out,
-            sorted_slots,
-            offsets,
+            perm.sorted_slots,
+            perm.offsets,
+            perm.expert_order,
             n_experts,
             n_first,
-            num_m,
             N,
             K,
+            k_chunk,
+            n_split,
             a.stride(0),
             a.stride(1),
             w_first.stride(0),
-            s_n,
-            s_k,
+            stride_n,
+            stride_k,
             out.stride(0),
+            out.stride(1),
             HAS_SCALE=scale is not None,
+            A_TMA=a_tma,
+            W_TMA=w_tma,
+            K_MAJOR=not transpose_w,
             PRECISION=_precision(a.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts),
-            **_launch_opts(cfg),
+            BLOCK_E=_block_e(n_experts),
+            **tuning.launch_options(cfg),
         )
-    return out
+    return out if n_split > 1 else out[0]
 
 
 def act_bwd(
-    dy: torch.Tensor,
+    dy_sorted: torch.Tensor,
     w_first: torch.Tensor,
     w_second: torch.Tensor,
     n_first: int,
     n_experts: int,
     scale: torch.Tensor,
     preact: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    offsets: torch.Tensor,
-    top_k: int,
+    perm: Permutation,
+    *,
+    need_dpreact: bool,
     need_dscale: bool,
+    need_y1s: bool,
     cfg: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """d[gate | up] [N, 2F] (sorted rows) and, if asked, d(scale) per sorted row [N] (fp32)."""
-    n_rows = preact.shape[0]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d[gate | up] [N, 2F], d(scale) per sorted row [N] fp32, y1s = s·h [N, F]), each None unless asked.
+
+    ``dy_sorted`` is d(output) gathered into sorted row order; G = dy · W_down is computed only when
+    d[gate | up] or d(scale) is asked for (y1s alone needs just the saved pre-activations)."""
+    n_rows, two_f = preact.shape
     H, F = w_first.shape[1], w_first.shape[2]
-    dpreact = torch.empty_like(preact)
     num_n = triton.cdiv(F, cfg["BLOCK_N"])
-    part = torch.empty(n_rows, num_n if need_dscale else 0, dtype=torch.float32, device=dy.device)
-    num_m = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"])
-    if num_m:
-        _act_bwd_kernel[(num_m * num_n,)](
-            dy,
+    dpreact = torch.empty_like(preact) if need_dpreact else preact.new_empty(0, two_f)
+    y1s = preact.new_empty(n_rows, F) if need_y1s else preact.new_empty(0, F)
+    part = torch.empty(n_rows, num_n if need_dscale else 0, dtype=torch.float32, device=preact.device)
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * num_n
+    if tiles:
+        use_tma = tuning.current_device(preact.device).tma
+        a_op, a_tma = _row_operand(dy_sorted, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
+        w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        _act_bwd_kernel[persistent_grid(tiles, tuning.programs(cfg, preact.device))](
+            a_op,
+            dy_sorted,
+            w1,
+            w2,
             w_first,
             w_second,
             scale,
             preact,
             dpreact,
+            y1s,
             part,
-            sorted_slots,
-            offsets,
+            perm.sorted_slots,
+            perm.offsets,
+            perm.expert_order,
             n_experts,
             n_first,
-            top_k,
-            num_m,
             H,
             F,
-            dy.stride(0),
-            dy.stride(1),
+            dy_sorted.stride(0),
+            dy_sorted.stride(1),
             w_first.stride(0),
-            w_first.stride(1),
             w_first.stride(2),
+            w_first.stride(1),
             preact.stride(0),
             dpreact.stride(0),
+            y1s.stride(0),
+            NEED_G=need_dpreact or need_dscale,
             NEED_DSCALE=need_dscale,
-            PRECISION=_precision(dy.dtype),
-            BLOCK_E=triton.next_power_of_2(n_experts),
-            **_launch_opts(cfg),
+            WRITE_DPREACT=need_dpreact,
+            WRITE_Y1S=need_y1s,
+            A_TMA=a_tma,
+            W_TMA=w_tma,
+            PRECISION=_precision(preact.dtype),
+            BLOCK_E=_block_e(n_experts),
+            **tuning.launch_options(cfg, epilogue=True),
         )
-    return dpreact, part.sum(dim=1) if need_dscale else None
+    return (
+        dpreact if need_dpreact else None,
+        part.sum(dim=1) if need_dscale else None,
+        y1s if need_y1s else None,
+    )
 
 
 def weight_grad(
@@ -505,39 +947,39 @@ def weight_grad(
     b: torch.Tensor,
     expert_base: int,
     n_local: int,
-    sorted_slots: torch.Tensor,
-    offsets: torch.Tensor,
-    top_k: int,
+    perm: Permutation,
     *,
-    a_gather: bool,
-    a_scale: torch.Tensor | None,
-    b_gather: bool,
-    b_swiglu: bool,
     out_dtype: torch.dtype,
     cfg: dict[str, Any],
+    n_split: int = 1,
 ) -> torch.Tensor:
-    """dW[e - expert_base] = Σ_{rows r of e} A[r]^T B[r] for experts [expert_base, expert_base + n_local).
-
-    A rows are gathered by token when ``a_gather`` (and scaled by ``a_scale[slot]``), else sorted rows;
-    same for B; with ``b_swiglu`` B is silu(g)·u of the pre-activations [g | u]. Shape [n_local, M, N].
-    """
-    M = a.shape[1]
-    N = b.shape[1] // 2 if b_swiglu else b.shape[1]
-    out = torch.empty(n_local, M, N, dtype=out_dtype, device=a.device)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    if n_local and tiles:
-        _weight_grad_kernel[(tiles, n_local)](
+    """dW[e - expert_base] = Σ_{sorted rows r of e} a[r]^T b[r] for experts [expert_base, + n_local):
+    [n_local, M, N] for a [N_rows, M] and b [N_rows, N], both in sorted row order."""
+    M, N = a.shape[1], b.shape[1]
+    n_experts = perm.offsets.numel() - 1
+    shape = (n_split, n_local, M, N)
+    out = torch.empty(shape, dtype=torch.float32 if n_split > 1 else out_dtype, device=a.device)
+    tiles = n_local * n_split * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    if tiles:
+        use_tma = tuning.current_device(a.device).tma and a.shape[0] > 0
+        a_op, a_tma = _row_operand(a, [cfg["BLOCK_K"], cfg["BLOCK_M"]], use_tma)
+        b_op, b_tma = _row_operand(b, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        if a_tma != b_tma:
+            a_op, b_op, a_tma = a, b, False
+        _weight_grad_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
+            a_op,
             a,
+            b_op,
             b,
-            a if a_scale is None else a_scale,
             out,
-            sorted_slots,
-            offsets,
+            perm.offsets,
+            perm.expert_order,
+            n_experts,
             expert_base,
-            top_k,
+            n_local,
             M,
             N,
-            N,
+            n_split,
             a.stride(0),
             a.stride(1),
             b.stride(0),
@@ -545,11 +987,10 @@ def weight_grad(
             out.stride(0),
             out.stride(1),
             out.stride(2),
-            A_GATHER=a_gather,
-            A_SCALE=a_scale is not None,
-            B_GATHER=b_gather,
-            B_SWIGLU=b_swiglu,
+            out.stride(3),
+            TMA=a_tma,
             PRECISION=_precision(a.dtype),
-            **_launch_opts(cfg),
+            BLOCK_E=_block_e(n_experts),
+            **tuning.launch_options(cfg),
         )
-    return out
+    return out.sum(dim=0).to(out_dtype) if n_split > 1 else out[0]

@@ -2,38 +2,50 @@
 
 (The module is ``moe_op`` rather than ``moe_mlp`` so the package attribute does not shadow it.)
 
-Pipeline (grouped_gemm.py has the kernels, routing.py the permutation):
-  forward   route → gate_up_fwd (gather + [gate|up] GEMM + SwiGLU) → scatter_gemm (down GEMM ·
-            routing weight, scattered to slot order) → sum of each token's k slot rows (no atomics).
-  backward  act_bwd (gathered dy · W_down, SwiGLU backward and d(topk_weight) in the epilogue)
-            → scatter_gemm with W_gate_up for d(hidden) → weight_grad per expert for both weights.
+Pipeline (grouped_gemm.py has the GEMMs, permutation.py the expert order, rows.py the row moves):
+  forward   permute → gate_up_fwd (gather + [gate|up] GEMM + SwiGLU) → grouped_gemm (down GEMM ·
+            routing weight, sorted rows) → combine (each token's k rows added in a fixed order).
+  backward  gather dy into sorted rows → act_bwd (dy · W_down; SwiGLU backward, y1s = s·h and
+            d(topk_weight) in the epilogue) → grouped_gemm with W_gate_up, combine → d(hidden);
+            gather hidden → weight_grad(dpreact, x) = dW_gate_up; weight_grad(dy, y1s) = dW_down.
+  The two weight gradients and d(hidden)'s GEMM are plain ragged GEMMs; dispatch.py sends them to
+  ``torch._grouped_mm`` where that is expected to be faster.
 
-Saved for backward, per token: the pre-activations [gate | up] (k·2F elements in the activation
-dtype: k·4F bytes in bf16, 114,688 B for F = 14336, k = 2) and two int32 indices per slot (8k bytes);
-plus 4(E+1) bytes per call. The gathered inputs, h = silu(g)·u, the down projection's per-slot
-outputs are never saved: h is recomputed where the backward kernels load it (elementwise, free next
-to the GEMMs); hidden, the weights and the routing weights are the op's inputs (no extra memory).
-Recomputing [gate | up] too would cost a third more FLOPs (a full GEMM), so it is kept.
+FLOPs: forward 6·T·k·H·F; backward 12·T·k·H·F (act_bwd 2, d(hidden) 4, dW_gate_up 4, dW_down 2, in
+units of T·k·H·F), minus what is not asked for. Besides the GEMMs, the gathers and combines move
+O(T·k·H) bytes each: 1-4 % of a training step's time (the most where H·F per expert is small).
 
-Decode (T ≤ 64): each token's k experts are distinct, so an expert owns at most T rows and a row tile
-of next_pow2(T) rows holds them all (tuning.py); narrow N tiles with a wide K then give about one
-program per (active expert, N tile), and the step streams each active expert's weights exactly once.
-The row-tile grid is bounded by the number of slots and nothing syncs with the host, so the whole
-call can be captured in a CUDA graph.
+Saved for backward, per token: the pre-activations [gate | up] (k·2F elements in the activation dtype:
+k·4F bytes in bf16) and two int32 indices per slot (8k bytes); plus 8E + 4 bytes per call. Neither h,
+nor the gathered inputs, nor the down projection's outputs are saved: the backward recomputes h
+where it loads [gate | up] and gathers hidden and dy again (memory-bound copies). Recomputing
+[gate | up] too would cost a full GEMM, a third more FLOPs, so it is kept.
+
+Decode (T ≤ 64): an expert owns at most T rows, so one row tile of next_pow2(T) rows holds them all
+(tuning.py) and each active expert's weights are streamed once; the down projection, whose output
+(H) is narrow next to its K (F), is split over K into enough programs to keep HBM busy, and the
+combine adds the fp32 partials in a fixed order. No launch reads anything back to the host, so the
+whole call can be captured in a CUDA graph.
+
+Ids outside [0, E) are dropped (permutation.py): such a slot adds nothing to its token's output and
+gets a zero d(topk_weight).
 
 Weights may be a ``(frozen, trainable)`` pair (see reference.py): both parts are passed to the kernels
-as two pointers, nothing is concatenated, and weight gradients are computed and allocated only for the
-parts that require grad.
+as two descriptors or pointers, nothing is concatenated, and weight gradients are computed and
+allocated only for the parts that require grad.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from . import grouped_gemm as gg
+from .dispatch import RaggedGemm, input_grad_grouped_mm, use_grouped_mm, weight_grad_grouped_mm
+from .permutation import Permutation, permute
 from .reference import ExpertWeights, split_experts
-from .routing import route
-from .tuning import get_config
+from .rows import combine_rows, gather_rows
+from .tuning import bucket, get_config, split_k
 
 Tensor = torch.Tensor
 
@@ -49,8 +61,7 @@ def _cfg(kernel: str, n_tokens: int, like: Tensor) -> dict:
     return get_config(kernel, n_tokens, like.device, like.dtype)
 
 
-@torch.library.custom_op("pdmoe::moe_mlp_fwd", mutates_args=())
-def _moe_mlp_fwd(
+def forward(
     hidden: Tensor,
     gate_up_first: Tensor,
     gate_up_second: Tensor | None,
@@ -59,38 +70,117 @@ def _moe_mlp_fwd(
     topk_weights: Tensor,
     topk_ids: Tensor,
     save_preact: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Output [T, H], then what backward needs: pre-activations, sorted slots, slot rows, offsets."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Output [T, H], then what backward needs: pre-activations and the permutation's four tensors."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     gu1, gu2, n_first, E = _experts(gate_up_first, gate_up_second)
     d1, d2, _, _ = _experts(down_first, down_second)
-    routing = route(topk_ids, E)
+    perm = permute(topk_ids, E)
     h, preact = gg.gate_up_fwd(
-        hidden,
-        gu1,
-        gu2,
-        n_first,
-        E,
-        routing.sorted_slots,
-        routing.offsets,
-        k,
-        save_preact,
-        _cfg("gate_up_fwd", T, hidden),
+        hidden, gu1, gu2, n_first, E, perm, k, save_preact, _cfg("gate_up_fwd", T, hidden)
     )
-    y = gg.scatter_gemm(
-        h,
+    cfg = _cfg("down_fwd", T, hidden)
+    n_split = 1
+    if bucket(T) == "decode":
+        tiles = min(E, T * k) * triton.cdiv(H, cfg["BLOCK_N"])
+        n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg["BLOCK_K"]), 2, cfg, hidden.device)
+    rows = gg.grouped_gemm(h, d1, d2, n_first, E, False, topk_weights.reshape(-1), perm, cfg, n_split)
+    y = combine_rows(rows, perm.slot_rows, T, k, hidden.dtype)
+    return y, preact, *perm
+
+
+def backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    gate_up_first: Tensor,
+    gate_up_second: Tensor | None,
+    down_first: Tensor,
+    down_second: Tensor | None,
+    topk_weights: Tensor,
+    preact: Tensor,
+    sorted_slots: Tensor,
+    slot_rows: Tensor,
+    offsets: Tensor,
+    expert_order: Tensor,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights);
+    an empty tensor where ``needs`` is False (nothing is computed or allocated for it)."""
+    T = hidden.shape[0]
+    k = topk_weights.shape[1]
+    n_rows = sorted_slots.numel()
+    gu1, gu2, n_first, E = _experts(gate_up_first, gate_up_second)
+    d1, d2, _, _ = _experts(down_first, down_second)
+    perm = Permutation(sorted_slots, slot_rows, offsets, expert_order)
+    need_x, need_w = needs[0], needs[5]
+    need_gu, need_down = needs[1] or needs[2], needs[3] or needs[4]
+    grads = [hidden.new_empty(0) for _ in range(6)]  # outputs must not alias each other
+    if not any(needs):
+        return tuple(grads)
+    dy_sorted = gather_rows(grad_out, sorted_slots, offsets, k)
+    dpreact, dscale, y1s = gg.act_bwd(
+        dy_sorted,
         d1,
         d2,
         n_first,
         E,
-        False,
         topk_weights.reshape(-1),
-        routing.sorted_slots,
-        routing.offsets,
-        _cfg("scatter_gemm", T, hidden),
+        preact,
+        perm,
+        need_dpreact=need_x or need_gu,
+        need_dscale=need_w,
+        need_y1s=need_down,
+        cfg=_cfg("act_bwd", T, hidden),
     )
-    return y.view(T, k, H).sum(dim=1), preact, routing.sorted_slots, routing.slot_rows, routing.offsets
+    if need_x:
+        if gate_up_second is None and use_grouped_mm(RaggedGemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
+            dx_rows = input_grad_grouped_mm(dpreact, gu1, offsets)
+        else:
+            cfg = _cfg("input_grad", T, hidden)
+            dx_rows = gg.grouped_gemm(dpreact, gu1, gu2, n_first, E, True, None, perm, cfg)
+        grads[0] = combine_rows(dx_rows, slot_rows, T, k, hidden.dtype)
+    if need_w:
+        valid = slot_rows >= 0
+        per_slot = torch.where(valid, dscale[slot_rows.clamp(min=0).long()], 0.0)
+        grads[5] = per_slot.view(T, k).to(topk_weights.dtype)
+    if need_gu:
+        x_sorted = gather_rows(hidden, sorted_slots, offsets, k)
+        grads[1], grads[2] = _weight_grads(dpreact, x_sorted, perm, needs[1:3], (gu1, gu2), n_first, T)
+    if need_down:
+        grads[3], grads[4] = _weight_grads(dy_sorted, y1s, perm, needs[3:5], (d1, d2), n_first, T)
+    return tuple(grads)
+
+
+def _weight_grads(
+    a: Tensor,
+    b: Tensor,
+    perm: Permutation,
+    needs: list[bool],
+    parts: tuple[Tensor, Tensor],
+    n_first: int,
+    n_tokens: int,
+) -> tuple[Tensor, Tensor]:
+    """dW = Σ_rows a^T b per expert, for the parts (first, second) that ``needs`` asks for."""
+    n_rows, E = a.shape[0], perm.offsets.numel() - 1
+    whole = parts[0] is parts[1]
+    out = [a.new_empty(0), a.new_empty(0)]
+    if whole and use_grouped_mm(RaggedGemm.WEIGHT_GRAD, (a, b), n_rows, E):
+        out[0] = weight_grad_grouped_mm(a, b, perm.offsets).to(parts[0].dtype)
+        return out[0], out[1]
+    cfg = _cfg("weight_grad", n_tokens, a)
+    for i, (base, n_local) in enumerate(((0, n_first), (n_first, E - n_first))):
+        if not needs[i] or n_local == 0:
+            continue
+        tiles = n_local * triton.cdiv(a.shape[1], cfg["BLOCK_M"]) * triton.cdiv(b.shape[1], cfg["BLOCK_N"])
+        rows_per_expert = triton.cdiv(n_rows, E)
+        n_split = split_k(tiles, triton.cdiv(rows_per_expert, cfg["BLOCK_K"]), 4, cfg, a.device)
+        out[i] = gg.weight_grad(a, b, base, n_local, perm, out_dtype=parts[i].dtype, cfg=cfg, n_split=n_split)
+    return out[0], out[1]
+
+
+_moe_mlp_fwd = torch.library.custom_op("pdmoe::moe_mlp_fwd", forward, mutates_args=())
+_moe_mlp_bwd = torch.library.custom_op("pdmoe::moe_mlp_bwd", backward, mutates_args=())
 
 
 @_moe_mlp_fwd.register_fake
@@ -105,113 +195,13 @@ def _(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weigh
         index,
         torch.empty_like(index),
         topk_ids.new_empty(E + 1, dtype=torch.int32),
+        topk_ids.new_empty(E, dtype=torch.int32),
     )
 
 
-@torch.library.custom_op("pdmoe::moe_mlp_bwd", mutates_args=())
-def _moe_mlp_bwd(
-    grad_out: Tensor,
-    hidden: Tensor,
-    gate_up_first: Tensor,
-    gate_up_second: Tensor | None,
-    down_first: Tensor,
-    down_second: Tensor | None,
-    topk_weights: Tensor,
-    preact: Tensor,
-    sorted_slots: Tensor,
-    slot_rows: Tensor,
-    offsets: Tensor,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights);
-    an empty tensor where ``needs`` is False (nothing is computed or allocated for it)."""
-    T, H = hidden.shape
-    k = topk_weights.shape[1]
-    gu1, gu2, n_first, E = _experts(gate_up_first, gate_up_second)
-    d1, d2, _, _ = _experts(down_first, down_second)
-    need_x, need_gu1, need_gu2, need_w = needs[0], needs[1], needs[2], needs[5]
-    scale = topk_weights.reshape(-1)
-    grads = [hidden.new_empty(0) for _ in range(6)]  # outputs must not alias each other
-    common = {"sorted_slots": sorted_slots, "offsets": offsets, "top_k": k}
-    if need_x or need_gu1 or need_gu2 or need_w:
-        dpreact, dscale = gg.act_bwd(
-            grad_out,
-            d1,
-            d2,
-            n_first,
-            E,
-            scale,
-            preact,
-            sorted_slots,
-            offsets,
-            k,
-            need_w,
-            _cfg("act_bwd", T, hidden),
-        )
-        if need_x:
-            dx = gg.scatter_gemm(
-                dpreact,
-                gu1,
-                gu2,
-                n_first,
-                E,
-                True,
-                None,
-                sorted_slots,
-                offsets,
-                _cfg("scatter_gemm", T, hidden),
-            )
-            grads[0] = dx.view(T, k, H).sum(dim=1)
-        if need_w:
-            grads[5] = dscale[slot_rows.long()].view(T, k).to(topk_weights.dtype)
-        for slot, base, n_local, weight in ((1, 0, n_first, gu1), (2, n_first, E - n_first, gu2)):
-            if needs[slot]:
-                grads[slot] = gg.weight_grad(
-                    dpreact,
-                    hidden,
-                    base,
-                    n_local,
-                    **common,
-                    a_gather=False,
-                    a_scale=None,
-                    b_gather=True,
-                    b_swiglu=False,
-                    out_dtype=weight.dtype,
-                    cfg=_cfg("weight_grad", T, hidden),
-                )
-    for slot, base, n_local, weight in ((3, 0, n_first, d1), (4, n_first, E - n_first, d2)):
-        if needs[slot]:
-            grads[slot] = gg.weight_grad(
-                grad_out,
-                preact,
-                base,
-                n_local,
-                **common,
-                a_gather=True,
-                a_scale=scale,
-                b_gather=False,
-                b_swiglu=True,
-                out_dtype=weight.dtype,
-                cfg=_cfg("weight_grad", T, hidden),
-            )
-    return tuple(grads)
-
-
 @_moe_mlp_bwd.register_fake
-def _(
-    grad_out,
-    hidden,
-    gate_up_first,
-    gate_up_second,
-    down_first,
-    down_second,
-    topk_weights,
-    preact,
-    sorted_slots,
-    slot_rows,
-    offsets,
-    needs,
-):
+def _(grad_out, hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights, *rest):
+    needs = rest[-1]
     like = (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs, strict=True)
@@ -220,8 +210,8 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, gu1, gu2, d1, d2, topk_weights, _topk_ids, _save = inputs
-    _out, preact, sorted_slots, slot_rows, offsets = output
-    ctx.save_for_backward(hidden, gu1, gu2, d1, d2, topk_weights, preact, sorted_slots, slot_rows, offsets)
+    _out, preact, *perm = output
+    ctx.save_for_backward(hidden, gu1, gu2, d1, d2, topk_weights, preact, *perm)
 
 
 def _backward(ctx, grad_out, *_unused_grads):
@@ -243,10 +233,11 @@ def moe_mlp(
     """Fused-kernel expert MLP, same signature and result as ``moe_mlp_reference``.
 
     hidden [T, H]; gate_up_proj [E, 2F, H] and down_proj [E, H, F], each a tensor or a
-    ``(frozen, trainable)`` pair split at the same expert; topk_weights [T, k]; topk_ids [T, k] int in
-    [0, E) (the reference checks this; the kernels cannot without a host sync, so they do not).
-    Differentiable w.r.t. hidden, every weight part that requires grad, and topk_weights. Under
-    autocast, computes in the autocast dtype like ``F.linear``; otherwise all dtypes must agree.
+    ``(frozen, trainable)`` pair split at the same expert; topk_weights [T, k]; topk_ids [T, k] int.
+    A slot whose id is outside [0, E) is dropped (contributes nothing; the reference rejects such ids,
+    the kernels cannot check them without a host sync). Differentiable w.r.t. hidden, every weight part
+    that requires grad, and topk_weights. Under autocast, computes in the autocast dtype like
+    ``F.linear``; otherwise all dtypes must agree.
     """
     gu1, gu2 = split_experts(gate_up_proj)
     d1, d2 = split_experts(down_proj)

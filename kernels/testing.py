@@ -48,3 +48,28 @@ def random_moe_inputs(
     if topk_ids is None:
         topk_ids = random_routing(n_tokens, n_experts, top_k, generator=g, device=device)
     return x, gate_up, down, weights, topk_ids.to(device)
+
+
+def tiny_transformers_moes() -> dict:
+    """{name: (model class, config)} of tiny random transformers MoEs with fused SiLU experts
+    (Mixtral, Qwen3-MoE), for checks of the "pdmoe" experts implementation."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 64,
+    }
+    return {
+        "mixtral": (MixtralForCausalLM, MixtralConfig(**common, intermediate_size=24, num_local_experts=4)),
+        "qwen3_moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(
+                **common, head_dim=8, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True
+            ),
+        ),
+    }

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from pdmoe.errors import PdmoeError
+from pdmoe.errors import PdmoeError, from_os_error
 from pdmoe.options import DTYPES
 
 
@@ -24,6 +26,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        allow_non_finite=args.allow_non_finite,
     )
     print(f"upcycled {args.model} -> {out} ({args.num_experts} experts, top-{args.top_k})")
     return 0
@@ -32,11 +35,12 @@ def _run_upcycle(args: argparse.Namespace) -> int:
 def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "upcycle",
-        help="turn a dense checkpoint into an MoE checkpoint (expert 0 = the dense FFN, the rest copies)",
         description="Stream a dense Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into the MoE format.",
     )
     parser.add_argument(
-        "--model", required=True, help="dense Hugging Face checkpoint directory (safetensors)"
+        "--model",
+        required=True,
+        help="dense checkpoint (safetensors): a folder, or a Hugging Face Hub id ORG/NAME[@REVISION]",
     )
     parser.add_argument("--out", required=True, help="output directory for the MoE checkpoint")
     parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
@@ -58,35 +62,97 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="copy NaN / inf weights as they are instead of refusing them",
+    )
     parser.set_defaults(func=_run_upcycle)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser
-    from pdmoe.demo import add_demo_parser
-    from pdmoe.graft.cli import add_graft_parser
+# Every subcommand: its one-line summary and the function that adds its full parser. Only the
+# command being run is imported, so `pdmoe --help` and light commands never load what cpt, eval or
+# demo need (transformers' models, accelerate).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "upcycle": (
+        "turn a dense checkpoint into an MoE checkpoint (expert 0 = the dense FFN, the rest copies)",
+        "pdmoe.cli:add_upcycle_parser",
+    ),
+    "cpt": (
+        "continued pre-training (or the review stage) of an upcycled MoE",
+        "pdmoe.cpt.cli:add_cpt_parser",
+    ),
+    "graft": (
+        "graft the post-training delta (INSTRUCT - BASE) onto a CPT model",
+        "pdmoe.graft.cli:add_graft_parser",
+    ),
+    "eval": (
+        "per-language perplexity and expert routing shares of an MoE checkpoint",
+        "pdmoe.cpt.cli:add_eval_parser",
+    ),
+    "export": (
+        "write a pdmoe MoE as a native Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint (serving without pdmoe)",
+        "pdmoe.export.cli:add_export_parser",
+    ),
+    "demo": (
+        "run the whole pipeline on tiny models built on the spot, checking its invariants",
+        "pdmoe.demo:add_demo_parser",
+    ),
+}
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``pdmoe`` parser: every command listed, the full options of ``command`` (of all when None)."""
     parser = argparse.ArgumentParser(
         prog="pdmoe",
         description="Language expansion without re-alignment: upcycle -> cpt -> graft (see README.md).",
     )
+    parser.add_argument("--version", action="version", version=f"pdmoe {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_upcycle_parser, add_cpt_parser, add_graft_parser, add_eval_parser, add_demo_parser):
-        add(subparsers)
+    for name, (summary, target) in COMMANDS.items():
+        if command is None or name == command:
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("pdmoe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line, if any (options before it take no values)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    return run_command(args.command, lambda: args.func(args))
+
+
+def run_command(command: str, run: Callable[[], int | None]) -> int:
+    """Run a subcommand; a user error (or an OSError the user can fix) is one line on stderr, exit 2."""
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except PdmoeError as exc:
-        print(f"pdmoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        error: PdmoeError | None = exc
+    except OSError as exc:
+        error = from_os_error(exc)
+        if error is None:
+            raise
+    print(f"pdmoe {command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,30 +8,75 @@ same object they would read in the dense model.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
-from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
+import transformers
+from transformers import AutoConfig, PreTrainedConfig
 
 from pdmoe.errors import UsageError
-from pdmoe.load_balancing import reference_aux_coef
 
-DENSE_CONFIGS: dict[str, type[PreTrainedConfig]] = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
+# The dense families and their config classes, by name: transformers' config classes import much
+# of its modeling code, which commands that only read and write config.json (upcycle) do not need.
+DENSE_CONFIGS: dict[str, str] = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
 }
-EXPERTS_IMPLS = ("auto", "torch", "triton")
+# The fields an MoE config adds to the dense one (besides ``base_model_type``).
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_layers",
+    "original_experts",
+    "router_aux_loss_coef",
+    "norm_topk_prob",
+    "output_router_logits",
+)
+# The load-balancing coefficient of the reference recipe (MoE-LPR, DeltaMoE) in its own k-slot form;
+# pdmoe's loss is the Switch form, 1/k of that (see pdmoe.load_balancing).
+REFERENCE_AUX_COEF = 0.01
 
 
-def check_supported_family(model_type: str | None) -> type[PreTrainedConfig]:
-    """The dense config class of a supported family, or a UsageError naming the supported ones."""
+def reference_aux_coef(top_k: int) -> float:
+    """The load-balancing coefficient that gives pdmoe's loss the reference recipe's strength at top-k."""
+    return REFERENCE_AUX_COEF * top_k
+
+
+# pdmoe's names of the experts implementations -> the keys of transformers' experts interface that
+# pdmoe.kernels.transformers_experts registers ("pdmoe_auto", "pdmoe") or transformers has ("eager").
+# All three read the (frozen, trainable) pair of experts trained with frozen originals; transformers'
+# other implementations (grouped_mm, ...) read fused weights only. Never written to config.json.
+EXPERTS_IMPLS = {"auto": "pdmoe_auto", "torch": "eager", "triton": "pdmoe"}
+
+
+def experts_implementation(name: str | None) -> str:
+    """transformers' experts-interface key for ``name``: pdmoe's name or the key itself (None: "auto")."""
+    key = EXPERTS_IMPLS.get("auto" if name is None else name, name)
+    if key not in EXPERTS_IMPLS.values():
+        raise UsageError(f"unknown experts implementation {name!r}; use one of {', '.join(EXPERTS_IMPLS)}")
+    return key
+
+
+def experts_impl_name(key: str | None) -> str:
+    """pdmoe's name ("auto", "torch" or "triton") of an experts-interface key (None: "auto")."""
+    return {value: name for name, value in EXPERTS_IMPLS.items()}[experts_implementation(key)]
+
+
+def check_family_name(model_type: str | None) -> str:
+    """``model_type`` when pdmoe supports that dense family, else a UsageError naming the supported ones."""
     if model_type not in DENSE_CONFIGS:
         raise UsageError(
             f"unsupported architecture {model_type!r}; pdmoe upcycles these dense families: "
             f"{', '.join(sorted(DENSE_CONFIGS))}"
         )
-    return DENSE_CONFIGS[model_type]
+    return model_type
+
+
+def check_supported_family(model_type: str | None) -> type[PreTrainedConfig]:
+    """The dense config class of a supported family, or a UsageError naming the supported ones."""
+    return getattr(transformers, DENSE_CONFIGS[check_family_name(model_type)])
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
@@ -70,7 +115,6 @@ class MoEConfig(PreTrainedConfig):
     router_aux_loss_coef: float | None = None  # None: the reference strength, 0.01 x top-k (load_balancing)
     norm_topk_prob: bool = True
     output_router_logits: bool = False
-    experts_impl: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         dense_class = check_supported_family(self.base_model_type)
@@ -103,8 +147,6 @@ class MoEConfig(PreTrainedConfig):
             raise UsageError(
                 f"top-k ({self.num_experts_per_tok}) must be between 1 and the number of experts ({self.num_experts})"
             )
-        if self.experts_impl not in EXPERTS_IMPLS:
-            raise UsageError(f"experts_impl {self.experts_impl!r} is not one of {', '.join(EXPERTS_IMPLS)}")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise UsageError(f"moe_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
@@ -114,19 +156,51 @@ class MoEConfig(PreTrainedConfig):
             )
 
     @property
+    def experts_impl(self) -> str:
+        """The experts implementation: "auto" (the default), "torch" or "triton" (see pdmoe.experts).
+
+        A per-load choice kept in transformers' ``_experts_implementation``, which config.json never holds."""
+        return experts_impl_name(self._experts_implementation)
+
+    @experts_impl.setter
+    def experts_impl(self, name: str) -> None:
+        self._experts_implementation = experts_implementation(name)
+
+    @property
     def num_original_experts(self) -> int:
         """How many leading experts are copies kept frozen in CPT (must be a prefix 0..n-1)."""
         if sorted(self.original_experts) != list(range(len(self.original_experts))):
             raise UsageError(f"original_experts must be a prefix 0..n-1, got {self.original_experts}")
         return len(self.original_experts)
 
-    @classmethod
-    def from_dense(cls, dense: dict[str, Any], **moe_fields: Any) -> MoEConfig:
-        """The MoE config of a dense ``config.json`` dict, every dense field kept."""
-        fields = {
-            k: v for k, v in dense.items() if k not in ("model_type", "architectures", "transformers_version")
-        }
-        check_supported_family(dense.get("model_type"))
-        return cls(
-            base_model_type=dense["model_type"], architectures=["MoEForCausalLM"], **fields, **moe_fields
-        )
+
+def moe_config_dict(dense: dict[str, Any], **moe_fields: Any) -> dict[str, Any]:
+    """The ``config.json`` of the MoE made from a dense ``config.json``: every dense field as it is,
+    the MoE fields (``MoEConfig``'s defaults unless given), checked as ``MoEConfig`` checks them.
+
+    Built without transformers' dense config class, which ``MoEConfig`` applies when the file is
+    loaded: writing a config must not cost a command the import of transformers' models.
+    """
+    fields = {
+        k: v for k, v in dense.items() if k not in ("model_type", "architectures", "transformers_version")
+    }
+    defaults = {name: getattr(MoEConfig, name) for name in MOE_FIELDS}
+    config = {
+        **fields,
+        "model_type": MoEConfig.model_type,
+        "base_model_type": check_family_name(dense.get("model_type")),
+        "architectures": ["MoEForCausalLM"],
+        **defaults,
+        **moe_fields,
+    }
+    if config["moe_layers"] is None:
+        config["moe_layers"] = list(range(config["num_hidden_layers"]))
+    if config["original_experts"] is None:
+        config["original_experts"] = [0]
+    if config["router_aux_loss_coef"] is None:
+        config["router_aux_loss_coef"] = reference_aux_coef(config["num_experts_per_tok"])
+    MoEConfig.validate_moe(SimpleNamespace(**config))
+    return config
+
+
+AutoConfig.register(MoEConfig.model_type, MoEConfig, exist_ok=True)

@@ -2,21 +2,25 @@
 
 base (random tiny Llama) -> instruct (base moved by a small random "post-training" delta)
 -> upcycle(base) -> CPT on a small built-in corpus in a "new language" -> graft -> generate.
-It needs no download and runs in a minute on a laptop CPU, so a new user sees every step work.
+It needs no download and runs in a minute or two on a laptop CPU, so a new user sees every step
+work: it ends with the perplexity of every model on held-out text of the new and the original
+language, the invariants, and commands to try next on the models it made.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pdmoe.io import CheckpointReader, prepare_output_dir
+from pdmoe.io import CheckpointReader, Command, claim_output
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 from pdmoe.layout import MoETensor, match_moe
 
 # A stand-in "new language" corpus: short Swahili sentences, repeated into a learnable text.
@@ -28,6 +32,27 @@ NEW_LANGUAGE_TEXT = (
     "Mwalimu anafundisha hesabu na lugha kwa wanafunzi thelathini darasani.",
     "Tunapika wali, maharage na samaki kwa chakula cha mchana.",
 )
+# Held out from CPT: the new language, and the original language the model must keep.
+HELD_OUT = {
+    "sw": (
+        "Asubuhi tunakunywa chai na kusoma vitabu pamoja na watoto.",
+        "Soko linafunguliwa leo na watu wengi wanafika karibu na bahari.",
+        "Mwalimu anapika wali kwa wanafunzi wa darasani jioni.",
+    ),
+    "en": (
+        "Good morning. My name is Amani and I live near the sea.",
+        "The village market opens every Saturday morning and many people come.",
+        "The teacher teaches mathematics and languages to thirty pupils.",
+    ),
+}
+MODELS = ("base", "instruct", "moe", "cpt", "final")
+MODEL_LABELS = {
+    "base": "dense base",
+    "instruct": "dense instruct",
+    "moe": "upcycled MoE",
+    "cpt": "MoE after CPT",
+    "final": "grafted (final)",
+}
 
 
 @dataclass
@@ -41,6 +66,7 @@ class DemoReport:
     routers_equal_cpt: int = 0
     routers_checked: int = 0
     sample: str = ""
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> language -> ppl
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -55,15 +81,31 @@ class DemoReport:
     def render(self) -> str:
         steps = ", ".join(f"{name} {secs:.1f}s" for name, secs in self.seconds.items())
         verdict = "all checks passed" if self.ok else "SOME CHECKS FAILED"
+        table = [f"  {'model':<17} {'ppl sw (new)':>13} {'ppl en (original)':>18}"]
+        table += [
+            f"  {MODEL_LABELS[name]:<17} {ppl['sw']:>13.1f} {ppl['en']:>18.1f}"
+            for name, ppl in self.perplexity.items()
+        ]
+        out = self.out
         return "\n".join(
             [
-                f"pdmoe demo in {self.out} ({steps})",
+                f"pdmoe demo in {out} ({steps})",
+                "",
+                "Perplexity on held-out text (random tiny models: only the changes mean something):",
+                *table,
+                "",
                 f"  upcycled MoE vs dense logits, max |diff|:   {self.dense_vs_upcycled_max_diff:.2e}  (invariant 1: <= 1e-5)",
                 f"  CPT loss, first -> last logged step:       {self.cpt_loss_first:.3f} -> {self.cpt_loss_last:.3f}",
                 f"  grafted shared weights + expert 0 == instruct: {self.instruct_tensors_equal}/{self.instruct_tensors_checked}  (invariant 2)",
                 f"  grafted routers == CPT routers:            {self.routers_equal_cpt}/{self.routers_checked}",
                 f"  sample from the grafted model:             {self.sample!r}",
                 f"  {verdict}",
+                "",
+                "Next, on the models the demo made:",
+                f"  pdmoe eval --model {out}/final --data {out}/data/heldout.jsonl --original-langs en --new-langs sw",
+                f"  pdmoe export --model {out}/final --out {out}/final-native   # a Qwen2-MoE/Mixtral that plain transformers loads",
+                f"  pdmoe cpt --model {out}/moe --data {out}/data/new_language.jsonl --new-langs sw --out {out}/cpt-2 "
+                "--seq-len 64 --max-steps 50 --lr 1e-2",
             ]
         )
 
@@ -77,11 +119,33 @@ def _write_corpus(path: Path, repeats: int = 40) -> Path:
     return path
 
 
+def _write_held_out(path: Path) -> Path:
+    with path.open("w") as handle:
+        for lang, sentences in HELD_OUT.items():
+            for sentence in sentences:
+                handle.write(json.dumps({"text": sentence, "lang": lang}) + "\n")
+    return path
+
+
+def _perplexity(model, tokenizer, sentences: tuple[str, ...]) -> float:
+    """exp(mean next-token NLL) over the sentences, each scored on its own."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sentence in sentences:
+            ids = tokenizer(sentence, return_tensors="pt").input_ids
+            loss = model(ids, labels=ids).loss if ids.shape[1] > 1 else None
+            if loss is not None:
+                total += loss.item() * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
 def _max_logit_diff(dense: Path, moe: Path) -> float:
+
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = AutoModelForCausalLM.from_pretrained(dense).eval()(tokens).logits
-        b = AutoModelForCausalLM.from_pretrained(moe).eval()(tokens).logits
+        a = load_causal_lm(dense).eval()(tokens).logits
+        b = load_causal_lm(moe).eval()(tokens).logits
     return (a - b).abs().max().item()
 
 
@@ -108,15 +172,20 @@ def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> 
             report.instruct_tensors_equal += torch.equal(tensor, expected)
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family: str = "llama") -> DemoReport:
     """Run every pipeline step under ``out`` and check METHOD.md's two invariants on the way."""
+
     from pdmoe.cpt import TrainConfig, train
     from pdmoe.graft import graft
     from pdmoe.tiny import build_tiny_dense, perturb_checkpoint
     from pdmoe.upcycle import upcycle
 
     out = Path(out)
-    prepare_output_dir(out, overwrite=overwrite)
+    folder = claim_output(out, Command.DEMO, overwrite=overwrite, settings={"steps": steps, "family": family})
     report = DemoReport(out=out)
     clock = time.perf_counter()
 
@@ -126,13 +195,17 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
         report.seconds[name] = now - clock
         clock = now
 
+    _say(f"[1/6] building a tiny random {family} base model and a stand-in instruct model in {out}")
     base = build_tiny_dense(out / "base", family, seed=0)
     instruct = perturb_checkpoint(base, out / "instruct", scale=0.02, seed=1)
     lap("models")
+    _say("[2/6] upcycling the base model: 4 experts, top-2, every layer")
     moe = upcycle(base, out / "moe", num_experts=4, top_k=2)
     report.dense_vs_upcycled_max_diff = _max_logit_diff(base, moe)
     lap("upcycle")
+    _say(f"[3/6] continued pre-training of the new experts and routers on Swahili text ({steps} steps)")
     corpus = _write_corpus(out / "data" / "new_language.jsonl")
+    held_out = _write_held_out(out / "data" / "heldout.jsonl")
     cpt = train(
         TrainConfig(
             model=moe,
@@ -147,7 +220,7 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
             warmup_steps=5,
             log_every=5,
             save_every=10**9,
-            progress=False,
+            progress=True,
         )
     )
     losses = [
@@ -157,11 +230,19 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     ]
     report.cpt_loss_first, report.cpt_loss_last = losses[0], losses[-1]
     lap("cpt")
+    _say("[4/6] grafting the post-training delta (instruct - base) onto the CPT model")
     final = graft(base, instruct, cpt, out / "final").out_dir
     _check_graft(report, instruct, cpt, final)
     lap("graft")
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    _say(f"[5/6] perplexity of every model on held-out text ({held_out})")
+    tokenizer = load_tokenizer(final)
+    for name in MODELS:
+        model = load_causal_lm(out / name).eval()
+        report.perplexity[name] = {
+            lang: _perplexity(model, tokenizer, text) for lang, text in HELD_OUT.items()
+        }
+    lap("perplexity")
+    _say("[6/6] generating from the grafted model")  # `model` is the last one scored: final
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Habari"}],
         add_generation_prompt=True,
@@ -173,6 +254,7 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     )
     report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     lap("generate")
+    folder.finish()
     return report
 
 
@@ -185,7 +267,6 @@ def _run(args: argparse.Namespace) -> int:
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on tiny models built on the spot, checking its invariants",
         description="base -> instruct stand-in -> upcycle -> CPT on a built-in corpus -> graft -> generate.",
     )
     parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")

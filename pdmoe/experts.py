@@ -1,70 +1,98 @@
-"""The experts of an MoE layer in the fused layout, and the switch between their implementations.
+"""The experts of an MoE layer in the fused layout, and the choice of their implementation.
 
 Weights are stored as on disk (METHOD.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
 For CPT the original experts can be frozen without copying anything each step: the storage is
-split into a frozen buffer (experts 0..n-1) and a trainable Parameter (the rest), both views of the
-same memory, and the expert function receives the pair. The state dict always shows the fused
-tensors, so checkpoints and optimizers see one stable format.
+split once into a frozen buffer (experts 0..n-1) and a trainable Parameter (the rest), each owning
+only its own experts' memory (under FSDP the trainable part is sharded and the frozen part holds
+nothing else alive), and the expert function receives the pair.
+
+The state dict shows the fused tensors by default, the on-disk format (``StateDictLayout.FUSED``).
+Sharded training needs keys that are the module's own tensors (torch's distributed state dicts
+look every key up as an attribute and gather it), so a trainer can switch to
+``StateDictLayout.SPLIT`` and fuse when it writes the checkpoint (``fuse_split_experts``).
+
+The implementation is chosen through transformers' experts interface, like any transformers MoE:
+``MoEExperts.forward`` is the eager one (the PyTorch reference) and ``config._experts_implementation``
+names the function that runs instead (pdmoe.kernels registers "pdmoe" and "pdmoe_auto"; both read the
+frozen/trainable pair through ``expert_weights()``). pdmoe's names for the choice (``experts_impl``,
+mapped in pdmoe.config): "auto" (the default: the kernels on CUDA, the reference elsewhere), "torch"
+(the reference) and "triton" (the kernels), or their keys "pdmoe_auto", "eager" and "pdmoe". It is a
+per-load setting (``from_pretrained(..., experts_impl=...)`` or ``experts_implementation=...``),
+never in config.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations.moe import use_experts_implementation
 
+from pdmoe.config import MoEConfig, experts_impl_name
 from pdmoe.errors import UsageError
+from pdmoe.kernels import moe_mlp_reference
 from pdmoe.layout import FUSED_EXPERT_TENSORS, MoETensor, frozen_attribute, trainable_attribute
 
 ExpertWeight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-ExpertFunction = Callable[
-    [torch.Tensor, ExpertWeight, ExpertWeight, torch.Tensor, torch.Tensor], torch.Tensor
-]
 
 
-def expert_function(impl: str, device: torch.device) -> ExpertFunction:
-    """'torch' is the PyTorch reference, 'triton' the kernels, 'auto' the kernels on CUDA only."""
-    from pdmoe import kernels
+class StateDictLayout(Enum):
+    """What the state dict of experts with frozen originals holds."""
 
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
-    if impl == "torch":
-        return kernels.moe_mlp_reference
-    if impl == "triton":
-        return kernels.moe_mlp
-    raise UsageError(f"unknown experts implementation {impl!r}; use 'auto', 'torch' or 'triton'")
+    FUSED = "fused"  # one [E, ...] tensor per weight, as on disk
+    SPLIT = "split"  # the module's own tensors: the trainable Parameter (the frozen buffer is not saved)
 
 
+@use_experts_implementation
 class MoEExperts(nn.Module):
-    """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t)."""
+    """E SwiGLU experts: y_t = Σ_j w_tj · down_e(silu(gate_e x_t) ⊙ up_e x_t).
 
-    def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"
-    ) -> None:
+    Built from the model config (transformers' experts interface keeps it as ``self.config`` and reads
+    ``config._experts_implementation`` at every call)."""
+
+    def __init__(self, config: MoEConfig) -> None:
         super().__init__()
+        num_experts, hidden_size, intermediate_size = (
+            config.num_experts,
+            config.hidden_size,
+            config.intermediate_size,
+        )
         self.num_experts = num_experts
-        self.impl = impl
         self.num_frozen = 0
+        self.state_dict_layout = StateDictLayout.FUSED
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.register_state_dict_post_hook(_fuse_state_dict)
         self.register_load_state_dict_pre_hook(_split_state_dict)
 
     def weights(self, tensor: MoETensor) -> ExpertWeight:
-        """A fused weight, or the (frozen, trainable) pair while experts are frozen."""
+        """A fused weight, or the (frozen, trainable) pair while experts are frozen.
+
+        The pair has one dtype: FSDP's mixed precision hands the forward a low-precision copy of the
+        trainable part but leaves buffers alone, so the frozen part follows it."""
         if self.num_frozen:
-            return getattr(self, frozen_attribute(tensor)), getattr(self, trainable_attribute(tensor))
+            frozen = getattr(self, frozen_attribute(tensor))
+            trainable = getattr(self, trainable_attribute(tensor))
+            return frozen.to(trainable.dtype), trainable
         return getattr(self, tensor.attribute)
 
+    def expert_weights(self) -> tuple[ExpertWeight, ExpertWeight]:
+        """(gate_up, down), each fused or the (frozen, trainable) pair: what the kernels read."""
+        return self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN)
+
+    @property
+    def impl(self) -> str:
+        """The experts implementation in use, by pdmoe's name where it has one."""
+        return experts_impl_name(self.config._experts_implementation)
+
     def forward(
-        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        function = expert_function(self.impl, hidden.device)
-        return function(
-            hidden, self.weights(MoETensor.GATE_UP), self.weights(MoETensor.DOWN), topk_weights, topk_ids
-        )
+        """The eager implementation: the PyTorch reference (transformers' experts call signature)."""
+        gate_up, down = self.expert_weights()
+        return moe_mlp_reference(hidden_states, gate_up, down, top_k_weights, top_k_index)
 
     def freeze_experts(self, num_frozen: int) -> None:
         """Freeze experts 0..num_frozen-1: no gradient, no optimizer state, no per-step copy for them."""
@@ -74,9 +102,12 @@ class MoEExperts(nn.Module):
         for tensor in FUSED_EXPERT_TENSORS:
             fused = getattr(self, tensor.attribute)
             delattr(self, tensor.attribute)
-            self.register_buffer(frozen_attribute(tensor), fused.data[:num_frozen], persistent=False)
-            trainable = nn.Parameter(fused.data[num_frozen:], requires_grad=fused.requires_grad)
+            # Copies, not views: a view would keep the whole fused storage alive beside the sharded
+            # or offloaded trainable part. The fused tensor is freed when this loop lets go of it.
+            self.register_buffer(frozen_attribute(tensor), fused.data[:num_frozen].clone(), persistent=False)
+            trainable = nn.Parameter(fused.data[num_frozen:].clone(), requires_grad=fused.requires_grad)
             setattr(self, trainable_attribute(tensor), trainable)
+            del fused
         self.num_frozen = num_frozen
 
     def unfreeze_experts(self) -> None:
@@ -97,19 +128,34 @@ class MoEExperts(nn.Module):
         return f"experts={self.num_experts}, hidden={hidden}, intermediate={intermediate}, impl={self.impl}, frozen={self.num_frozen}"
 
 
+def fuse_split_experts(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Replace, in a ``StateDictLayout.SPLIT`` state dict of ``model`` (full tensors, e.g. gathered
+    from every rank), each trainable expert tensor by the fused tensor of the on-disk format."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEExperts) and module.num_frozen:
+            _fuse_into(module, state_dict, f"{prefix}." if prefix else "")
+    return state_dict
+
+
+def _fuse_into(module: MoEExperts, state_dict: dict[str, Any], prefix: str) -> None:
+    for tensor in FUSED_EXPERT_TENSORS:
+        key = f"{prefix}{trainable_attribute(tensor)}"
+        if key not in state_dict:
+            continue
+        trainable = state_dict.pop(key).detach()
+        frozen = getattr(module, frozen_attribute(tensor))
+        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat([frozen.to(trainable.device), trainable])
+
+
 def _fuse_state_dict(
     module: MoEExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
-    if not module.num_frozen:
-        return
-    for tensor in FUSED_EXPERT_TENSORS:
-        frozen, trainable = module.weights(tensor)
-        state_dict.pop(f"{prefix}{trainable_attribute(tensor)}", None)
-        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat([frozen, trainable.detach()])
+    if module.num_frozen and module.state_dict_layout is StateDictLayout.FUSED:
+        _fuse_into(module, state_dict, prefix)
 
 
 def _split_state_dict(module: MoEExperts, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    if not module.num_frozen:
+    if not module.num_frozen or module.state_dict_layout is StateDictLayout.SPLIT:
         return
     for tensor in FUSED_EXPERT_TENSORS:
         fused = state_dict.pop(f"{prefix}{tensor.attribute}", None)

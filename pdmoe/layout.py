@@ -51,8 +51,8 @@ FUSED_FROM: dict[MoETensor, tuple[DenseProjection, ...]] = {
 FUSED_EXPERT_TENSORS = tuple(FUSED_FROM)
 
 # While the original experts are frozen for CPT, the experts module holds each fused tensor as two
-# views of one storage: a buffer ``frozen_<attribute>`` (experts 0..n-1) and a Parameter
-# ``trainable_<attribute>`` (the rest). The state dict always shows the fused tensor.
+# tensors: a buffer ``frozen_<attribute>`` (experts 0..n-1) and a Parameter ``trainable_<attribute>``
+# (the rest). The state dict shows the fused tensor unless a trainer asks for these (see experts.py).
 FROZEN_PREFIX = "frozen_"
 TRAINABLE_PREFIX = "trainable_"
 
@@ -79,8 +79,7 @@ class MLPKeys:
     @property
     def layer(self) -> int | None:
         """The decoder layer index, when the prefix is the standard ``model.layers.N.mlp``."""
-        match = _LAYER.match(f"{self.prefix}.")
-        return int(match.group(1)) if match else None
+        return layer_index(f"{self.prefix}.")
 
     def dense(self, projection: DenseProjection) -> str:
         return f"{self.prefix}.{projection.value}.weight"
@@ -96,6 +95,12 @@ class MLPKeys:
     def block_prefix(self) -> str:
         """Prefix of every parameter of the block (``model.layers.3.mlp.``)."""
         return f"{self.prefix}."
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (``model.layers.3.…`` -> 3), or None."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
 
 
 def match_dense(name: str) -> tuple[MLPKeys, DenseProjection] | None:

@@ -3,22 +3,14 @@
 Convention: f_e counts each of a token's k routing slots as 1/k, so the loss is 1 at perfect
 balance whatever k is (the Switch Transformer form). transformers' ``load_balancing_loss_func``
 and MoE-LPR's code count every slot as 1: their value is k times this one, so their coefficient
-0.01 pushes as hard as 0.01·k here. The default coefficient (``reference_aux_coef``) is that
-equivalent of the reference recipe's 0.01: 0.02 at top-2.
+0.01 pushes as hard as 0.01·k here. The default coefficient (``pdmoe.config.reference_aux_coef``)
+is that equivalent of the reference recipe's 0.01: 0.02 at top-2.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-# The load-balancing coefficient of the reference recipe (MoE-LPR, DeltaMoE) in its own k-slot form.
-REFERENCE_AUX_COEF = 0.01
-
-
-def reference_aux_coef(top_k: int) -> float:
-    """The coefficient that gives this loss the reference recipe's strength at top-``top_k``."""
-    return REFERENCE_AUX_COEF * top_k
 
 
 def load_balancing_loss(

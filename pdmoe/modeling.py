@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
@@ -20,8 +20,8 @@ from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
-from pdmoe.config import MoEConfig
-from pdmoe.experts import MoEExperts
+from pdmoe.config import MoEConfig, experts_implementation
+from pdmoe.experts import MoEExperts, StateDictLayout
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
 from pdmoe.router import TopKRouter
@@ -58,6 +58,14 @@ class MoEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         init_moe_module(module, self.config.initializer_range)
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers' key of the requested experts implementation, pdmoe's "auto" unless asked otherwise."""
+        return experts_implementation(requested_experts)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts (pdmoe.experts.MoEExperts) use transformers' experts interface
+
 
 @torch.no_grad()
 def init_moe_module(module: nn.Module, std: float) -> None:
@@ -77,15 +85,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.model = DENSE_MODELS[config.base_model_type](config)
+        # The decoder layer class of this family only: FSDP's transformer wrap policy (accelerate)
+        # refuses classes the model does not contain.
+        self._no_split_modules = [type(self.model.layers[0]).__name__]
         for index in config.moe_layers:
-            self.model.layers[index].mlp = MoEBlock(
-                config.hidden_size,
-                config.intermediate_size,
-                config.num_experts,
-                config.num_experts_per_tok,
-                normalize=config.norm_topk_prob,
-                impl=config.experts_impl,
-            )
+            self.model.layers[index].mlp = MoEBlock(config)
         # transformers initialises a nested PreTrainedModel with that model's own _init_weights,
         # which knows nothing of MoE modules: extend it for this instance.
         dense_init = self.model._init_weights
@@ -113,6 +117,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def unfreeze_experts(self) -> None:
         for _, block in self.moe_blocks():
             block.experts.unfreeze_experts()
+
+    def set_experts_state_dict_layout(self, layout: StateDictLayout) -> None:
+        """How the state dict shows experts with frozen originals (see ``StateDictLayout``)."""
+        for _, block in self.moe_blocks():
+            block.experts.state_dict_layout = layout
 
     def forward(
         self,
@@ -161,3 +170,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             lm_loss=lm_loss,
         )
+
+
+AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM, exist_ok=True)

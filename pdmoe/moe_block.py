@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdmoe.config import MoEConfig
 from pdmoe.experts import MoEExperts
 from pdmoe.router import TopKRouter
 
@@ -16,25 +17,19 @@ class MoEBlock(nn.Module):
     kept on the block for the model to collect (load-balancing loss, routing analysis).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        num_experts: int,
-        top_k: int,
-        normalize: bool = True,
-        impl: str = "auto",
-    ) -> None:
+    def __init__(self, config: MoEConfig) -> None:
         super().__init__()
-        self.gate = TopKRouter(hidden_size, num_experts, top_k, normalize)
-        self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, impl)
+        self.gate = TopKRouter(
+            config.hidden_size, config.num_experts, config.num_experts_per_tok, config.norm_topk_prob
+        )
+        self.experts = MoEExperts(config)
         self.router_logits: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
         self.router_logits, topk_weights, topk_ids = self.gate(tokens)
-        return self.experts(tokens, topk_weights, topk_ids).reshape(shape)
+        return self.experts(tokens, topk_ids, topk_weights).reshape(shape)
 
     def pop_router_logits(self) -> torch.Tensor:
         logits, self.router_logits = self.router_logits, None

@@ -1,6 +1,12 @@
-"""Values of command-line options shared by several commands: output dtypes and sizes."""
+"""Values of command-line options shared by several commands: output dtypes, sizes, seeds, numbers.
+
+Each is checked where the Python API receives it, so ``pdmoe CMD`` and a direct call refuse the
+same values with the same message (a NaN, an infinity, a size or seed that would overflow).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,15 +43,47 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it."""
-    if isinstance(text, int):
-        return text
-    upper = text.strip().upper()
-    unit = next((unit for unit in _SIZE_UNITS if upper.endswith(unit)), None)
-    number, factor = (upper[: -len(unit)], _SIZE_UNITS[unit]) if unit else (upper.rstrip("B"), 1)
-    try:
-        size = int(float(number) * factor)
-    except ValueError:
-        raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        upper = str(text).strip().upper()
+        unit = next((unit for unit in _SIZE_UNITS if upper.endswith(unit)), None)
+        number, factor = (upper[: -len(unit)], _SIZE_UNITS[unit]) if unit else (upper.rstrip("B"), 1)
+        try:
+            value = float(number) * factor
+        except ValueError:
+            raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
+        if not math.isfinite(value):
+            raise UsageError(f"shard size must be a finite size like 5GB, got {text!r}")
+        size = int(value)
     if size <= 0:
         raise UsageError(f"shard size must be positive, got {text!r}")
     return size
+
+
+def check_number(
+    option: str, value: float, *, low: float = -math.inf, high: float = math.inf, hint: str = ""
+) -> float:
+    """``value`` when it is a finite number in [low, high]; otherwise a UsageError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{option} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        if low > -math.inf and high < math.inf:
+            wanted = f"a finite number in [{low:g}, {high:g}]"
+        elif low > -math.inf or high < math.inf:
+            wanted = f"a finite number {'>= ' + format(low, 'g') if low > -math.inf else '<= ' + format(high, 'g')}"
+        else:
+            wanted = "a finite number"
+        raise UsageError(f"{option} must be {wanted}, got {value!r}{f' ({hint})' if hint else ''}")
+    return float(value)
+
+
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed in 0..2**32-1 (what every random generator pdmoe seeds accepts)."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise UsageError(f"{option} must be an integer in {low}..{high}, got {seed!r}")
+    return seed

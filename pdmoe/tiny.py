@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from pdmoe.config import check_supported_family
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 TINY_SIZES: dict[str, Any] = {
@@ -84,12 +85,12 @@ def build_tiny_dense(
 
 def perturb_checkpoint(source: str | Path, out_dir: str | Path, scale: float = 0.01, seed: int = 1) -> Path:
     """A checkpoint like ``source`` with every weight moved by N(0, scale): a stand-in instruct model."""
-    model = AutoModelForCausalLM.from_pretrained(source)
+    model = load_causal_lm(source)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
     out = Path(out_dir)
     model.save_pretrained(out)
-    PreTrainedTokenizerFast.from_pretrained(source).save_pretrained(out)
+    load_tokenizer(source).save_pretrained(out)
     return out

@@ -8,24 +8,26 @@ one expert block, whatever the model size.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pdmoe.config import MoEConfig, check_supported_family, parse_layers
-from pdmoe.errors import CheckpointError, UsageError
-from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta, plan_shards, prepare_output_dir
+from pdmoe.config import check_family_name, moe_config_dict, parse_layers
+from pdmoe.errors import CheckpointError, TensorValueError, UsageError
+from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
+from pdmoe.hub import resolve_model
+from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
 from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
+from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.outputs import ensure_free_space
-from pdmoe.io.reader import BLOCK_ELEMENTS
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.layout import DenseProjection, MLPKeys, MoETensor, match_dense
-from pdmoe.options import parse_dtype, parse_size
+from pdmoe.options import check_number, check_seed, parse_dtype, parse_size
 
 
 class UpcycleRule(Enum):
@@ -48,9 +50,9 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class UpcyclePlan:
-    """What will be written: the MoE config and the ordered output tensors."""
+    """What will be written: the MoE ``config.json`` and the ordered output tensors."""
 
-    config: MoEConfig
+    config: dict[str, Any]
     tensors: list[PlannedTensor]
 
     @property
@@ -61,7 +63,7 @@ class UpcyclePlan:
 def _check_dense_config(dense: dict) -> None:
     if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
         raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
-    check_supported_family(dense.get("model_type"))
+    check_family_name(dense.get("model_type"))
     if dense.get("hidden_act", "silu") != "silu":
         raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
     if dense.get("mlp_bias"):
@@ -78,12 +80,14 @@ def plan_upcycle(
     """Validate the dense checkpoint and lay out the MoE checkpoint, reading headers only."""
     dense = reader.config
     _check_dense_config(dense)
+    reader.check_config()
     moe_layers = parse_layers(layers, dense["num_hidden_layers"])
-    config = MoEConfig.from_dense(
+    config = moe_config_dict(
         dense, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, original_experts=[0]
     )
     if dtype is not None:
-        config.dtype = dtype
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
     for layer in moe_layers:
         keys = MLPKeys.of_layer(layer)
         missing = [keys.dense(p) for p in DenseProjection if keys.dense(p) not in reader]
@@ -122,21 +126,50 @@ def _router_weight(meta: TensorMeta, layer: int, seed: int, std: float) -> torch
     return (torch.randn(meta.shape, generator=generator) * std).to(meta.dtype)
 
 
+def _check_input(reader: CheckpointReader, name: str, block: torch.Tensor) -> None:
+    """Refuse a dense tensor holding NaN or inf (counted over the whole tensor on the way to the error)."""
+    if not all_finite(block):
+        nan, inf = count_non_finite(reader.blocks(name))
+        raise TensorValueError(
+            f"{reader.directory}: {name} holds {describe_counts(nan, inf)} values (of {reader.meta(name).numel}); "
+            f"upcycling would copy them into the MoE. Fix or re-download the checkpoint, or pass {ALLOW_OPTION} "
+            "to copy them as they are"
+        )
+
+
+def _converted(block: torch.Tensor, meta: TensorMeta, check: bool) -> torch.Tensor:
+    """``block`` in the output dtype; refused when the conversion overflows it."""
+    out = block.to(meta.dtype)
+    if check and out.dtype != block.dtype and not all_finite(out):
+        nan, inf = count_non_finite([out])
+        raise TensorValueError(
+            f"{meta.name}: {describe_counts(nan, inf)} values appear when converting {block.dtype} to "
+            f"{meta.dtype} (the values exceed its range); choose a wider --dtype, or pass {ALLOW_OPTION}"
+        )
+    return out
+
+
 def _output_blocks(
-    reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float
+    reader: CheckpointReader, planned: PlannedTensor, seed: int, std: float, check_finite: bool
 ) -> Iterator[torch.Tensor]:
-    """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN."""
+    """The blocks of one planned output tensor, in C order: a copy, a router, or E copies of the dense FFN.
+
+    Unless ``check_finite`` is off, every dense value is checked as it streams by (see ``pdmoe.finite``).
+    """
     meta = planned.meta
     if planned.rule is UpcycleRule.COPY:
-        for start in range(0, meta.numel, BLOCK_ELEMENTS):
-            count = min(BLOCK_ELEMENTS, meta.numel - start)
-            yield reader.read_elements(meta.name, start, count).to(meta.dtype)
+        for block in reader.blocks(meta.name):
+            if check_finite:
+                _check_input(reader, meta.name, block)
+            yield _converted(block, meta, check_finite)
     elif planned.rule is UpcycleRule.ROUTER:
         yield _router_weight(meta, planned.mlp.layer, seed, std)
     elif planned.rule is UpcycleRule.EXPERTS:
-        expert = torch.cat([reader.get(key) for key in planned.mlp.fused_sources(planned.tensor)]).to(
-            meta.dtype
-        )
+        sources = {key: reader.get(key) for key in planned.mlp.fused_sources(planned.tensor)}
+        for key, source in sources.items():
+            if check_finite:
+                _check_input(reader, key, source)
+        expert = _converted(torch.cat(list(sources.values())), meta, check_finite)
         for _ in range(meta.shape[0]):
             yield expert  # the same block E times: queued writes share it, nothing is copied
     else:
@@ -155,37 +188,57 @@ def upcycle(
     dtype: str | torch.dtype | None = None,
     shard_size: str | int = "5GB",
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Turn the dense checkpoint ``model`` into an MoE checkpoint in ``out``; returns ``out``.
 
     Expert 0 is the dense FFN and experts 1..E-1 are exact copies of it; routers are N(0, std)
     with std = ``router_init_std`` or the dense config's ``initializer_range`` (0.02 for all
     supported families). With identical experts and renormalised top-k the MoE computes exactly
-    what the dense model computes, whatever the routers are.
+    what the dense model computes, whatever the routers are. NaN or inf in the dense checkpoint,
+    or values the output dtype cannot hold, are refused unless ``allow_non_finite``.
     """
-    out = Path(out)
-    reader = CheckpointReader(model)
-    plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
-    std = router_init_std if router_init_std is not None else plan.config.initializer_range
-    if std < 0:
-        raise UsageError(f"--router-init-std must be non-negative, got {std}")
-    shards = plan_shards(plan.entries, parse_size(shard_size))
-    planned = {tensor.meta.name: tensor for tensor in plan.tensors}
-    prepare_output_dir(out, overwrite=overwrite, inputs=(Path(model),))
-    try:
-        writer = CheckpointWriter(out, shards)
-        ensure_free_space(out, writer.total_bytes)
-        write_json(out / "config.json", plan.config.to_dict())
-        copy_side_files(Path(model), out)
-        with BackgroundShardWriter(writer) as background:  # reads and writes overlap
-            for index, shard in enumerate(shards):
-                for meta in shard:
-                    for block in _output_blocks(reader, planned[meta.name], seed, std):
-                        background.write(index, meta.name, block)
-        writer.finish()
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
+    model, out = resolve_model(model), Path(out)
+    with CheckpointReader(model) as reader:
+        plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
+        std = check_number(
+            "--router-init-std",
+            router_init_std if router_init_std is not None else plan.config.get("initializer_range", 0.02),
+            low=0,
+            high=1,
+            hint="routers start near zero; the default is the model's initializer_range, 0.02",
+        )
+        check_seed(seed)
+        shards = plan_shards(plan.entries, parse_size(shard_size))
+        planned = {tensor.meta.name: tensor for tensor in plan.tensors}
+        settings = {
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "moe_layers": plan.config["moe_layers"],
+            "router_init_std": std,
+            "seed": seed,
+            "dtype": str(plan.config.get("dtype")),
+            "shard_size": shard_size,
+        }
+        with claim_output(
+            out, Command.UPCYCLE, inputs=(Path(model),), overwrite=overwrite, settings=settings
+        ) as folder:
+            writer = CheckpointWriter(out, shards)
+            ensure_free_space(out, writer.total_bytes)
+            write_json(out / "config.json", without_remote_code(plan.config))
+            copy_side_files(Path(model), out)
+
+            def stream_all() -> None:
+                with BackgroundShardWriter(writer) as background:  # reads and writes overlap
+                    for index, shard in enumerate(shards):
+                        for meta in shard:
+                            blocks = _output_blocks(
+                                reader, planned[meta.name], seed, std, not allow_non_finite
+                            )
+                            for block in blocks:
+                                background.write(index, meta.name, block)
+
+            run_single_threaded(stream_all)
+            writer.finish()
+            folder.finish()
     return out

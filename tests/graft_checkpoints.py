@@ -176,12 +176,15 @@ def make(
     instruct_vocab=20,
     cpt_vocab=20,
     shard_bytes=None,
+    cpt_trained_shared=False,
 ) -> tuple[Path, Path, Path]:
-    """BASE, INSTRUCT (post-trained: everything moved) and CPT (dense, or upcycled with new experts moved)."""
+    """BASE, INSTRUCT (post-trained: everything moved) and CPT: dense (everything moved), or
+    upcycled with the new experts and routers moved (and, ``cpt_trained_shared``, the rest too)."""
     config = dense_config(tied=tied)
     base = dense_tensors(vocab=base_vocab, tied=tied, dtype=dtype)
     instruct = with_rows(perturb(base, seed=1), instruct_vocab, seed=3)
-    cpt = with_rows(perturb(base, seed=2), cpt_vocab, seed=4)
+    moved = perturb(base, seed=2) if cpt_trained_shared or not moe else base
+    cpt = with_rows(moved, cpt_vocab, seed=4)
     cpt_config = dict(config, vocab_size=cpt_vocab)
     if moe:
         cpt = fake_cpt(synthetic_upcycle(cpt))
@@ -278,3 +281,19 @@ def real_pipeline(root: Path, *, tied: bool = False) -> Pipeline:
     tensors = load_file(str(moe / "model.safetensors"))
     save_file(fake_cpt(tensors), str(cpt / "model.safetensors"), {"format": "pt"})
     return Pipeline(base, instruct, cpt)
+
+
+def graft_command(base: Path, instruct: Path, cpt: Path, out: Path, *options: str) -> list[str]:
+    """``pdmoe graft`` arguments for ``pdmoe.cli.main``."""
+    return [
+        "graft",
+        "--base",
+        str(base),
+        "--instruct",
+        str(instruct),
+        "--cpt",
+        str(cpt),
+        "--out",
+        str(out),
+        *options,
+    ]

@@ -153,3 +153,17 @@ def test_config_fields_only_one_side_spells_out_are_no_mismatch(tmp_path: Path) 
     )  # derived, absent from BASE's config
     graft(base, instruct, cpt, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == 4
+
+
+def test_zero_element_tensors(tmp_path: Path) -> None:
+    inputs = make(tmp_path, moe=True, shard_bytes=2000)
+    for directory in inputs:
+        tensors = load_dir(directory) | {"model.empty": torch.zeros(0, 8), "a.empty": torch.zeros(0)}
+        for path in directory.glob("model*.safetensors*"):
+            path.unlink()
+        save_checkpoint(
+            directory, tensors, json.loads((directory / "config.json").read_text()), shard_bytes=2000
+        )
+    graft(*inputs, tmp_path / "out", shard_size=2000)
+    assert_matches(tmp_path / "out", reference_graft(*inputs))
+    assert load_dir(tmp_path / "out")["model.empty"].shape == (0, 8)

@@ -174,16 +174,25 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
         graft(base, instruct, cpt, tmp_path / "out")
 
 
-def test_non_empty_out_without_overwrite(tmp_path: Path) -> None:
+def test_non_empty_out_is_replaced_only_when_pdmoe_wrote_it(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite"):
+    with pytest.raises(CheckpointError, match="is not empty; choose another --out"):
         graft(base, instruct, cpt, out)
+    with pytest.raises(
+        CheckpointError, match=r"holds files pdmoe did not write .* pdmoe deletes only its own"
+    ):
+        graft(base, instruct, cpt, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    graft(base, instruct, cpt, out)
+    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite to replace it"):
+        graft(base, instruct, cpt, out)
+    (out / "stale.txt").write_text("inside a pdmoe output")
     graft(base, instruct, cpt, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "graft.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "graft.json").is_file()
 
 
 def test_out_is_an_input(tmp_path: Path) -> None:
@@ -199,8 +208,7 @@ def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr("pdmoe.io.outputs.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(CheckpointError, match="GiB free but the output needs"):
         graft(base, instruct, cpt, tmp_path / "out")
-    assert_nothing_finished(tmp_path / "out")
-    assert not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # refused before writing: no empty folder left behind
 
 
 @pytest.mark.parametrize(
@@ -233,3 +241,31 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     captured = capsys.readouterr()
     assert captured.err.startswith("pdmoe graft: error: output directory") and "--overwrite" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_configs_that_do_not_describe_the_tensors(tmp_path: Path) -> None:
+    """BASE, INSTRUCT and CPT agree with each other, but not with their tensors."""
+    inputs = make(tmp_path, moe=True)
+    for directory in inputs:
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    with pytest.raises(
+        CheckpointError, match=r"num_hidden_layers is 3, but the tensors have layers 0..1 \(2 of them\)"
+    ):
+        graft(*inputs, tmp_path / "out")
+    for directory in inputs:
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    config = json.loads((inputs[2] / "config.json").read_text())
+    (inputs[2] / "config.json").write_text(
+        json.dumps(
+            config
+            | {"model_type": "pdmoe", "base_model_type": "llama", "moe_layers": [0, 1], "num_experts": 3}
+        )
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.0.mlp.experts.gate_up_proj is \[4, 24, 8\], the config implies \[3, 24, 8\]",
+    ):
+        graft(*inputs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pdmoe.errors import CheckpointError
 from pdmoe.io import CheckpointReader, CheckpointWriter, TensorMeta
-from pdmoe.io.background import BackgroundShardWriter
+from pdmoe.io.background import BackgroundShardWriter, BlockPool
 
 
 def test_read_elements(tmp_path: Path) -> None:
@@ -52,3 +52,21 @@ def test_background_writer_error_discards_the_shard(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="expected 'x' next, got 'not-x'"):
         sink.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_blocks_return_to_the_pool(tmp_path: Path) -> None:
+    """A long stream allocates only the blocks in flight at once (queue + writer + producer), each
+    reused once written; the file holds every block's values."""
+    rows = 64
+    writer = CheckpointWriter(tmp_path, [[TensorMeta("w", torch.bfloat16, (rows, 1000))]])
+    expected = torch.randn(rows, 1000).to(torch.bfloat16)
+    pool = BlockPool()
+    with BackgroundShardWriter(writer, max_pending=2, pool=pool) as sink:
+        for row in expected:
+            block = pool.take(row.numel(), torch.bfloat16)
+            sink.write(0, "w", block.copy_(row))
+    writer.finish()
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], expected)
+    assert 1 <= pool.buffers <= 2 + 2
+    pool.give(torch.empty(3))  # not the pool's: ignored
+    assert pool.buffers <= 4

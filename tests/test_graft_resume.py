@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pdmoe.graft import graft
+from pdmoe.io.outputs import MARKER, OutputState, read_marker
 from pdmoe.io.writer import ShardWriter
 from tests.graft_checkpoints import make
 
@@ -16,7 +17,10 @@ SHARD_SIZE = 3000
 
 
 def files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "graft.json"}
+    """The output's files but the two that record the run (options, times): manifest and marker."""
+    return {
+        p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name not in ("graft.json", MARKER)
+    }
 
 
 def interrupt_after_first_shard(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +51,7 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(tmp_path: Path, inpu
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) == 1 and shards[0].startswith("model-00001-of-")
     assert not list(out.glob(".*.partial"))
+    assert read_marker(out).state is OutputState.WRITING
 
 
 def test_resume_gives_the_same_bytes(tmp_path: Path, inputs, monkeypatch) -> None:
@@ -65,6 +70,7 @@ def test_resume_gives_the_same_bytes(tmp_path: Path, inputs, monkeypatch) -> Non
     manifest, clean_manifest = (json.loads((d / "graft.json").read_text()) for d in (out, clean))
     assert manifest["options"].pop("resume") and not clean_manifest["options"].pop("resume")
     assert manifest == clean_manifest
+    assert read_marker(out).state is read_marker(clean).state is OutputState.COMPLETE
 
     again = graft(*inputs, out, shard_size=SHARD_SIZE, resume=True)  # a finished output: nothing to redo
     assert again.shards_written == 0 and files(out) == files(clean)

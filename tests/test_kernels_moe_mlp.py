@@ -1,6 +1,9 @@
 """Triton ``moe_mlp`` (CPU interpreter, fp32) against the float64 reference: output and all four
-gradients over random routings and the edge cases of issue 4, the (frozen, trainable) form, strided
-inputs, determinism, int64 offsets and the torch.compile/custom-op plumbing."""
+gradients over random routings and the edge cases (one expert for all tokens, unused experts, a repeated
+expert, out-of-range ids, no tokens), the (frozen, trainable) form, strided inputs, both operand paths
+(TMA descriptors and pointers), split-K and ``torch._grouped_mm`` dispatch, determinism, int64 offsets
+and the torch.compile/custom-op plumbing. The interpreter runs every persistent grid with two programs,
+so each program loops over several tiles."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+import pdmoe.kernels.grouped_gemm as gg
 import pdmoe.kernels.moe_op as mm
-from pdmoe.kernels import moe_mlp, moe_mlp_reference
-from pdmoe.kernels.grouped_gemm import _offset
+from pdmoe.kernels import dispatch, moe_mlp, moe_mlp_reference, tuning
 from pdmoe.kernels.testing import random_moe_inputs
+from pdmoe.kernels.tiles import _offset
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -239,3 +243,65 @@ def test_shipped_hopper_tiles(monkeypatch, T, bucket_tokens):
 
     monkeypatch.setattr(mm, "get_config", hopper)
     check(*random_moe_inputs(T, 40, 24, 4, 2, seed=16 + T))
+
+
+def test_out_of_range_ids_are_dropped():
+    """A slot whose id is outside [0, E) adds nothing and gets a zero d(weight): the same output and
+    gradients as the reference with that slot's weight set to 0 (and any valid id)."""
+    x, gate_up, down, w, ids = random_moe_inputs(19, 24, 20, 4, 2, seed=18)
+    bad = torch.zeros_like(ids, dtype=torch.bool)
+    bad[::4, 0] = bad[1::5, 1] = True
+    invalid = ids.masked_fill(bad, 4)
+    invalid[2, 0], bad[2, 0] = -1, True
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    y, grads = run(moe_mlp, x, gate_up, down, w, invalid, dy)
+    w_dropped = w.masked_fill(bad, 0.0)
+    y_ref, grads_ref = run(
+        moe_mlp_reference, *(t.double() for t in (x, gate_up, down, w_dropped)), ids, dy.double()
+    )
+    close(y, y_ref)
+    for got, want in zip(grads[:3], grads_ref[:3], strict=True):
+        close(got, want)
+    assert (grads[3][bad] == 0).all()
+    close(grads[3][~bad], grads_ref[3][~bad])
+
+
+def test_pointer_operands(monkeypatch):
+    """Contiguous inputs normally go through TMA descriptors; the pointer path computes the same."""
+    monkeypatch.setattr(gg, "_tma_ok", lambda t: False)
+    check(*random_moe_inputs(23, 40, 24, 4, 2, seed=19))
+
+
+def test_split_k(monkeypatch):
+    """Split over K (the decode down projection, F = 70: slices of 32, 32, 6) and over rows (weight
+    gradients): fp32 partial sums added in a fixed order give the unsplit result."""
+    monkeypatch.setattr(mm, "split_k", lambda tiles, k_steps, min_steps, cfg, device: 3)
+    monkeypatch.setattr(mm, "bucket", lambda n_tokens: "decode")
+    check(*random_moe_inputs(40, 24, 70, 2, 2, seed=20))  # 40 rows per expert: row slices 32, 8, 0
+
+
+def test_torch_grouped_mm_dispatch(monkeypatch):
+    """Weight gradients and d(hidden) through ``torch._grouped_mm`` (CPU here) where the rule picks it."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    picked = []
+
+    def always(gemm, operands, rows, n_experts):
+        picked.append(gemm)
+        return True
+
+    monkeypatch.setattr(mm, "use_grouped_mm", always)
+    check(*random_moe_inputs(29, 24, 20, 4, 2, seed=21))
+    assert set(picked) == set(dispatch.RaggedGemm)
+
+
+def test_grouped_mm_rule_needs_cuda_bf16_and_enough_rows():
+    a = torch.randn(4096, 64, dtype=torch.bfloat16)
+    assert not dispatch.use_grouped_mm(dispatch.RaggedGemm.WEIGHT_GRAD, (a, a), 4096, 8)  # on the CPU
+    assert set(dispatch.GROUPED_MM_RULES) == set(dispatch.RaggedGemm)
+
+
+def test_interpreter_grid_loops_over_tiles():
+    """The interpreter's persistent grid has fewer programs than tiles, so the tile loop is exercised."""
+    cfg = tuning.get_config("gate_up_fwd", 40, torch.device("cpu"), torch.float32)
+    assert tuning.programs(cfg, torch.device("cpu")) == 2

@@ -8,27 +8,12 @@ import importlib
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import pdmoe.kernels.moe_op as moe_op
 from pdmoe.kernels import moe_mlp  # noqa: F401  (importing the package registers "pdmoe")
+from pdmoe.kernels.testing import tiny_transformers_moes
 
-COMMON = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 64,
-}
-MODELS = {
-    "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4)),
-    "qwen3_moe": (
-        Qwen3MoeForCausalLM,
-        Qwen3MoeConfig(**COMMON, head_dim=8, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True),
-    ),
-}
+MODELS = tiny_transformers_moes()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

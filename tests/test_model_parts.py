@@ -7,6 +7,7 @@ import torch
 
 from pdmoe import MoEConfig, MoEForCausalLM
 from pdmoe.errors import UsageError
+from pdmoe.experts import StateDictLayout, fuse_split_experts
 from pdmoe.layout import MoETensor
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.router import TopKRouter
@@ -88,8 +89,21 @@ def test_frozen_original_experts_get_no_gradient_and_keep_the_format():
         assert trainable.grad is not None and trainable.grad.shape[0] == 3
         assert "trainable_gate_up_proj" in dict(experts.named_parameters())
         assert "gate_up_proj" not in dict(experts.named_parameters())
-        # Views of one storage: freezing copied nothing.
-        assert trainable.data_ptr() == frozen.data_ptr() + frozen.numel() * frozen.element_size()
+        # Each part owns only its own experts' memory: nothing keeps the fused storage alive (under
+        # FSDP the trainable part is sharded and the frozen one must not pin all E experts).
+        for part in (frozen, trainable):
+            assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+
+    # Sharded training uses the modules' own tensors as keys, and fuses them when it saves.
+    model.set_experts_state_dict_layout(StateDictLayout.SPLIT)
+    split = model.state_dict()
+    assert "model.layers.0.mlp.experts.trainable_down_proj" in split
+    assert "model.layers.0.mlp.experts.down_proj" not in split
+    fused_again = fuse_split_experts(model, split)
+    assert fused_again.keys() == fused.keys() and all(
+        torch.equal(fused_again[key], fused[key]) for key in fused
+    )
+    model.set_experts_state_dict_layout(StateDictLayout.FUSED)
 
     # Loading the fused format into a frozen-split model fills both parts.
     other = _model(seed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -127,16 +128,22 @@ def test_pickle_checkpoint_is_refused(capsys, dense_dir, tmp_path):
     assert code == 2 and "pickle" in err and "safetensors" in err
 
 
-def test_non_empty_output_needs_overwrite(capsys, dense_dir, tmp_path):
+def test_non_empty_output_is_replaced_only_when_pdmoe_wrote_it(capsys, dense_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, err = _upcycle(capsys, dense_dir, out)
-    assert code == 2 and "not empty" in err and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "user data"
+    assert code == 2 and "is not empty; choose another --out" in err
     code, err = _upcycle(capsys, dense_dir, out, "--overwrite")
+    assert code == 2 and "holds files pdmoe did not write" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert _upcycle(capsys, dense_dir, out)[0] == 0
+    code, err = _upcycle(capsys, dense_dir, out)
+    assert code == 2 and "is not empty; pass --overwrite to replace it" in err
+    code, err = _upcycle(capsys, dense_dir, out, "--overwrite", "--num-experts", "3")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 3
 
 
 def test_failure_mid_write_leaves_no_output(dense_dir, tmp_path, monkeypatch):
@@ -149,3 +156,63 @@ def test_failure_mid_write_leaves_no_output(dense_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk went away"):
         upcycle_module.upcycle(dense_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_element_tensors_are_copied(capsys, dense_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _copy(dense_dir, tmp_path / "with-empty")
+    tensors = load_file(model / "model.safetensors")
+    tensors |= {"a_empty_first": torch.zeros(0), "model.empty_buffer": torch.zeros(0, 64)}
+    save_file(tensors, model / "model.safetensors", {"format": "pt"})
+    code, err = _upcycle(capsys, model, tmp_path / "out", "--shard-size", "100KB")
+    assert code == 0, err
+    out = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        out |= load_file(shard)
+    assert out["a_empty_first"].shape == (0,) and out["model.empty_buffer"].shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda config: [config], r"config.json must hold a JSON object \({...}\), not an array"),
+        (
+            lambda config: {k: v for k, v in config.items() if k != "hidden_size"},
+            r"has no positive integer hidden_size \(None\)",
+        ),
+        (
+            lambda config: config | {"num_hidden_layers": "3"},
+            r"has no positive integer num_hidden_layers \('3'\)",
+        ),
+        (
+            lambda config: config | {"hidden_size": 32},
+            r"model.embed_tokens.weight is \[264, 64\], but vocab_size x hidden_size is \[264, 32\]",
+        ),
+        (
+            lambda config: config | {"num_hidden_layers": 2},
+            r"num_hidden_layers is 2, but the tensors have layers 0..2 \(3 of them\)",
+        ),
+        (
+            lambda config: config | {"intermediate_size": 48},
+            r"model.layers.0.mlp.gate_proj.weight is \[96, 64\], the config implies \[48, 64\]",
+        ),
+        (lambda config: config | {"vocab_size": 300}, r"vocab_size x hidden_size is \[300, 64\]"),
+    ],
+    ids=[
+        "list",
+        "no-hidden-size",
+        "string-layers",
+        "hidden-size",
+        "layers",
+        "intermediate-size",
+        "vocab-size",
+    ],
+)
+def test_config_that_does_not_describe_the_tensors(capsys, dense_dir, tmp_path, change, message):
+    model = _copy(dense_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(change(config)))
+    code, err = _upcycle(capsys, model, tmp_path / "out")
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -11,18 +11,18 @@ the side files, resume and the ``graft.json`` manifest.
 
 from __future__ import annotations
 
-import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from pdmoe.errors import UsageError
 from pdmoe.graft.merging import MergeMethod, MergeSpec, check_weights
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
-from pdmoe.io.outputs import prepare_output_dir
+from pdmoe.hub import resolve_model
+from pdmoe.io.outputs import Command, claim_output
 from pdmoe.io.reader import CheckpointReader
-from pdmoe.options import parse_dtype, parse_size
+from pdmoe.options import check_number, parse_dtype, parse_size
 
 __all__ = ["GraftPlan", "GraftReport", "MergeMethod", "graft"]
 
@@ -43,18 +43,20 @@ def graft(
     dry_run: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    allow_modified_base: bool = False,
+    allow_non_finite: bool = False,
 ) -> GraftReport:
     """Graft ``scale * (instruct - base)`` onto ``cpt`` and write the result to ``out``.
 
     ``method`` ties / dare merge the task vectors (cpt - base, instruct - base) with weights
     (1, scale) instead, keeping ``density`` of each (``seed`` draws DARE's masks).
     Everything is checked (inputs, output directory, free space) before the first byte is
-    written; ``dry_run`` stops after planning and writes nothing.
+    written; ``dry_run`` stops after planning and writes nothing. While streaming, NaN / inf values
+    (in the inputs, or from an overflowing sum) are refused unless ``allow_non_finite``, and for an
+    MoE CPT the tensors pdmoe's CPT leaves untouched must equal BASE's unless ``allow_modified_base``.
     """
-    if resume and overwrite:
-        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale}")
+    check_number("--scale", scale)
+    base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     merge = MergeSpec(MergeMethod.parse(method), density, seed)
     check_weights(merge, (1.0, scale))
     out_dtype = parse_dtype(dtype)
@@ -73,9 +75,6 @@ def graft(
         )
         if dry_run:
             return GraftReport(out_dir=out_dir, plan=plan, dry_run=True)
-        prepare_output_dir(
-            out_dir, overwrite=overwrite, resume=resume, inputs=(b.directory, i.directory, c.directory)
-        )
         options = GraftOptions(
             scale=scale,
             method=merge.method.value,
@@ -86,5 +85,16 @@ def graft(
             shard_size=shard_bytes,
             resume=resume,
             overwrite=overwrite,
+            allow_modified_base=allow_modified_base,
+            allow_non_finite=allow_non_finite,
         )
-        return execute(plan, b, i, c, out_dir, options=options)
+        with claim_output(
+            out_dir,
+            Command.GRAFT,
+            inputs=(b.directory, i.directory, c.directory),
+            overwrite=overwrite,
+            resume=resume,
+            settings=asdict(options),
+            keep_partial=True,
+        ) as folder:
+            return execute(plan, b, i, c, folder, options=options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pdmoe.export.cli import add_layout_argument
+from pdmoe.export.formats import NativeFormat
 from pdmoe.graft import graft
 from pdmoe.graft.merging import MergeMethod
 from pdmoe.options import DTYPES
@@ -29,13 +31,18 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register ``graft``; the handler is stored as ``func`` (``args.func(args)`` returns the exit code)."""
     parser = subparsers.add_parser(
         "graft",
-        help="graft the post-training delta (INSTRUCT - BASE) onto a CPT model",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--base", required=True, type=Path, help="dense base model directory")
-    parser.add_argument("--instruct", required=True, type=Path, help="dense post-trained model directory")
-    parser.add_argument("--cpt", required=True, type=Path, help="CPT model directory (upcycled MoE or dense)")
+    parser.add_argument(
+        "--base", required=True, type=Path, help="dense base model: folder or hub id ORG/NAME[@REV]"
+    )
+    parser.add_argument(
+        "--instruct", required=True, type=Path, help="dense post-trained model: folder or hub id"
+    )
+    parser.add_argument(
+        "--cpt", required=True, type=Path, help="CPT model (upcycled MoE or dense): folder or hub id"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, metavar="ALPHA", help="delta scale (default 1.0)")
     parser.add_argument(
@@ -60,11 +67,33 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument(
+        "--allow-modified-base",
+        action="store_true",
+        help="graft a CPT that trained more than pdmoe's default (its shared weights or original "
+        "experts differ from BASE's; refused otherwise, as a sign of the wrong BASE)",
+    )
+    parser.add_argument(
+        "--allow-non-finite", action="store_true", help="write NaN / inf values instead of refusing them"
+    )
+    parser.add_argument(
+        "--export",
+        choices=[fmt.value for fmt in NativeFormat],
+        metavar="FORMAT",
+        help="also write the result as a native transformers checkpoint (auto, mixtral, qwen2_moe, qwen3_moe; "
+        "see pdmoe export), checked before the graft starts",
+    )
+    parser.add_argument("--export-out", type=Path, help="where --export writes (default: OUT-native)")
+    add_layout_argument(parser, "--export-layout")
     parser.set_defaults(func=run_graft_command)
     return parser
 
 
 def run_graft_command(args: argparse.Namespace) -> int:
+    from pdmoe.export import check_export, export
+
+    if args.export:
+        check_export(args.cpt, args.export)
     report = graft(
         args.base,
         args.instruct,
@@ -80,6 +109,14 @@ def run_graft_command(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         resume=args.resume,
         overwrite=args.overwrite,
+        allow_modified_base=args.allow_modified_base,
+        allow_non_finite=args.allow_non_finite,
     )
     print(report.summary())
+    if args.export and not args.dry_run:
+        native = args.export_out or args.out.with_name(f"{args.out.name}-native")
+        exported = export(
+            args.out, native, format=args.export, layout=args.export_layout, overwrite=args.overwrite
+        )
+        print(exported.summary())
     return 0

@@ -20,18 +20,21 @@ def param_delta(
     base: torch.Tensor,
     instruct: torch.Tensor,
     alpha: float,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor,
+    scratch: torch.Tensor,
 ) -> torch.Tensor:
-    """``alpha * (instruct - base)`` in ``dtype``, into ``out`` if given (the inputs are left alone)."""
-    delta = torch.empty(instruct.shape, dtype=dtype) if out is None else out
-    delta.copy_(instruct).sub_(base)
-    return delta if alpha == 1.0 else delta.mul_(alpha)
+    """``alpha * (instruct - base)`` in ``out``'s dtype, into ``out`` (the inputs are left alone).
+
+    Both operands are brought to the working dtype first (``scratch`` holds ``base``'s copy): an op
+    on mixed dtypes would allocate a converted copy of its input for every block.
+    """
+    out.copy_(instruct).sub_(scratch.copy_(base))
+    return out if alpha == 1.0 else out.mul_(alpha)
 
 
 def apply_delta(
-    cpt: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype, scratch: torch.Tensor | None = None
+    cpt: torch.Tensor, delta: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
-    """``cpt + delta`` rounded once to ``out_dtype``, as a new tensor; ``delta`` is left alone (it
-    serves every expert); ``scratch`` (shaped and typed like ``delta``) saves an allocation."""
-    return torch.add(delta, cpt, out=scratch).to(out_dtype, copy=True)
+    """``cpt + delta`` rounded once to ``out``'s dtype, into ``out``; ``delta`` is left alone (it
+    serves every expert); ``scratch`` (shaped and typed like ``delta``) holds the exact sum."""
+    return out.copy_(scratch.copy_(cpt).add_(delta))

@@ -39,6 +39,7 @@ import torch
 
 from pdmoe.errors import CheckpointError
 from pdmoe.graft.merging import MergeSpec
+from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta
 from pdmoe.io.writer import plan_shards, shard_file_names
@@ -152,6 +153,7 @@ class GraftPlan:
     vocab: VocabRows | None
     moe_layers: list[int]
     num_experts: int
+    frozen_experts: int  # leading experts a pdmoe CPT keeps frozen (its ``original_experts``)
 
     @property
     def total_bytes(self) -> int:
@@ -190,7 +192,10 @@ class GraftPlan:
             "counts: " + ", ".join(f"{rule}={count}" for rule, count in self.counts().items()),
         ]
         if self.moe_layers:
-            lines.append(f"MoE layers {self.moe_layers}, {self.num_experts} experts each")
+            lines.append(
+                f"MoE layers {self.moe_layers}, {self.num_experts} experts each, "
+                f"experts 0..{self.frozen_experts - 1} and shared tensors checked equal to BASE's in CPT"
+            )
         if self.vocab is not None:
             v = self.vocab
             lines.append(
@@ -378,6 +383,9 @@ def build_plan(
     builder.check_cpt_covers_base(moe)
     routers = {mlp.moe(MoETensor.ROUTER) for mlp in moe}
     layers = sorted(mlp.layer for mlp in moe if mlp.layer is not None)
+    original = cpt_config.get("original_experts", [0]) if moe else []
+    if not isinstance(original, list) or sorted(original) != list(range(len(original))):
+        builder.problems.append(f"config original_experts {original!r} in CPT, expected experts 0..n-1")
     if "moe_layers" in cpt_config and sorted(cpt_config["moe_layers"]) != layers:
         builder.problems.append(
             f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}"
@@ -388,6 +396,8 @@ def build_plan(
             builder.problems,
             "CPT must be BASE after continued pre-training, dense or upcycled with `pdmoe upcycle`.",
         )
+    for reader in (base, instruct, cpt):
+        reader.check_config()
 
     entries: list[tuple[TensorMeta, GraftRule, int, tuple[Piece, ...]]] = []
     for name in _file_order(cpt):
@@ -438,6 +448,7 @@ def build_plan(
         vocab=vocab,
         moe_layers=layers,
         num_experts=max(moe.values(), default=0),
+        frozen_experts=len(original),
     )
 
 
@@ -451,8 +462,8 @@ def _file_order(reader: CheckpointReader) -> list[str]:
 def _output_config(
     cpt_config: dict[str, Any], vocab: VocabRows | None, dtype: torch.dtype | None
 ) -> dict[str, Any]:
-    """CPT's config, with the vocabulary size and dtype of what is written."""
-    config = dict(cpt_config)
+    """CPT's config, with the vocabulary size and dtype of what is written, and no remote-code field."""
+    config = without_remote_code(cpt_config)
     if vocab is not None and vocab.output != vocab.cpt and config.get("vocab_size") == vocab.cpt:
         config["vocab_size"] = vocab.output
     if dtype is not None:

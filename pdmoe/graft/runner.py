@@ -18,32 +18,36 @@ chat template INSTRUCT's (file, and ``chat_template`` of ``tokenizer_config.json
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
+from pdmoe.errors import TensorValueError
+from pdmoe.finite import ALLOW_OPTION as ALLOW_NON_FINITE
+from pdmoe.finite import all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
+from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.merge_stream import MergedTensor
 from pdmoe.graft.merging import MergeMethod, MergeSpec
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter
-from pdmoe.io.outputs import ensure_free_space
+from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
+from pdmoe.io.outputs import OutputFolder, ensure_free_space, pdmoe_version
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
     CHAT_TEMPLATE_FILES,
     GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
     TOKENIZER_FILES,
     copy_side_files,
 )
+from pdmoe.io.strict_json import read_json_object
 from pdmoe.io.writer import CheckpointWriter
 
 MANIFEST = "graft.json"
@@ -76,13 +80,6 @@ class GraftReport:
         )
 
 
-def pdmoe_version() -> str:
-    try:
-        return importlib.metadata.version("pdmoe")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 @dataclass(frozen=True)
 class GraftOptions:
     """The options of a graft as given, recorded in ``graft.json``."""
@@ -96,6 +93,8 @@ class GraftOptions:
     shard_size: int
     resume: bool
     overwrite: bool
+    allow_modified_base: bool = False
+    allow_non_finite: bool = False
 
 
 class _Work(Enum):
@@ -103,17 +102,33 @@ class _Work(Enum):
 
     DELTA = "delta"
     SUM = "sum"
+    KEPT_DELTA = "kept_delta"  # a fused expert tensor's delta, one per span, kept while its experts go by
 
 
 class _Streamer:
-    """Produces the output blocks of one tensor plan, in file order, from the three readers."""
+    """Produces the output blocks of one tensor plan, in file order, from the three readers.
 
-    def __init__(self, readers: dict[Role, CheckpointReader], alpha: float, merge: MergeSpec):
+    Each block is checked on the way: its values finite (unless ``check_finite`` is off), and,
+    with a ``lineage`` check, CPT's rows that a pdmoe CPT leaves untouched equal BASE's.
+    """
+
+    def __init__(
+        self,
+        readers: dict[Role, CheckpointReader],
+        alpha: float,
+        merge: MergeSpec,
+        *,
+        lineage: LineageCheck | None,
+        check_finite: bool,
+    ) -> None:
         self.readers, self.alpha, self.merge = readers, alpha, merge
+        self.lineage, self.check_finite = lineage, check_finite
         self.bytes_read = 0
-        self._buffers: dict[Role | _Work, torch.Tensor] = {}
+        self.pool = BlockPool()  # output blocks, given back by the writer thread once written
+        self._buffers: dict[Role | _Work | tuple[_Work, int], torch.Tensor] = {}
+        self._base_block: tuple[tuple[str, int, int], torch.Tensor] | None = None  # BASE's last read
 
-    def _scratch(self, key: Role | _Work, count: int, dtype: torch.dtype) -> torch.Tensor:
+    def _scratch(self, key: Role | _Work | tuple[_Work, int], count: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable buffer per use: a fresh allocation per block would cost a page fault per 4 KiB."""
         buffer = self._buffers.get(key)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
@@ -127,13 +142,22 @@ class _Streamer:
             name, start, count, out=self._scratch(role, count, reader.meta(name).dtype)
         )
         self.bytes_read += block.nbytes
+        if role is Role.BASE:
+            self._base_block = ((name, start, count), block)
         return block
+
+    def _base(self, name: str, start: int, count: int) -> torch.Tensor:
+        """BASE's elements, from its buffer when they were the last read (no second read)."""
+        if self._base_block is not None and self._base_block[0] == (name, start, count):
+            return self._base_block[1]
+        return self._read(Role.BASE, name, start, count)
 
     def blocks(self, plan: TensorPlan) -> Iterator[torch.Tensor]:
         """The output blocks of ``plan`` in file order: expert by expert, piece by piece, rows in steps.
 
         Every expert of a fused expert tensor gets the same delta, so it is computed once per
-        tensor and kept (at most one expert's slice, in the working dtype) while the experts go by.
+        tensor, while expert 0 goes by, and kept (at most one expert's slice, in the working dtype)
+        for the other experts.
         TIES and DARE compute the delta pieces through ``MergedTensor``.
         """
         if plan.out.numel == 0:
@@ -147,35 +171,27 @@ class _Streamer:
         ]
         deltas = [piece for piece in plan.pieces if piece.source is RowSource.DELTA]
         if self.merge.method is not MergeMethod.TASK_ARITHMETIC and deltas:
-            merged = MergedTensor(
-                plan, spans, self._read, self.merge, self.alpha, self._work_dtype(plan, deltas[0])
-            )
-            for expert in range(max(plan.experts, 1)):
-                for index, (piece, start, stop) in enumerate(spans):
-                    if piece.source is RowSource.DELTA:
-                        yield merged.block(expert, index)
-                    else:
-                        yield self._block(plan, expert, piece, start, stop, None)
+            yield from self._merged_blocks(plan, spans, self._work_dtype(plan, deltas[0]))
             return
-        shared = {
-            index: self._delta(plan, *span, keep=True)
-            for index, span in enumerate(spans)
-            if plan.experts and span[0].source is RowSource.DELTA
-        }
+        shared: dict[int, torch.Tensor] = {}
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
+                if plan.experts and span[0].source is RowSource.DELTA and index not in shared:
+                    shared[index] = self._delta(plan, *span, kept=index)
                 yield self._block(plan, expert, *span, shared.get(index))
 
     def _delta(
-        self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, keep: bool = False
+        self, plan: TensorPlan, piece: Piece, start: int, stop: int, *, kept: int | None = None
     ) -> torch.Tensor:
-        """The delta of these rows; in a scratch buffer unless it must be ``keep``-t across experts."""
+        """The delta of these rows, in a scratch buffer: the per-block one, or when the delta is
+        ``kept`` across experts, that span's own one."""
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
         base = self._read(Role.BASE, piece.dense, offset, count)
         instruct = self._read(Role.INSTRUCT, piece.dense, offset, count)
         work = self._work_dtype(plan, piece)
-        scratch = None if keep else self._scratch(_Work.DELTA, count, work)
-        return param_delta(base, instruct, self.alpha, work, out=scratch)
+        key = _Work.DELTA if kept is None else (_Work.KEPT_DELTA, kept)
+        out, scratch = self._scratch(key, count, work), self._scratch(_Work.SUM, count, work)
+        return param_delta(base, instruct, self.alpha, out=out, scratch=scratch)
 
     def _work_dtype(self, plan: TensorPlan, piece: Piece) -> torch.dtype:
         return work_dtype(
@@ -184,23 +200,87 @@ class _Streamer:
             self.readers[Role.CPT].meta(plan.out.name).dtype,
         )
 
+    def _merged_blocks(
+        self, plan: TensorPlan, spans: list[tuple[Piece, int, int]], work: torch.dtype
+    ) -> Iterator[torch.Tensor]:
+        """``blocks`` for TIES / DARE: delta pieces from ``MergedTensor``, checked like the others."""
+        merged = MergedTensor(plan, spans, self._read, self.merge, self.alpha, work)
+        for expert in range(max(plan.experts, 1)):
+            for index, (piece, start, stop) in enumerate(spans):
+                if piece.source is not RowSource.DELTA:
+                    yield self._block(plan, expert, piece, start, stop, None)
+                    continue
+                count = (stop - start) * plan.width
+                out = self._checked(
+                    plan, self.pool.take(count, plan.out.dtype).copy_(merged.block(expert, index))
+                )
+                if self.lineage is not None and self.lineage.applies(plan, expert, piece):
+                    dense_offset = (piece.dense_start + start - piece.start) * plan.width
+                    cpt = self._read(
+                        Role.CPT, plan.out.name, (expert * plan.rows + start) * plan.width, count
+                    )
+                    base = self._base(piece.dense, dense_offset, count)
+                    self.lineage.compare(plan, expert, piece, range(start, stop), cpt, base)
+                yield out
+
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
     ) -> torch.Tensor:
-        """A new tensor (the writer thread owns it) with output rows [start, stop) of ``expert``."""
-        width, dtype = plan.width, plan.out.dtype
+        """Output rows [start, stop) of ``expert`` in a block of the pool (the writer thread gives it back)."""
+        width = plan.width
         count = (stop - start) * width
+        dense_offset = (piece.dense_start + start - piece.start) * width
+        out = self.pool.take(count, plan.out.dtype)
         if piece.source is RowSource.INSTRUCT:
-            offset = (piece.dense_start + start - piece.start) * width
-            return self._read(Role.INSTRUCT, piece.dense, offset, count).to(dtype, copy=True)
+            return self._checked(plan, out.copy_(self._read(Role.INSTRUCT, piece.dense, dense_offset, count)))
         cpt = self._read(Role.CPT, plan.out.name, (expert * plan.rows + start) * width, count)
         if piece.source is RowSource.CPT:
-            return cpt.to(dtype, copy=True)
+            return self._checked(plan, out.copy_(cpt))
         if piece.source is not RowSource.DELTA:
             raise AssertionError(f"unhandled row source {piece.source}")
         if delta is None:
             delta = self._delta(plan, piece, start, stop)
-        return apply_delta(cpt, delta, dtype, scratch=self._scratch(_Work.SUM, count, delta.dtype))
+        out = self._checked(
+            plan, apply_delta(cpt, delta, out, scratch=self._scratch(_Work.SUM, count, delta.dtype))
+        )
+        if self.lineage is not None and self.lineage.applies(plan, expert, piece):
+            base = self._base(piece.dense, dense_offset, count)
+            self.lineage.compare(plan, expert, piece, range(start, stop), cpt, base)
+        return out
+
+    def _checked(self, plan: TensorPlan, block: torch.Tensor) -> torch.Tensor:
+        if self.check_finite and not all_finite(block):
+            raise self._non_finite_error(plan, block)
+        return block
+
+    def _non_finite_error(self, plan: TensorPlan, block: torch.Tensor) -> TensorValueError:
+        """Which input holds NaN / inf (counted over its whole tensor), or else the sum overflowed."""
+        sources = {(Role.CPT, plan.out.name)} | {
+            (role, piece.dense)
+            for piece in plan.pieces
+            if piece.dense is not None
+            for role in (
+                (Role.INSTRUCT,) if piece.source is RowSource.INSTRUCT else (Role.BASE, Role.INSTRUCT)
+            )
+        }
+        found = []
+        for role, name in sorted(sources, key=lambda source: (source[0].value, source[1])):
+            nan, inf = count_non_finite(self.readers[role].blocks(name))
+            if nan or inf:
+                numel = self.readers[role].meta(name).numel
+                found.append(f"{role.value.upper()} {name}: {describe_counts(nan, inf)} values of {numel}")
+        if found:
+            return TensorValueError(
+                f"non-finite values in the inputs of {plan.out.name}:\n  " + "\n  ".join(found) + "\n"
+                "They would spread into the grafted model. Fix or re-download the checkpoint, or pass "
+                f"{ALLOW_NON_FINITE} to write them as they are"
+            )
+        nan, inf = count_non_finite([block])
+        return TensorValueError(
+            f"{plan.out.name}: CPT + ALPHA * (INSTRUCT - BASE) with ALPHA={self.alpha:g} gives "
+            f"{describe_counts(nan, inf)} values in {plan.out.dtype}: the result exceeds its range. "
+            f"Lower --scale or choose a wider --dtype (or pass {ALLOW_NON_FINITE})"
+        )
 
 
 def _inputs_manifest(readers: dict[Role, CheckpointReader]) -> dict[str, dict]:
@@ -252,39 +332,13 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
     copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
     copy_side_files(instruct, out_dir, CHAT_TEMPLATE_FILES)
     template = (
-        json.loads((instruct / "tokenizer_config.json").read_text()).get("chat_template")
-        if (instruct / "tokenizer_config.json").is_file()
+        read_json_object(instruct / TOKENIZER_CONFIG).get("chat_template")
+        if (instruct / TOKENIZER_CONFIG).is_file()
         else None
     )
-    if template is not None and (out_dir / "tokenizer_config.json").is_file():
-        tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-        write_json(out_dir / "tokenizer_config.json", {**tokenizer_config, "chat_template": template})
-
-
-def _on_single_threaded_worker(work: Callable[[], int]) -> int:
-    """Run ``work`` on a thread of its own with one intra-op thread: arithmetic on one core, the
-    writer thread on the other.
-
-    The elementwise ops are memory-bound; a second OpenMP thread gains little and, when the writer
-    thread (or anything else) holds the other core, spin-waits: measured 1.5-3x slower on 2 cores.
-    torch's intra-op thread count belongs to the calling thread, so the caller's stays as it was.
-    """
-    result: list[int] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        torch.set_num_threads(1)
-        try:
-            result.append(work())
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=run, name="pdmoe-graft-compute")
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    if template is not None and (out_dir / TOKENIZER_CONFIG).is_file():
+        tokenizer_config = read_json_object(out_dir / TOKENIZER_CONFIG)
+        write_json(out_dir / TOKENIZER_CONFIG, {**tokenizer_config, "chat_template": template})
 
 
 def execute(
@@ -292,12 +346,15 @@ def execute(
     base: CheckpointReader,
     instruct: CheckpointReader,
     cpt: CheckpointReader,
-    out_dir: Path,
+    folder: OutputFolder,
     *,
     options: GraftOptions,
 ) -> GraftReport:
-    """Write the grafted checkpoint described by ``plan`` into the prepared ``out_dir``."""
+    """Write the grafted checkpoint described by ``plan`` into the claimed ``folder`` and mark it
+    complete. On failure the shards already complete stay for ``--resume``, unless there are none
+    or the inputs' values were refused: then what this run wrote is removed."""
     started = time.perf_counter()
+    out_dir = folder.path
     readers = {Role.BASE: base, Role.INSTRUCT: instruct, Role.CPT: cpt}
     inputs = _inputs_manifest(readers)
     fingerprint = plan.fingerprint(
@@ -308,16 +365,16 @@ def execute(
     trusted = options.resume and _earlier_file_stamps(out_dir) == stamps
     complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
     todo = [index for index in range(len(plan.shards)) if index not in complete]
-    ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
-    _forget_earlier_run(out_dir, writer)
-    write_json(out_dir / RUN_STAMPS, stamps)
-    _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
-
-    streamer = _Streamer(readers, plan.alpha, plan.merge)
+    lineage = (
+        LineageCheck(plan.frozen_experts) if plan.moe_layers and not options.allow_modified_base else None
+    )
+    streamer = _Streamer(
+        readers, plan.alpha, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
+    )
 
     def stream_all() -> int:
         written = 0
-        with BackgroundShardWriter(writer) as sink:
+        with BackgroundShardWriter(writer, pool=streamer.pool) as sink:
             for tensor in plan.tensors:
                 if tensor.shard in complete:
                     continue
@@ -326,25 +383,35 @@ def execute(
                     written += block.nbytes
         return written
 
-    written = _on_single_threaded_worker(stream_all)
-
-    manifest = {
-        "pdmoe_version": pdmoe_version(),
-        "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
-        "alpha": plan.alpha,
-        "merge": plan.merge.describe(),
-        "options": asdict(options),
-        "counts": plan.counts(),
-        "tokenizer_from": plan.tokenizer_source.value,
-        "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
-        "moe_layers": plan.moe_layers,
-        "num_experts": plan.num_experts,
-        "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
-        "plan_sha256": fingerprint,
-    }
-    write_json(out_dir / MANIFEST, manifest)
-    writer.finish()
-    (out_dir / RUN_STAMPS).unlink()
+    try:
+        ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
+        _forget_earlier_run(out_dir, writer)
+        write_json(out_dir / RUN_STAMPS, stamps)
+        _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
+        written = run_single_threaded(stream_all)
+        manifest = {
+            "pdmoe_version": pdmoe_version(),
+            "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
+            "alpha": plan.alpha,
+            "merge": plan.merge.describe(),
+            "options": asdict(options),
+            "counts": plan.counts(),
+            "tokenizer_from": plan.tokenizer_source.value,
+            "vocabulary": asdict(plan.vocab) if plan.vocab is not None else None,
+            "moe_layers": plan.moe_layers,
+            "num_experts": plan.num_experts,
+            "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
+            "plan_sha256": fingerprint,
+        }
+        write_json(out_dir / MANIFEST, manifest)
+        writer.finish()
+        (out_dir / RUN_STAMPS).unlink()
+    except BaseException as error:
+        resumable = any((out_dir / name).is_file() for name in writer.file_names)
+        if isinstance(error, TensorValueError) or not resumable:
+            folder.discard()
+        raise
+    folder.finish()
     return GraftReport(
         out_dir=out_dir,
         plan=plan,

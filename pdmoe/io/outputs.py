@@ -1,30 +1,410 @@
-"""Output folders: created before anything is written, checked for room, never mixed up with inputs."""
+"""Output folders: one guard, the same for every command that writes one.
+
+``claim_output`` is called before anything is written and holds the folder for the whole run:
+
+* an OUT that is, contains, or lies inside an input (paths resolved through symlinks) is refused;
+* an exclusive lock (``OUT/.pdmoe.lock``: an ``flock`` plus the holder's pid, host and command for
+  the message) keeps two runs out of one folder; the kernel drops the ``flock`` when a process
+  dies, however it dies, so a lock file left by a killed run is stale and is taken over;
+* a non-empty OUT is touched only when it is pdmoe's own: ``resume`` continues only an output of
+  the same command, ``overwrite`` deletes only a folder that holds pdmoe's marker; anything
+  else is refused before a single file changes;
+* the marker ``OUT/pdmoe-output.json`` records the command, its settings and inputs, pdmoe's
+  version and the state: ``writing`` from the claim on, ``complete`` only once the command has
+  finished (``OutputFolder.finish``). A killed run leaves ``writing``, and pdmoe refuses to read
+  a checkpoint in that state (``refuse_unfinished``), so an interrupted output never passes for a
+  finished one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import importlib.metadata
+import json
+import os
 import shutil
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from pdmoe.errors import CheckpointError
+from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.io.atomic import write_text_atomic
+from pdmoe.io.strict_json import read_json_object
 
+MARKER = "pdmoe-output.json"
+LOCK = ".pdmoe.lock"
 _FREE_SPACE_MARGIN = 64 * 1024 * 1024
 
 
-def prepare_output_dir(
-    out_dir: Path, *, overwrite: bool, resume: bool = False, inputs: tuple[Path, ...] = ()
+class Command(Enum):
+    """The commands that write an output folder."""
+
+    UPCYCLE = "upcycle"
+    GRAFT = "graft"
+    CPT = "cpt"
+    DEMO = "demo"
+    EXPORT = "export"
+
+
+# Commands whose interrupted output is finished by running them again with --resume.
+RESUMABLE = (Command.GRAFT, Command.CPT)
+
+
+class OutputState(Enum):
+    """Where the run that writes a folder is: still writing (or killed), or done."""
+
+    WRITING = "writing"
+    COMPLETE = "complete"
+
+
+def pdmoe_version() -> str:
+    try:
+        return importlib.metadata.version("pdmoe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """The marker's content: what wrote the folder, with which settings, and whether it finished."""
+
+    command: Command
+    state: OutputState
+    settings: dict[str, Any]
+    inputs: list[str]
+    pdmoe_version: str
+    started: str
+    finished: str | None = None
+
+    def to_json(self) -> str:
+        payload = {**asdict(self), "command": self.command.value, "state": self.state.value}
+        return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def read_marker(directory: str | Path) -> OutputRecord | None:
+    """The marker of a folder pdmoe wrote, or None when there is none."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return None
+    data = read_json_object(path)
+    try:
+        return OutputRecord(
+            command=Command(data["command"]),
+            state=OutputState(data["state"]),
+            settings=dict(data["settings"]),
+            inputs=list(data["inputs"]),
+            pdmoe_version=str(data["pdmoe_version"]),
+            started=str(data["started"]),
+            finished=data.get("finished"),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is not a pdmoe output marker pdmoe can read") from None
+
+
+def _rerun_hint(command: Command) -> str:
+    if command in RESUMABLE:
+        return f"finish it with the same `pdmoe {command.value} ... --resume`"
+    return f"run `pdmoe {command.value}` again"
+
+
+def refuse_unfinished(directory: str | Path) -> None:
+    """A CheckpointError when ``directory`` is a pdmoe output whose run has not finished."""
+    record = read_marker(directory)
+    if record is not None and record.state is not OutputState.COMPLETE:
+        raise CheckpointError(
+            f"{directory} is an unfinished `pdmoe {record.command.value}` output (interrupted, or still "
+            f"being written); {_rerun_hint(record.command)}, or use a finished checkpoint"
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``directory/LOCK``, its file naming the holder."""
+
+    def __init__(self, directory: Path, command: Command) -> None:
+        self.path = directory / LOCK
+        self._fd: int | None = None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._describe_holder(fd)
+                os.close(fd)
+                raise CheckpointError(
+                    f"{directory} is in use by another pdmoe run ({holder}); wait for it to finish, "
+                    "or choose another --out"
+                ) from None
+            except OSError as error:
+                os.close(fd)
+                raise CheckpointError(
+                    f"cannot lock {self.path} ({error.strerror}); pdmoe needs a file system with file "
+                    "locks for its outputs: choose another --out"
+                ) from None
+            # A run releasing the lock unlinks the file: hold it only if it is still the one in place.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)
+        self._fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command.value, "since": _now()}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+
+    @staticmethod
+    def _describe_holder(fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return (
+                f"pdmoe {holder['command']}, pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+            )
+        except (ValueError, KeyError, TypeError, OSError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _overlap(out: Path, source: Path) -> str | None:
+    if out == source:
+        return "is also an input"
+    if out in source.parents:
+        return f"contains the input {source}"
+    if source in out.parents:
+        return f"lies inside the input {source}"
+    return None
+
+
+def _entries(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.name != LOCK)
+
+
+def _file_states(directory: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file below ``directory`` but the marker and the lock."""
+    states = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            if path.parent == directory and name in (MARKER, LOCK):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.lstat()
+                states[str(path.relative_to(directory))] = (stat.st_size, stat.st_mtime_ns)
+    return states
+
+
+def _remove_entries(directory: Path) -> None:
+    """Delete everything in ``directory`` but the lock; symlinks are removed, never followed."""
+    for path in _entries(directory):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+class OutputFolder:
+    """An output folder claimed for one run: locked, marked ``writing`` until ``finish()``.
+
+    As a context manager it releases the lock on every exit; when the body fails and
+    ``keep_partial`` is false, it first removes what this run wrote (``discard``).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        record: OutputRecord,
+        lock: _Lock,
+        *,
+        created: list[Path],
+        previous: OutputRecord | None,
+        keep_partial: bool,
+    ) -> None:
+        self.path = path
+        self.record = record
+        self.keep_partial = keep_partial
+        self._lock: _Lock | None = lock
+        self._created = created  # folders this run created, outermost first
+        self._previous = previous  # the marker of the output this run resumes
+        self._previous_files = _file_states(path) if previous is not None else None
+
+    def _write_marker(self) -> None:
+        write_text_atomic(self.path / MARKER, self.record.to_json())
+
+    def finish(self) -> None:
+        """Mark the output complete (the last write of a run) and release the lock."""
+        self.record = replace(self.record, state=OutputState.COMPLETE, finished=_now())
+        self._write_marker()
+        self.release()
+
+    def discard(self) -> None:
+        """Remove what this run wrote: the folder's contents when they are all this run's, and the
+        folders it created. An earlier run's output (``resume``) is left as it is."""
+        if self._previous is None:
+            _remove_entries(self.path)
+        self.release()
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):  # not empty: something else appeared there meanwhile
+                folder.rmdir()
+
+    def release(self) -> None:
+        """Unlock. A resumed output that this run left unfinished but unchanged (it failed before
+        writing) gets its earlier marker back: a refused ``--resume`` does not unfinish a finished output."""
+        if self._lock is None:
+            return
+        if (
+            self.record.state is OutputState.WRITING
+            and self._previous is not None
+            and _file_states(self.path) == self._previous_files
+        ):
+            self.record = self._previous
+            self._write_marker()
+        self._lock.release()
+        self._lock = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None and not self.keep_partial:
+            self.discard()
+        self.release()
+
+
+def _make_folders(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; returns those created, outermost first."""
+    missing = [path for path in (out, *out.parents) if not path.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"cannot create {out}: a part of that path is a file or a broken link; choose another --out"
+        ) from None
+    return list(reversed(missing))
+
+
+def check_output(
+    out: str | Path,
+    command: Command,
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> None:
-    """Create ``out_dir``; refuse a non-empty one unless told to overwrite it or resume into it."""
-    out_dir = Path(out_dir)
+    """Refuse now what ``claim_output`` would refuse, changing nothing: for a command that prepares
+    for long (tokenising, loading) before it claims its output."""
+    if resume and overwrite:
+        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
+    out = Path(out)
+    target = out.resolve()
     for source in inputs:
-        if out_dir.resolve() == Path(source).resolve():
-            raise CheckpointError(f"output directory {out_dir} is also an input; choose another --out")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise CheckpointError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        if problem := _overlap(target, Path(source).resolve()):
+            raise CheckpointError(f"output directory {out} {problem}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir():
+        _check_contents(out, command, overwrite=overwrite, resume=resume, empty=False)
+
+
+def claim_output(
+    out: str | Path,
+    command: Command,
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    keep_partial: bool = False,
+) -> OutputFolder:
+    """Claim ``out`` for a run of ``command`` (see the module docstring); refuses before changing anything.
+
+    ``keep_partial`` keeps what a failed run wrote (for ``--resume``) instead of removing it.
+    """
+    out = Path(out)
+    sources = [Path(source) for source in inputs]
+    check_output(out, command, inputs=sources, overwrite=overwrite, resume=resume)
+    created = _make_folders(out)
+    lock = _Lock(out, command)
+    try:
+        previous = _check_contents(out, command, overwrite=overwrite, resume=resume, empty=True)
+        record = OutputRecord(
+            command=command,
+            state=OutputState.WRITING,
+            settings=dict(settings or {}),
+            inputs=[str(source.resolve()) for source in sources],
+            pdmoe_version=pdmoe_version(),
+            started=_now(),
+        )
+        folder = OutputFolder(
+            out, record, lock, created=created, previous=previous, keep_partial=keep_partial
+        )
+        folder._write_marker()
+    except BaseException:
+        lock.release()
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return folder
+
+
+def _check_contents(
+    out: Path, command: Command, *, overwrite: bool, resume: bool, empty: bool
+) -> OutputRecord | None:
+    """Refuse a non-empty folder pdmoe may not touch; under ``overwrite``, ``empty`` it. Returns the
+    marker of the earlier run when this one resumes it, None when the folder is (to be) empty."""
+    if not _entries(out):
+        return None
+    record = read_marker(out)
+    if resume:
+        if record is None:
+            raise CheckpointError(
+                f"--resume: {out} was not written by pdmoe (it has no {MARKER}); pdmoe continues only "
+                f"its own `pdmoe {command.value}` output: choose another --out"
+            )
+        if record.command is not command:
+            raise CheckpointError(
+                f"--resume: {out} is a `pdmoe {record.command.value}` output, not a `pdmoe {command.value}` "
+                "one; choose another --out"
+            )
+        return record
+    if overwrite:
+        if record is None:
+            raise CheckpointError(
+                f"--overwrite: {out} holds files pdmoe did not write (it has no {MARKER}); pdmoe deletes "
+                "only its own outputs: remove them yourself or choose another --out"
+            )
+        if empty:
+            _remove_entries(out)
+        return None
+    if record is None:
+        hint = "choose another --out (pdmoe replaces only folders it wrote)"
+    elif record.command is command and record.state is OutputState.WRITING and command in RESUMABLE:
+        hint = "pass --resume to finish the interrupted run, or --overwrite to replace it"
+    else:
+        hint = "pass --overwrite to replace it"
+    raise CheckpointError(f"output directory {out} is not empty; {hint}")
 
 
 def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
@@ -34,3 +414,26 @@ def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
             f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
             "free some space or choose another --out"
         )
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Refuse up front a file that could not be written later (after a long run): its folder
+    missing or not writable, or a folder in its place."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"{option} {path}: the folder {folder} does not exist; create it or choose another path"
+        )
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path")
+    probe = folder / f".{path.name}.pdmoe-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        pass  # a probe of a concurrent run: the folder is writable
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path}: cannot write in {folder} ({error.strerror}); choose another path"
+        ) from None

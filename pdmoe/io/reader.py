@@ -7,7 +7,6 @@ of elements at a time, with positioned reads that keep the resident set small.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,20 +15,16 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
+from pdmoe.io.model_config import check_config_matches_tensors, read_config
+from pdmoe.io.outputs import refuse_unfinished
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
+from pdmoe.io.strict_json import json_type, read_json_object
 
 # Elements per block when a tensor is streamed (16 MiB of fp32): bounds memory, amortises calls.
 BLOCK_ELEMENTS = 4 * 2**20
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
 class CheckpointReader:
@@ -39,6 +34,7 @@ class CheckpointReader:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        refuse_unfinished(self.directory)
         self.shards: dict[str, ShardHeader] = {}
         self.weight_map: dict[str, str] = {}
         self._fds: dict[str, int] = {}
@@ -53,21 +49,35 @@ class CheckpointReader:
             self._refuse_missing_safetensors()
 
     def _open_index(self, index_path: Path) -> None:
-        index = _load_json(index_path)
-        weight_map = index.get("weight_map")
+        """Shards named by the index; index and shards must agree both ways, tensor by tensor."""
+        weight_map = read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path} has no weight_map")
-        for shard_name in sorted(set(weight_map.values())):
-            if Path(shard_name).name != shard_name or shard_name in (".", ".."):
+            raise CheckpointError(
+                f"{index_path} has no weight_map object (tensor name -> shard file); re-download or re-create it"
+            )
+        for name, shard_name in weight_map.items():
+            if not isinstance(shard_name, str):
+                raise CheckpointError(
+                    f"{index_path} maps {name!r} to {json_type(shard_name)}, not to a shard file name"
+                )
+            if Path(shard_name).name != shard_name or shard_name in ("", ".", ".."):
                 raise CheckpointError(
                     f"{index_path} names shard {shard_name!r}, which lies outside the checkpoint directory; "
                     "shard names must be plain file names"
                 )
+        for shard_name in sorted(set(weight_map.values())):
             self.shards[shard_name] = read_header(self.directory / shard_name)
         for name, shard_name in weight_map.items():
             if name not in self.shards[shard_name].tensors:
                 raise CheckpointError(
                     f"{index_path} maps {name!r} to {shard_name}, which does not contain it"
+                )
+        for shard_name, shard in self.shards.items():
+            unlisted = sorted(name for name in shard.tensors if weight_map.get(name) != shard_name)
+            if unlisted:
+                raise CheckpointError(
+                    f"{shard_name} holds {len(unlisted)} tensor(s) that {index_path.name} does not list there "
+                    f"({', '.join(unlisted[:3])}); the index and the shards disagree: re-download or re-create them"
                 )
         self.weight_map = dict(weight_map)
 
@@ -83,10 +93,14 @@ class CheckpointReader:
 
     @property
     def config(self) -> dict[str, Any]:
-        path = self.directory / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{self.directory} has no config.json")
-        return _load_json(path)
+        """``config.json``, refused when it is not an object, lacks a model_type or names remote code."""
+        return read_config(self.directory)
+
+    def check_config(self) -> dict[str, Any]:
+        """``config``, after checking its sizes against the tensor shapes."""
+        config = self.config
+        check_config_matches_tensors(config, ((name, self.meta(name).shape) for name in self), self.directory)
+        return config
 
     def __contains__(self, name: object) -> bool:
         return name in self.weight_map
@@ -107,6 +121,12 @@ class CheckpointReader:
     def header_digests(self) -> dict[str, str]:
         """SHA-256 of each shard's header: identifies the inputs cheaply in manifests."""
         return {name: shard.digest for name, shard in sorted(self.shards.items())}
+
+    def blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as consecutive 1-D blocks of at most ``BLOCK_ELEMENTS`` elements."""
+        numel = self.meta(name).numel
+        for start in range(0, numel, BLOCK_ELEMENTS):
+            yield self.read_elements(name, start, min(BLOCK_ELEMENTS, numel - start))
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, read with positioned reads (see ``read_elements``)."""

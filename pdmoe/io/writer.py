@@ -22,11 +22,14 @@ from pdmoe.io.safetensors_format import TensorMeta, encode_header, read_header
 
 
 def plan_shards(entries: list[TensorMeta], max_shard_bytes: int) -> list[list[TensorMeta]]:
-    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
+
+    A zero-element tensor never opens a shard: every shard has data that opens it when streamed.
+    """
     shards: list[list[TensorMeta]] = [[]]
     size = 0
     for meta in entries:
-        if shards[-1] and size + meta.nbytes > max_shard_bytes:
+        if shards[-1] and meta.nbytes and size + meta.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(meta)
@@ -57,7 +60,18 @@ class ShardWriter:
         self._next = 0
         self._written = 0
 
+    def _skip_empty(self, name: str | None = None) -> None:
+        """Pass over planned zero-element tensors (they have no data to wait for) up to ``name``."""
+        while (
+            self._next < len(self.entries)
+            and self._written == 0
+            and self.entries[self._next].nbytes == 0
+            and self.entries[self._next].name != name
+        ):
+            self._next += 1
+
     def _expect(self, name: str) -> TensorMeta:
+        self._skip_empty(name)
         if self._next >= len(self.entries):
             raise CheckpointError(f"{self.path.name}: {name!r} is not planned for this shard")
         meta = self.entries[self._next]
@@ -92,6 +106,7 @@ class ShardWriter:
             self._written = 0
 
     def commit(self) -> None:
+        self._skip_empty()
         if self._next != len(self.entries):
             missing = self.entries[self._next].name
             raise CheckpointError(f"{self.path.name}: closed before {missing!r} was written")

@@ -1,0 +1,189 @@
+"""``pdmoe export``: a pdmoe MoE as a native transformers checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+The export loads in stock transformers, without pdmoe, and in serving stacks that know those
+classes. No tensor is recomputed (``formats`` says why none needs to be):
+
+* ``per-expert`` layout (default): every shard gets a new header naming the hub's per-expert
+  tensors, and its data bytes are copied unchanged by the kernel (``copy_file_range``: a reflink
+  on copy-on-write file systems, an in-kernel copy elsewhere). What transformers' ``save_pretrained``
+  writes, and what vLLM, SGLang, llama.cpp's converter and transformers 4.x read.
+* ``fused`` layout: the shards are hard links to the input's (no extra disk space; copies where
+  the file system cannot link), only ``config.json`` differs. For transformers >= 5, which keeps
+  experts fused in memory. Every pdmoe writer replaces files by renaming, so a later pdmoe command
+  never changes a linked shard in place under the other folder.
+
+The output is written like every pdmoe output: shards appear under their names only when whole,
+the index comes last, and a failed export leaves no folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.export.formats import (
+    ExpertLayout,
+    NativeFormat,
+    choose_format,
+    native_config,
+    per_expert_names,
+    zero_width_shared_expert,
+)
+from pdmoe.hub import resolve_model
+from pdmoe.io.atomic import Staged, write_json, write_text_atomic
+from pdmoe.io.outputs import Command, claim_output, ensure_free_space
+from pdmoe.io.reader import INDEX_FILE, CheckpointReader
+from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, encode_header
+from pdmoe.io.side_files import copy_side_files
+from pdmoe.io.writer import ShardWriter, shard_file_names
+
+__all__ = ["ExpertLayout", "ExportReport", "NativeFormat", "check_export", "export"]
+
+_COPY_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    out_dir: Path
+    format: NativeFormat
+    layout: ExpertLayout
+    tensors: int
+    linked_shards: int
+
+    def summary(self) -> str:
+        how = f"{self.linked_shards} shard(s) hard-linked" if self.linked_shards else "data copied unchanged"
+        return (
+            f"exported {self.out_dir} as {self.format.value} ({self.layout.value} experts, "
+            f"{self.tensors} tensors, {how}); load it with transformers' AutoModelForCausalLM, no pdmoe needed"
+        )
+
+
+def _normalised_config(reader: CheckpointReader) -> dict:
+    """The pdmoe config with every field the dense family derives (head_dim, layer_types, RoPE)."""
+    raw = reader.config
+    if raw.get("model_type") != "pdmoe":
+        raise UsageError(
+            f"{reader.directory} is a {raw.get('model_type')!r} model, not a pdmoe MoE; "
+            "pdmoe export takes the output of pdmoe upcycle, cpt or graft"
+        )
+    from pdmoe.config import MoEConfig
+
+    return MoEConfig(**{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
+
+
+def check_export(
+    model: str | os.PathLike[str], format: str | NativeFormat = NativeFormat.AUTO
+) -> NativeFormat:
+    """The format ``model`` would be exported to, or the UsageError saying why it has none (reads the config only)."""
+    with CheckpointReader(resolve_model(model)) as reader:
+        config = _normalised_config(reader)
+    target = choose_format(config, NativeFormat(format))
+    native_config(config, target)
+    return target
+
+
+def _copy_range(source: int, offset: int, count: int, target) -> None:
+    """``count`` bytes of file descriptor ``source`` from ``offset`` appended to the unbuffered file
+    ``target`` by the kernel."""
+    destination = target.fileno()
+    while count:
+        try:
+            done = os.copy_file_range(source, destination, min(count, _COPY_CHUNK), offset)
+        except OSError:  # file systems or kernels without it: an ordinary read/write
+            done = os.write(destination, os.pread(source, min(count, 64 << 20), offset))
+        if done == 0:
+            raise CheckpointError("an input shard was truncated while being exported")
+        offset, count = offset + done, count - done
+
+
+def _rewrite_shard(source: ShardHeader, target: Path, names: list[TensorMeta], order: list[str]) -> None:
+    """``target``: a new header for ``names`` and ``source``'s data bytes, tensor by tensor in ``order``."""
+    with Staged(target) as staged, staged.open("wb", buffering=0) as handle:
+        handle.write(encode_header(names, {k: v for k, v in source.metadata.items() if k != "format"}))
+        fd = os.open(source.path, os.O_RDONLY)
+        try:
+            for name in order:
+                begin, end = source.offsets[name]
+                _copy_range(fd, source.data_start + begin, end - begin, handle)
+        finally:
+            os.close(fd)
+        os.fsync(handle.fileno())
+
+
+def _link_shard(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` (a symlink in the Hugging Face cache is followed) as ``target``; copy when
+    the file system cannot link. True when linked."""
+    with Staged(target) as staged:
+        try:
+            os.link(source, staged, follow_symlinks=True)
+            return True
+        except OSError:
+            shutil.copyfile(source, staged)
+            with staged.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            return False
+
+
+def export(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    format: str | NativeFormat = NativeFormat.AUTO,
+    layout: str | ExpertLayout = ExpertLayout.PER_EXPERT,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write the pdmoe MoE ``model`` (folder or hub id) to ``out`` as a native transformers checkpoint."""
+    model_dir, out_dir, layout = resolve_model(model), Path(out), ExpertLayout(layout)
+    with CheckpointReader(model_dir) as reader:
+        config = _normalised_config(reader)
+        target = choose_format(config, NativeFormat(format))
+        native = native_config(config, target)
+        extras = zero_width_shared_expert(config) if target is NativeFormat.QWEN2_MOE else {}
+        dtype = next(reader.meta(name).dtype for name in reader if reader.meta(name).dtype.is_floating_point)
+        shards = sorted(reader.shards.items())
+        names = shard_file_names(len(shards) + bool(extras))
+        settings = {"format": target.value, "layout": layout.value}
+        with claim_output(
+            out_dir, Command.EXPORT, inputs=(model_dir,), overwrite=overwrite, settings=settings
+        ) as folder:
+            if layout is ExpertLayout.PER_EXPERT:
+                ensure_free_space(out_dir, reader.total_bytes)
+            write_json(out_dir / "config.json", native)
+            copy_side_files(model_dir, out_dir)
+            weight_map: dict[str, str] = {}
+            linked = 0
+            for (_, header), name in zip(shards, names, strict=False):
+                order = sorted(header.tensors, key=lambda tensor: header.offsets[tensor][0])
+                if layout is ExpertLayout.FUSED:
+                    linked += _link_shard(header.path, out_dir / name)
+                    weight_map |= dict.fromkeys(order, name)
+                    continue
+                renamed = [
+                    TensorMeta(new, header.tensors[tensor].dtype, shape)
+                    for tensor in order
+                    for new, shape in per_expert_names(tensor, header.tensors[tensor].shape, target)
+                ]
+                _rewrite_shard(header, out_dir / name, renamed, order)
+                weight_map |= dict.fromkeys((meta.name for meta in renamed), name)
+            if extras:
+                entries = [TensorMeta(key, dtype, shape) for key, shape in extras.items()]
+                with ShardWriter(out_dir / names[-1], entries, None) as writer:
+                    for meta in entries:
+                        writer.write(meta.name, torch.zeros(meta.shape, dtype=dtype))
+                weight_map |= dict.fromkeys(extras, names[-1])
+            if len(names) > 1:
+                total = (
+                    reader.total_bytes + sum(meta.nbytes for meta in entries)
+                    if extras
+                    else reader.total_bytes
+                )
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                write_text_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            folder.finish()
+    return ExportReport(out_dir, target, layout, len(weight_map), linked)

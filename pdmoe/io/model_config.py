@@ -1,0 +1,132 @@
+"""A checkpoint's ``config.json``: read safely, checked against the tensors, written without remote code.
+
+transformers builds a model from the config alone: a field that disagrees with the tensors (a
+hidden size, a layer count, a vocabulary size) or that is missing (a default fills it in) gives a
+model that does not compute what the checkpoint computed, or fails late. And ``auto_map`` points
+transformers at Python files shipped with the checkpoint: pdmoe never runs them, so it refuses
+such a config rather than silently treating the model as the stock family, and it writes no
+remote-code field into what it produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pdmoe.errors import CheckpointError
+from pdmoe.io.strict_json import read_json_object
+from pdmoe.layout import EMBED_TOKENS, DenseProjection, MoETensor, layer_index, match_dense, match_moe
+
+CONFIG_FILE = "config.json"
+# Fields through which a config or tokenizer config makes transformers import code from the checkpoint.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines", "trust_remote_code")
+# pdmoe's own model class, registered with transformers' Auto classes on ``import pdmoe``.
+_PDMOE_ARCHITECTURES = ("MoEForCausalLM",)
+# Integer fields every supported family defines, and that the tensors must agree with.
+STRUCTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+_SHOWN_PROBLEMS = 5
+
+
+def refuse_remote_code(settings: Mapping[str, Any], source: Path) -> None:
+    """A CheckpointError when ``settings`` (a parsed config file) would make transformers import code."""
+    if "auto_map" in settings:
+        raise CheckpointError(
+            f"{source} maps model classes to Python files shipped with the checkpoint (auto_map: "
+            f"{settings['auto_map']!r}); pdmoe never runs code from a checkpoint and cannot know whether "
+            "that code computes what the stock model family computes. If the model is a stock "
+            "Llama/Mistral/Qwen2/Qwen3, delete the auto_map entry and run again"
+        )
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory: a JSON object without remote code, with a model_type."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; is it a Hugging Face checkpoint directory?")
+    config = read_json_object(path)
+    refuse_remote_code(config, path)
+    if not isinstance(config.get("model_type"), str):
+        raise CheckpointError(f"{path} has no model_type; re-download or re-create it")
+    return config
+
+
+def without_remote_code(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config (or tokenizer config) with no field that would make transformers run code:
+    no ``auto_map`` / ``trust_remote_code`` / ``custom_pipelines``, and only architectures that
+    transformers or pdmoe define."""
+    import transformers  # here: importing it is slow, and only writers of configs need it
+
+    clean = {key: value for key, value in settings.items() if key not in REMOTE_CODE_KEYS}
+    architectures = clean.get("architectures")
+    if isinstance(architectures, list):
+        known = [
+            name
+            for name in architectures
+            if isinstance(name, str) and (name in _PDMOE_ARCHITECTURES or hasattr(transformers, name))
+        ]
+        if known:
+            clean["architectures"] = known
+        else:
+            del clean["architectures"]
+    return clean
+
+
+def _structure(config: Mapping[str, Any], path: Path) -> dict[str, int]:
+    values = {field: config.get(field) for field in STRUCTURE_FIELDS}
+    bad = [field for field, value in values.items() if type(value) is not int or value <= 0]
+    if bad:
+        raise CheckpointError(
+            f"{path} has no positive integer {', '.join(bad)} ({', '.join(repr(values[f]) for f in bad)}); "
+            "the config does not describe a supported model: re-download or re-create it"
+        )
+    return values  # type: ignore[return-value]
+
+
+def structure_problems(
+    config: Mapping[str, Any], tensors: Iterable[tuple[str, tuple[int, ...]]], path: Path
+) -> list[str]:
+    """Where the config's sizes disagree with the tensor shapes (``name, shape`` pairs)."""
+    size = _structure(config, path)
+    hidden, ffn, vocab = size["hidden_size"], size["intermediate_size"], size["vocab_size"]
+    experts = config.get("num_experts")
+    expected: dict[DenseProjection | MoETensor, tuple[Any, ...]] = {
+        DenseProjection.GATE: (ffn, hidden),
+        DenseProjection.UP: (ffn, hidden),
+        DenseProjection.DOWN: (hidden, ffn),
+        MoETensor.ROUTER: (experts, hidden),
+        MoETensor.GATE_UP: (experts, 2 * ffn, hidden),
+        MoETensor.DOWN: (experts, hidden, ffn),
+    }
+    problems, layers = [], set()
+    for name, shape in tensors:
+        if (layer := layer_index(name)) is not None:
+            layers.add(layer)
+        if name.endswith(EMBED_TOKENS) and shape != (vocab, hidden):
+            problems.append(f"{name} is {list(shape)}, but vocab_size x hidden_size is [{vocab}, {hidden}]")
+        match = match_dense(name) or match_moe(name)
+        if match is not None and shape != (want := expected[match[1]]):
+            problems.append(f"{name} is {list(shape)}, the config implies {list(want)}")
+    if layers and layers != set(range(size["num_hidden_layers"])):
+        problems.append(
+            f"num_hidden_layers is {size['num_hidden_layers']}, but the tensors have layers "
+            f"{min(layers)}..{max(layers)} ({len(layers)} of them)"
+        )
+    return problems
+
+
+def check_config_matches_tensors(
+    config: Mapping[str, Any], tensors: Iterable[tuple[str, tuple[int, ...]]], directory: Path
+) -> None:
+    """A CheckpointError listing the first disagreements between ``config.json`` and the tensors."""
+    path = Path(directory) / CONFIG_FILE
+    problems = structure_problems(config, tensors, path)
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN_PROBLEMS])
+        more = (
+            f"\n  ... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        )
+        raise CheckpointError(
+            f"{path} does not describe the tensors of {directory}:\n  {shown}{more}\n"
+            "A model built from this config would not be the checkpoint's model; fix config.json or re-download"
+        )
