@@ -6,7 +6,7 @@ Spanish from B and is measured on held-out books in both languages. Writes DIR/s
 DIR/study.json (every number, per arm and seed) and DIR/study.png (trade-off curves).
 
 --quick runs the whole pipeline on a bundled excerpt with toy sizes (a smoke test, not a result);
---pilot runs the protocol-fixing pilot (validation books, CPT models only, a wider lr grid).
+--pilot is for changing the protocol: validation books, CPT models only, a wider lr grid.
 The full study reads Debian's public-domain Bibles (see bilingual_study/corpus.py for the packages).
 """
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke test on the bundled excerpt (toy sizes)")
     mode.add_argument(
-        "--pilot", action="store_true", help="the pilot that fixed the protocol (validation split)"
+        "--pilot",
+        action="store_true",
+        help="a pilot for protocol changes (validation books, no grafted models, a wider lr grid)",
     )
     parser.add_argument(
         "--keep-models", action="store_true", help="keep every trained checkpoint under DIR/work"

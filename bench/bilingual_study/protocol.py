@@ -1,8 +1,7 @@
 """Every setting of the study in one place: the full protocol and the quick smoke-test variant.
 
-The protocol was fixed (learning-rate grids, review stage, merge densities) from a pilot that
-looked only at the validation split and only at models without a grafted delta, before any
-DeltaMoE number was computed; see bench/study_results/study.md for the record.
+FULL was fixed before its first run and is what bench/study_results/ reports; changing any value
+here changes the cache key, so a rerun into the same DIR recomputes everything.
 """
 
 from __future__ import annotations
