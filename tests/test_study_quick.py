@@ -107,3 +107,6 @@ def test_quick_study_unit_reruns_give_the_same_numbers(quick_run: Path):
     )
     after = json.loads(runs[0].read_text())["value"]
     assert [r["eval"] for r in after] == [r["eval"] for r in before]
+    reused = json.loads((quick_run / "study.json").read_text())["reused"]
+    assert runs[0].stem not in reused and {"data", "B", "I", "foundation-test"} <= set(reused)
+    assert "reused" in (quick_run / "study.md").read_text()

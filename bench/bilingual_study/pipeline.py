@@ -32,11 +32,13 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``'s JSON result, stored at ``path`` with ``key``; reused while the key matches."""
+def _cached(path: Path, key: str, compute: Callable[[], Any], reused: list[str]) -> Any:
+    """``compute()``'s JSON result, stored at ``path`` with ``key``; reused while the key matches
+    (then ``path``'s stem is appended to ``reused``)."""
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
+            reused.append(path.stem)
             return stored["value"]
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +66,11 @@ def run_study(
     keep_models: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """Run every stage; returns {protocol, data, records, seconds}."""
+    """Run every stage; returns {protocol, data, records, seconds, reused}: ``seconds`` are this
+    call's, and ``reused`` names what an earlier call into ``out`` had computed already."""
     _init_worker(protocol.foundation_threads)
     seconds: dict[str, float] = {}
+    reused: list[str] = []
     clock = time.perf_counter()
     key = _key(protocol.to_dict(), [asdict(v) for v in verses[:: max(1, len(verses) // 1000)]], len(verses))
     root = out / "work"
@@ -76,7 +80,7 @@ def run_study(
         shutil.rmtree(data_dir, ignore_errors=True)
         return prepare(verses, protocol, data_dir).stats
 
-    stats = _cached(root / "data.json", key, prepared)
+    stats = _cached(root / "data.json", key, prepared, reused)
     data = Prepared(data_dir, stats)
     seconds["data"] = time.perf_counter() - clock
     log(f"data: {stats['tokens']}")
@@ -92,11 +96,11 @@ def run_study(
         return json.loads((models / "I" / "training.json").read_text())
 
     clock = time.perf_counter()
-    base_log = _cached(models / "B.json", key, base)
+    base_log = _cached(models / "B.json", key, base, reused)
     seconds["base"] = time.perf_counter() - clock
     log(f"B: loss {base_log['losses'][0]:.3f} -> {base_log['losses'][-1]:.3f} in {base_log['seconds']:.0f} s")
     clock = time.perf_counter()
-    instruct_log = _cached(models / "I.json", key, instruct)
+    instruct_log = _cached(models / "I.json", key, instruct, reused)
     seconds["instruct"] = time.perf_counter() - clock
     log(
         f"I: loss {instruct_log['losses'][0]:.3f} -> {instruct_log['losses'][-1]:.3f} in {instruct_log['seconds']:.0f} s"
@@ -113,6 +117,7 @@ def run_study(
             record(ctx, Arm.BASE, ctx.base, None, _summary(base_log)),
             record(ctx, Arm.INSTRUCT, ctx.instruct, None, _summary(instruct_log)),
         ],
+        reused,
     )
     seconds["eval_foundation"] = time.perf_counter() - clock
 
@@ -125,6 +130,7 @@ def run_study(
         unit_key = _key(key, unit, split, grafts)
         if path.is_file() and json.loads(path.read_text()).get("key") == unit_key:
             results[unit.name] = json.loads(path.read_text())["value"]
+            reused.append(path.stem)
         else:
             pending.append((unit, path, unit_key))
     if pending:
@@ -145,7 +151,13 @@ def run_study(
             pool.join()
     seconds["units"] = time.perf_counter() - clock
     records = [*foundation, *(r for unit in todo for r in results[unit.name])]
-    return {"protocol": protocol.to_dict(), "data": stats, "records": records, "seconds": seconds}
+    return {
+        "protocol": protocol.to_dict(),
+        "data": stats,
+        "records": records,
+        "seconds": seconds,
+        "reused": reused,
+    }
 
 
 def _short(record: dict) -> str:

@@ -102,6 +102,16 @@ def _difference_table(records: Sequence[dict], lrs: Sequence[float]) -> list[str
     return lines
 
 
+def _reuse_note(reused: Sequence[str]) -> str:
+    """What this invocation took from an earlier one into the same DIR (its times are not above)."""
+    if not reused:
+        return "."
+    return (
+        f"; this invocation reused {len(reused)} stages computed by an earlier one into the same DIR "
+        f"({', '.join(reused)}), whose times are not counted here."
+    )
+
+
 def write_markdown(result: dict, protocol: Protocol, path: Path, plotted: bool) -> None:
     raw = result["protocol"]
     rows = result["rows"]
@@ -148,7 +158,8 @@ def write_markdown(result: dict, protocol: Protocol, path: Path, plotted: bool) 
         f"books: {', '.join(f'{k} {v:,} tokens' for k, v in tokens['heldout'].items())}, "
         f"{raw['eval_sequences']} sequences per language evaluated; task: {raw['cloze_items']} items per language.",
         f"- Time: {seconds['total'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} CPU-min "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k not in ('total', 'cpu'))}).",
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k not in ('total', 'cpu'))})"
+        + _reuse_note(result["reused"]),
         "",
         "## Headline (each family at its middle learning rate)",
         "",
