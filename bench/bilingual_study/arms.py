@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdmoe.cpt import TrainConfig, train
 from pdmoe.graft import graft
 from pdmoe.graft.merging import MergeMethod
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 from pdmoe.upcycle import upcycle
 
 from .corpus import NEW, ORIGINAL
@@ -122,7 +122,7 @@ def heldout(ctx: Context) -> list[HeldOut]:
 def _heldout(data_dir: Path, split: str, base: Path, seq_len: int, cache: Path) -> list[HeldOut]:
     """The held-out text and task items of ``split``, loaded once per process."""
     data = Prepared(data_dir, {})
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     return [
         HeldOut(
             lang,
@@ -169,9 +169,9 @@ def run_unit(unit: Unit, ctx: Context) -> list[dict]:
 
 def _dense_unit(unit: Unit, ctx: Context, work: Path) -> list[dict]:
     protocol = ctx.protocol
-    tokenizer = AutoTokenizer.from_pretrained(ctx.base)
+    tokenizer = load_tokenizer(ctx.base)
     sequences = packed([ctx.data / "cpt.jsonl"], tokenizer, protocol.seq_len, ctx.cache)
-    model = AutoModelForCausalLM.from_pretrained(ctx.base, dtype=torch.float32)
+    model = load_causal_lm(ctx.base, dtype=torch.float32)
     start = time.perf_counter()
     losses = train_steps(
         model, text_batches(sequences, unit.seed, protocol.batch), Schedule(unit.steps, unit.lr)

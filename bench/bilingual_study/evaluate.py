@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import pdmoe  # noqa: F401  (registers the MoE model with transformers' Auto classes)
 from pdmoe.cpt.data import PackedSequences
 from pdmoe.cpt.evaluate import expert_shares, expert_token_counts, per_language_nll, spread_indices
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 
 from .cloze import ClozeItem, score
 
@@ -91,9 +90,9 @@ def generate_answers(model, tokenizer, items: Sequence[ClozeItem]) -> list[str |
 
 def evaluate(model_dir: Path, heldout: Sequence[HeldOut], eval_sequences: int) -> dict:
     """{lang: {ppl, exact, format, expert0}} of the checkpoint in ``model_dir``."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(model_dir, dtype=torch.float32).eval()
     model.generation_config.cache_implementation = None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     result = {}
     for held in heldout:
         ppl, expert0 = perplexity_and_routing(model, held.sequences, eval_sequences)

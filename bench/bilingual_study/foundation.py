@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 
 from .prepare import Prepared
 from .protocol import Protocol
@@ -33,7 +33,7 @@ BASE_SEED = 0
 def train_base(
     protocol: Protocol, data: Prepared, out: Path, cache_dir: Path, log: Callable[[str], None]
 ) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
     sequences = packed([data.path("base.jsonl")], tokenizer, protocol.seq_len, cache_dir)
     model = new_model(protocol.model, tokenizer, protocol.seq_len, BASE_SEED)
     start = time.perf_counter()
@@ -54,10 +54,10 @@ def train_base(
 def train_instruct(
     protocol: Protocol, data: Prepared, base: Path, out: Path, cache_dir: Path, log: Callable[[str], None]
 ) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     text = packed([data.path("base.jsonl")], tokenizer, protocol.seq_len, cache_dir)
     rows = pack_items(data.cloze("sft-en"), tokenizer, protocol.seq_len)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = load_causal_lm(base)
     start = time.perf_counter()
     batches = sft_batches(text, rows, BASE_SEED + 1, protocol.batch, protocol.sft_text_rows)
     losses = train_steps(
