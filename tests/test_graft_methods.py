@@ -234,9 +234,10 @@ def test_streamed_graft_equals_the_reference(tmp_path, monkeypatch, method, scen
     import pdmoe.graft.merge_stream
     import pdmoe.graft.runner
 
-    # Tiny blocks: every unit is streamed in several blocks, so thresholds and masks cross blocks.
+    # Tiny blocks: every unit is streamed in several blocks, each merged in several pieces, so
+    # thresholds, tie budgets and masks cross blocks.
     monkeypatch.setattr(pdmoe.graft.runner, "BLOCK_ELEMENTS", 24)
-    monkeypatch.setattr(pdmoe.graft.merge_stream, "BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(pdmoe.graft.merge_stream, "MERGE_ELEMENTS", 10)
     base, instruct, cpt = make(tmp_path, **scenario)
     # alpha exact in binary: a sign election on an exact cancellation (bf16's coarse grid makes some)
     # must not depend on how the product alpha * delta is rounded

@@ -27,7 +27,10 @@ from pdmoe.graft.merging import (
     ties_merge,
 )
 from pdmoe.graft.planner import Piece, Role, RowSource, TensorPlan
-from pdmoe.io.reader import BLOCK_ELEMENTS
+
+# Elements merged at a time. TIES and DARE make about ten temporaries of this size in the working
+# dtype and as int64 magnitudes, so this is a quarter of the runner's read block.
+MERGE_ELEMENTS = 2**20
 
 ReadFn = Callable[[Role, str, int, int], torch.Tensor]
 Span = tuple[Piece, int, int]  # piece, first row, row after the last
@@ -78,7 +81,7 @@ class MergedTensor:
         return base, tuned.to(base.dtype) - base
 
     def _unit_blocks(self, role: Role, expert: int, piece: Piece) -> Callable[[], Iterator[torch.Tensor]]:
-        step = max(1, BLOCK_ELEMENTS // self.plan.width)
+        step = max(1, MERGE_ELEMENTS // self.plan.width)
 
         def blocks() -> Iterator[torch.Tensor]:
             for start in range(piece.start, piece.stop, step):
@@ -101,33 +104,45 @@ class MergedTensor:
             return f"instruct:{piece.dense}"
         return f"cpt:{self.plan.out.name}:{expert}:{piece.start}"
 
-    def block(self, expert: int, span_index: int) -> torch.Tensor:
-        """Output rows of span ``span_index`` of ``expert``, rounded once to the output dtype."""
+    def block(self, expert: int, span_index: int, out: torch.Tensor) -> torch.Tensor:
+        """Output rows of span ``span_index`` of ``expert`` into ``out`` (the output dtype), each
+        element rounded once, merged ``MERGE_ELEMENTS`` at a time."""
         piece, start, stop = self.spans[span_index]
         piece_index = self._pieces().index(piece)
-        count = (stop - start) * self.plan.width
-        instruct = self._instruct.get(span_index)
-        if instruct is None:
-            _, instruct = self._task_vector(Role.INSTRUCT, 0, piece, start, stop)
-            if self.spec.method is MergeMethod.TIES:
-                instruct = torch.where(self._trims[(-1, piece_index)].mask(instruct), instruct, 0)
+        rows = max(1, MERGE_ELEMENTS // self.plan.width)
+        for first in range(start, stop, rows):
+            last = min(first + rows, stop)
+            lo, hi = (first - start) * self.plan.width, (last - start) * self.plan.width
+            if expert > 0:
+                instruct = self._instruct[span_index][lo:hi]
             else:
-                offset = self._dense_offset(piece, start)
+                instruct = self._processed_instruct(piece, piece_index, first, last)
+                if self.plan.experts:  # kept for the other experts: one expert's slice at most
+                    span = (stop - start) * self.plan.width
+                    self._instruct.setdefault(span_index, torch.empty(span, dtype=self.work))[lo:hi] = (
+                        instruct
+                    )
+            base, cpt = self._task_vector(Role.CPT, expert, piece, first, last)
+            if self.spec.method is MergeMethod.TIES:
+                cpt = torch.where(self._trims[(expert, piece_index)].mask(cpt), cpt, 0)
+                merged = ties_merge([cpt, instruct], self.weights)
+            else:
+                offset = (first - piece.start) * self.plan.width
                 keep = dare_keep_mask(
-                    self.spec.seed, self._unit(Role.INSTRUCT, 0, piece), offset, count, self.spec.density
+                    self.spec.seed, self._unit(Role.CPT, expert, piece), offset, hi - lo, self.spec.density
                 )
-                instruct = torch.where(keep, instruct, 0)
-            if self.plan.experts:
-                self._instruct[span_index] = instruct
-        base, cpt = self._task_vector(Role.CPT, expert, piece, start, stop)
+                everything = torch.ones_like(keep)
+                merged = dare_merge([cpt, instruct], [keep, everything], self.weights, self.spec.density)
+            out[lo:hi].copy_(base.add_(merged))
+        return out
+
+    def _processed_instruct(self, piece: Piece, piece_index: int, first: int, last: int) -> torch.Tensor:
+        """INSTRUCT's task vector of rows [first, last) of ``piece``, trimmed (TIES) or dropped (DARE)."""
+        _, instruct = self._task_vector(Role.INSTRUCT, 0, piece, first, last)
         if self.spec.method is MergeMethod.TIES:
-            cpt = torch.where(self._trims[(expert, piece_index)].mask(cpt), cpt, 0)
-            merged = ties_merge([cpt, instruct], self.weights)
-        else:
-            offset = (start - piece.start) * self.plan.width
-            keep = dare_keep_mask(
-                self.spec.seed, self._unit(Role.CPT, expert, piece), offset, count, self.spec.density
-            )
-            everything = torch.ones_like(keep)
-            merged = dare_merge([cpt, instruct], [keep, everything], self.weights, self.spec.density)
-        return base.add_(merged).to(self.plan.out.dtype)
+            return torch.where(self._trims[(-1, piece_index)].mask(instruct), instruct, 0)
+        offset, count = self._dense_offset(piece, first), instruct.numel()
+        keep = dare_keep_mask(
+            self.spec.seed, self._unit(Role.INSTRUCT, 0, piece), offset, count, self.spec.density
+        )
+        return torch.where(keep, instruct, 0)

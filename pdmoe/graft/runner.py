@@ -211,9 +211,7 @@ class _Streamer:
                     yield self._block(plan, expert, piece, start, stop, None)
                     continue
                 count = (stop - start) * plan.width
-                out = self._checked(
-                    plan, self.pool.take(count, plan.out.dtype).copy_(merged.block(expert, index))
-                )
+                out = self._checked(plan, merged.block(expert, index, self.pool.take(count, plan.out.dtype)))
                 if self.lineage is not None and self.lineage.applies(plan, expert, piece):
                     dense_offset = (piece.dense_start + start - piece.start) * plan.width
                     cpt = self._read(
