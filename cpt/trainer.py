@@ -52,7 +52,7 @@ from .data import (
 )
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
-from .losses import language_prior_loss
+from .losses import DEFAULT_LPR_COEF, language_prior_loss
 from .training_checkpoint import (
     TrainerState,
     check_settings,
@@ -114,7 +114,7 @@ class TrainConfig:
     bf16: str = "auto"
     gradient_checkpointing: bool = False
     aux_loss_coef: float | None = None
-    lpr_coef: float = 0.1
+    lpr_coef: float = DEFAULT_LPR_COEF
     trainable: str | None = None
     save_every: int = 500
     keep_checkpoints: int = 2

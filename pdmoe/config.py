@@ -34,6 +34,16 @@ MOE_FIELDS = (
     "norm_topk_prob",
     "output_router_logits",
 )
+# The load-balancing coefficient of the reference recipe (MoE-LPR, DeltaMoE) in its own k-slot form;
+# pdmoe's loss is the Switch form, 1/k of that (see pdmoe.load_balancing).
+REFERENCE_AUX_COEF = 0.01
+
+
+def reference_aux_coef(top_k: int) -> float:
+    """The load-balancing coefficient that gives pdmoe's loss the reference recipe's strength at top-k."""
+    return REFERENCE_AUX_COEF * top_k
+
+
 # pdmoe's names of the experts implementations -> the keys of transformers' experts interface that
 # pdmoe.kernels.transformers_experts registers ("pdmoe_auto", "pdmoe") or transformers has ("eager").
 # All three read the (frozen, trainable) pair of experts trained with frozen originals; transformers'
@@ -102,7 +112,7 @@ class MoEConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
     original_experts: list[int] | None = None
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None  # None: the reference strength, 0.01 x top-k (load_balancing)
     norm_topk_prob: bool = True
     output_router_logits: bool = False
 
@@ -124,6 +134,8 @@ class MoEConfig(PreTrainedConfig):
             self.moe_layers = list(range(self.num_hidden_layers))
         if self.original_experts is None:
             self.original_experts = [0]
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = reference_aux_coef(self.num_experts_per_tok)
         self.validate_moe()
 
     def validate_moe(self) -> None:
@@ -185,6 +197,8 @@ def moe_config_dict(dense: dict[str, Any], **moe_fields: Any) -> dict[str, Any]:
         config["moe_layers"] = list(range(config["num_hidden_layers"]))
     if config["original_experts"] is None:
         config["original_experts"] = [0]
+    if config["router_aux_loss_coef"] is None:
+        config["router_aux_loss_coef"] = reference_aux_coef(config["num_experts_per_tok"])
     MoEConfig.validate_moe(SimpleNamespace(**config))
     return config
 

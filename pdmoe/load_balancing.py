@@ -1,4 +1,11 @@
-"""The Switch-Transformer load-balancing loss, averaged over MoE layers, padding masked."""
+"""The Switch-Transformer load-balancing loss, averaged over MoE layers, padding masked.
+
+Convention: f_e counts each of a token's k routing slots as 1/k, so the loss is 1 at perfect
+balance whatever k is (the Switch Transformer form). transformers' ``load_balancing_loss_func``
+and MoE-LPR's code count every slot as 1: their value is k times this one, so their coefficient
+0.01 pushes as hard as 0.01·k here. The default coefficient (``pdmoe.config.reference_aux_coef``)
+is that equivalent of the reference recipe's 0.01: 0.02 at top-2.
+"""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def test_cpt_options_default_to_the_method(tmp_path):
         ["cpt", "--model", "m", "--data", "a.jsonl", "b.txt", "--out", "o", "--resume"]
     )
     config = train_config_from_args(args)
-    assert (config.stage, config.lr, config.lpr_coef) == ("cpt", 5e-5, 0.1)
+    assert (config.stage, config.lr, config.lpr_coef) == ("cpt", 5e-5, 0.02)
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
     assert args.func.__name__ == "run_cpt"

@@ -44,3 +44,30 @@ def test_trainable_parts_per_stage_and_override():
         trainable_parts("cpt", "original_experts")
     with pytest.raises(UsageError, match=r"--stage must be one of cpt, review"):
         trainable_parts("sft")
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_load_balancing_is_the_switch_form_one_kth_of_transformers(top_k):
+    """Per layer, transformers' (and MoE-LPR's) k-slot form is exactly k times pdmoe's; the default
+    coefficient 0.01·k therefore pushes as hard as their 0.01."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from pdmoe.config import MoEConfig
+    from pdmoe.load_balancing import load_balancing_loss
+
+    logits = torch.randn(64, 4, generator=torch.Generator().manual_seed(top_k))
+    theirs = load_balancing_loss_func((logits,), 4, top_k)
+    assert theirs.item() == pytest.approx(top_k * load_balancing_loss((logits,), top_k).item(), rel=1e-6)
+    config = MoEConfig(base_model_type="llama", num_experts=4, num_experts_per_tok=top_k, num_hidden_layers=2)
+    assert config.router_aux_loss_coef == pytest.approx(0.01 * top_k)
+
+
+@pytest.mark.parametrize(("p0", "ratio"), [(0.25, 4.0), (0.2, 5.0), (0.05, 18.8)])
+def test_lpr_gradient_against_moe_lpr_cross_entropy_on_probabilities(p0, ratio):
+    """−log p0 pulls about 1/p0 times harder than MoE-LPR's cross-entropy of the probabilities."""
+    rest = (1 - p0) / 3
+    logits = torch.tensor([[p0, rest, rest, rest]], dtype=torch.float64).log().requires_grad_(True)
+    ours = torch.autograd.grad(language_prior_loss((logits,), torch.tensor([True])), logits)[0]
+    probs = torch.softmax(logits, -1)
+    theirs = torch.autograd.grad(torch.nn.functional.cross_entropy(probs, torch.tensor([0])), logits)[0]
+    assert (ours.norm() / theirs.norm()).item() == pytest.approx(ratio, rel=0.02)

@@ -36,7 +36,7 @@ def test_cpt_loss_decreases_on_learnable_text(cpt_run):
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
     last = records[-1]
-    assert last["loss"] == pytest.approx(last["lm_loss"] + 0.01 * last["aux_loss"], rel=1e-6)
+    assert last["loss"] == pytest.approx(last["lm_loss"] + 0.02 * last["aux_loss"], rel=1e-6)
     assert last["tokens_per_s"] > 0 and last["tokens_seen"] == 30 * 4 * 32
     shares = last["expert_load"]["fr"]
     assert set(shares) == {"0", "1", "2"} and all(

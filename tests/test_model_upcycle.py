@@ -83,7 +83,7 @@ def test_checkpoint_follows_the_on_disk_contract(dense_dirs, moe_dirs):
     assert config["architectures"] == ["MoEForCausalLM"]
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_layers"]) == (4, 2, [0, 2])
     assert config["original_experts"] == [0] and config["norm_topk_prob"] is True
-    assert config["router_aux_loss_coef"] == 0.01
+    assert config["router_aux_loss_coef"] == 0.02  # the reference 0.01 in the k-slot form, at top-2
 
     hidden, inter = dense_config["hidden_size"], dense_config["intermediate_size"]
     for layer in range(3):

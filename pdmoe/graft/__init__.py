@@ -1,10 +1,12 @@
 """``pdmoe graft``: add the post-training delta, expanded to the MoE shape, to the CPT model.
 
-    out = CPT + ALPHA * (INSTRUCT - BASE)        (METHOD.md, step 4)
+    out = CPT + ALPHA * (INSTRUCT - BASE)        (METHOD.md, step 4; ``--method task-arithmetic``)
 
-The plan (``planner``) is built and checked from headers alone, the math (``delta``) is kept
-apart from the streaming I/O (``runner``); see ``planner`` for the vocabulary and tied-embedding
-rules and ``runner`` for the side files, resume and the ``graft.json`` manifest.
+or, as data-free merging baselines, TIES or DARE of the two task vectors CPT − BASE and
+ALPHA-weighted INSTRUCT − BASE (``merging``). The plan (``planner``) is built and checked from
+headers alone, the math (``delta``, ``merging``) is kept apart from the streaming I/O (``runner``,
+``merge_stream``); see ``planner`` for the vocabulary and tied-embedding rules and ``runner`` for
+the side files, resume and the ``graft.json`` manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pdmoe.graft.merging import MergeMethod, MergeSpec, check_weights
 from pdmoe.graft.planner import GraftPlan, build_plan
 from pdmoe.graft.runner import GraftOptions, GraftReport, execute
 from pdmoe.hub import resolve_model
@@ -21,7 +24,7 @@ from pdmoe.io.outputs import Command, claim_output
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.options import check_number, parse_dtype, parse_size
 
-__all__ = ["GraftPlan", "GraftReport", "graft"]
+__all__ = ["GraftPlan", "GraftReport", "MergeMethod", "graft"]
 
 
 def graft(
@@ -31,6 +34,9 @@ def graft(
     out: str | Path,
     *,
     scale: float = 1.0,
+    method: MergeMethod | str = MergeMethod.TASK_ARITHMETIC,
+    density: float | None = None,
+    seed: int = 0,
     skip_embeddings: bool = False,
     dtype: str | torch.dtype | None = None,
     shard_size: str | int = "5GB",
@@ -42,6 +48,8 @@ def graft(
 ) -> GraftReport:
     """Graft ``scale * (instruct - base)`` onto ``cpt`` and write the result to ``out``.
 
+    ``method`` ties / dare merge the task vectors (cpt - base, instruct - base) with weights
+    (1, scale) instead, keeping ``density`` of each (``seed`` draws DARE's masks).
     Everything is checked (inputs, output directory, free space) before the first byte is
     written; ``dry_run`` stops after planning and writes nothing. While streaming, NaN / inf values
     (in the inputs, or from an overflowing sum) are refused unless ``allow_non_finite``, and for an
@@ -49,17 +57,29 @@ def graft(
     """
     check_number("--scale", scale)
     base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
+    merge = MergeSpec(MergeMethod.parse(method), density, seed)
+    check_weights(merge, (1.0, scale))
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)
     with CheckpointReader(base) as b, CheckpointReader(instruct) as i, CheckpointReader(cpt) as c:
         plan = build_plan(
-            b, i, c, alpha=scale, skip_embeddings=skip_embeddings, dtype=out_dtype, shard_bytes=shard_bytes
+            b,
+            i,
+            c,
+            alpha=scale,
+            merge=merge,
+            skip_embeddings=skip_embeddings,
+            dtype=out_dtype,
+            shard_bytes=shard_bytes,
         )
         if dry_run:
             return GraftReport(out_dir=out_dir, plan=plan, dry_run=True)
         options = GraftOptions(
             scale=scale,
+            method=merge.method.value,
+            density=density,
+            seed=seed,
             skip_embeddings=skip_embeddings,
             dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
             shard_size=shard_bytes,

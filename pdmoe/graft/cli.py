@@ -8,6 +8,7 @@ from pathlib import Path
 from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
 from pdmoe.graft import graft
+from pdmoe.graft.merging import MergeMethod
 from pdmoe.options import DTYPES
 
 _DESCRIPTION = """\
@@ -16,7 +17,14 @@ BASE and INSTRUCT are dense checkpoints of the same architecture; CPT is the upc
 continued pre-training (every expert gets its layer's dense FFN delta, routers keep CPT's values)
 or a dense CPT model (classic ParamDelta / chat vector). Streams tensor by tensor in bounded memory.
 Vocabulary: BASE's rows get the delta; rows CPT added keep CPT's values (the tokenizer then comes
-from CPT, the chat template from INSTRUCT); rows INSTRUCT added keep INSTRUCT's values."""
+from CPT, the chat template from INSTRUCT); rows INSTRUCT added keep INSTRUCT's values.
+
+Data-free merging baselines (--method ties|dare) combine the task vectors CPT - BASE (weight 1)
+and INSTRUCT - BASE (weight ALPHA) per tensor, and per expert in an MoE layer (each expert's
+W_e - W_ffn,BASE with the layer's dense FFN delta): TIES (Yadav et al. 2023) keeps the --density
+largest magnitudes of each, elects the sign of their weighted sum and takes the weighted mean of
+the agreeing entries; DARE (Yu et al. 2023) keeps each entry with probability --density (masks
+drawn from --seed) and rescales by 1/density. OUT = BASE + the merged delta."""
 
 
 def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,6 +45,16 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, metavar="ALPHA", help="delta scale (default 1.0)")
+    parser.add_argument(
+        "--method",
+        choices=[m.value for m in MergeMethod],
+        default=MergeMethod.TASK_ARITHMETIC.value,
+        help="task-arithmetic (the graft, default), or the merging baselines ties / dare",
+    )
+    parser.add_argument(
+        "--density", type=float, default=None, help="ties: fraction of each task vector kept; dare: keep rate"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks (default 0)")
     parser.add_argument(
         "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
     )
@@ -82,6 +100,9 @@ def run_graft_command(args: argparse.Namespace) -> int:
         args.cpt,
         args.out,
         scale=args.scale,
+        method=args.method,
+        density=args.density,
+        seed=args.seed,
         skip_embeddings=args.skip_embeddings,
         dtype=args.dtype,
         shard_size=args.shard_size,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
+from pdmoe.graft.merging import MergeSpec
 from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta
@@ -145,6 +146,7 @@ class GraftPlan:
     tensors: list[TensorPlan]
     shards: list[list[TensorMeta]]
     alpha: float
+    merge: MergeSpec
     skip_embeddings: bool
     config: dict[str, Any]
     tokenizer_source: Role
@@ -166,6 +168,7 @@ class GraftPlan:
         payload = {
             "inputs": inputs,
             "alpha": self.alpha,
+            "merge": [self.merge.method.value, self.merge.density, self.merge.seed],
             "skip_embeddings": self.skip_embeddings,
             "tensors": [
                 (
@@ -185,7 +188,7 @@ class GraftPlan:
         names = shard_file_names(len(self.shards))
         lines = [
             f"graft plan: {len(self.tensors)} tensors, {self.total_bytes / 2**30:.3f} GiB in {len(names)} shard(s), "
-            f"ALPHA={self.alpha:g}, tokenizer from {self.tokenizer_source.value.upper()}",
+            f"ALPHA={self.alpha:g}, {self.merge.describe()}, tokenizer from {self.tokenizer_source.value.upper()}",
             "counts: " + ", ".join(f"{rule}={count}" for rule, count in self.counts().items()),
         ]
         if self.moe_layers:
@@ -365,6 +368,7 @@ def build_plan(
     cpt: CheckpointReader,
     *,
     alpha: float = 1.0,
+    merge: MergeSpec | None = None,
     skip_embeddings: bool = False,
     dtype: torch.dtype | None = None,
     shard_bytes: int = 5 * 10**9,
@@ -437,6 +441,7 @@ def build_plan(
         tensors=tensors,
         shards=shards,
         alpha=alpha,
+        merge=merge or MergeSpec(),
         skip_embeddings=skip_embeddings,
         config=_output_config(cpt_config, vocab, dtype),
         tokenizer_source=Role.CPT if vocab is not None and vocab.cpt > vocab.base else Role.INSTRUCT,

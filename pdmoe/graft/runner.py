@@ -33,6 +33,8 @@ from pdmoe.finite import ALLOW_OPTION as ALLOW_NON_FINITE
 from pdmoe.finite import all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
+from pdmoe.graft.merge_stream import MergedTensor
+from pdmoe.graft.merging import MergeMethod, MergeSpec
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
@@ -83,6 +85,9 @@ class GraftOptions:
     """The options of a graft as given, recorded in ``graft.json``."""
 
     scale: float
+    method: str
+    density: float | None
+    seed: int
     skip_embeddings: bool
     dtype: str | None
     shard_size: int
@@ -111,11 +116,12 @@ class _Streamer:
         self,
         readers: dict[Role, CheckpointReader],
         alpha: float,
+        merge: MergeSpec,
         *,
         lineage: LineageCheck | None,
         check_finite: bool,
     ) -> None:
-        self.readers, self.alpha = readers, alpha
+        self.readers, self.alpha, self.merge = readers, alpha, merge
         self.lineage, self.check_finite = lineage, check_finite
         self.bytes_read = 0
         self.pool = BlockPool()  # output blocks, given back by the writer thread once written
@@ -152,6 +158,7 @@ class _Streamer:
         Every expert of a fused expert tensor gets the same delta, so it is computed once per
         tensor, while expert 0 goes by, and kept (at most one expert's slice, in the working dtype)
         for the other experts.
+        TIES and DARE compute the delta pieces through ``MergedTensor``.
         """
         if plan.out.numel == 0:
             yield torch.empty(0, dtype=plan.out.dtype)
@@ -162,6 +169,10 @@ class _Streamer:
             for piece in plan.pieces
             for start in range(piece.start, piece.stop, step)
         ]
+        deltas = [piece for piece in plan.pieces if piece.source is RowSource.DELTA]
+        if self.merge.method is not MergeMethod.TASK_ARITHMETIC and deltas:
+            yield from self._merged_blocks(plan, spans, self._work_dtype(plan, deltas[0]))
+            return
         shared: dict[int, torch.Tensor] = {}
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
@@ -177,10 +188,38 @@ class _Streamer:
         count, offset = (stop - start) * plan.width, (piece.dense_start + start - piece.start) * plan.width
         base = self._read(Role.BASE, piece.dense, offset, count)
         instruct = self._read(Role.INSTRUCT, piece.dense, offset, count)
-        work = work_dtype(base.dtype, instruct.dtype, self.readers[Role.CPT].meta(plan.out.name).dtype)
+        work = self._work_dtype(plan, piece)
         key = _Work.DELTA if kept is None else (_Work.KEPT_DELTA, kept)
         out, scratch = self._scratch(key, count, work), self._scratch(_Work.SUM, count, work)
         return param_delta(base, instruct, self.alpha, out=out, scratch=scratch)
+
+    def _work_dtype(self, plan: TensorPlan, piece: Piece) -> torch.dtype:
+        return work_dtype(
+            self.readers[Role.BASE].meta(piece.dense).dtype,
+            self.readers[Role.INSTRUCT].meta(piece.dense).dtype,
+            self.readers[Role.CPT].meta(plan.out.name).dtype,
+        )
+
+    def _merged_blocks(
+        self, plan: TensorPlan, spans: list[tuple[Piece, int, int]], work: torch.dtype
+    ) -> Iterator[torch.Tensor]:
+        """``blocks`` for TIES / DARE: delta pieces from ``MergedTensor``, checked like the others."""
+        merged = MergedTensor(plan, spans, self._read, self.merge, self.alpha, work)
+        for expert in range(max(plan.experts, 1)):
+            for index, (piece, start, stop) in enumerate(spans):
+                if piece.source is not RowSource.DELTA:
+                    yield self._block(plan, expert, piece, start, stop, None)
+                    continue
+                count = (stop - start) * plan.width
+                out = self._checked(plan, merged.block(expert, index, self.pool.take(count, plan.out.dtype)))
+                if self.lineage is not None and self.lineage.applies(plan, expert, piece):
+                    dense_offset = (piece.dense_start + start - piece.start) * plan.width
+                    cpt = self._read(
+                        Role.CPT, plan.out.name, (expert * plan.rows + start) * plan.width, count
+                    )
+                    base = self._base(piece.dense, dense_offset, count)
+                    self.lineage.compare(plan, expert, piece, range(start, stop), cpt, base)
+                yield out
 
     def _block(
         self, plan: TensorPlan, expert: int, piece: Piece, start: int, stop: int, delta: torch.Tensor | None
@@ -327,7 +366,9 @@ def execute(
     lineage = (
         LineageCheck(plan.frozen_experts) if plan.moe_layers and not options.allow_modified_base else None
     )
-    streamer = _Streamer(readers, plan.alpha, lineage=lineage, check_finite=not options.allow_non_finite)
+    streamer = _Streamer(
+        readers, plan.alpha, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
+    )
 
     def stream_all() -> int:
         written = 0
@@ -350,6 +391,7 @@ def execute(
             "pdmoe_version": pdmoe_version(),
             "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
             "alpha": plan.alpha,
+            "merge": plan.merge.describe(),
             "options": asdict(options),
             "counts": plan.counts(),
             "tokenizer_from": plan.tokenizer_source.value,
