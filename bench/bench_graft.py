@@ -12,7 +12,9 @@ from an 8-layer dense model. Targets: >= 40 % of copy throughput, asserted only 
 graft computes on one core while a copy waits for the disk or the page cache, so their ratio moves
 with the machine's load and its disk (copies measured here from 51 to 1300 MiB/s); peak RSS
 < 2 x largest tensor + 256 MiB, and <= 400 MiB for the dense graft (asserted as is: memory does not
-move with load).
+move with load). The merging baselines (``--method ties|dare``) are measured against the
+task-arithmetic graft of the same inputs: peak RSS at most 128 MiB above it (their temporaries are
+about ten arrays of 2**20 elements), and their time as a ratio, reported.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SHARD_SIZE = "300MB"
 ROUNDS = 3
 THROUGHPUT_TARGET, LOAD_MARGIN = 0.4, 0.5
 DENSE_RSS_TARGET = 400 * MiB
+MERGE_RSS_ABOVE_GRAFT = 128 * MiB
+MERGE_OPTIONS = {"ties": ["--density", "0.2"], "dare": ["--density", "0.5", "--seed", "0"]}
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +63,26 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     }
 
 
+def _graft_command(inputs: tuple[Path, Path, Path], out: Path, *options: str) -> list[str]:
+    command = ["graft", "--base", str(inputs[0]), "--instruct", str(inputs[1]), "--cpt", str(inputs[2])]
+    command += ["--out", str(out), "--shard-size", SHARD_SIZE, "--overwrite", *options]
+    return [*command, "--allow-modified-base"]  # the synthetic CPT does not descend from BASE
+
+
+def _run_graft(command: list[str]) -> dict[str, float]:
+    return peak_memory("from pdmoe.cli import main", "main(sys.argv[2:])", *command)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_graft_throughput_and_memory(checkpoints, tmp_path: Path, kind: str) -> None:
     inputs = checkpoints[kind]
     out = tmp_path / "out"
-    command = ["graft", "--base", str(inputs[0]), "--instruct", str(inputs[1]), "--cpt", str(inputs[2])]
-    command += ["--out", str(out), "--shard-size", SHARD_SIZE, "--overwrite"]
-    command += ["--allow-modified-base"]  # the synthetic CPT does not descend from BASE
+    command = _graft_command(inputs, out)
     runs: list[dict[str, float]] = []
     copied: list[int] = []
     seconds = interleaved(
         {
-            "graft": lambda: runs.append(
-                peak_memory("from pdmoe.cli import main", "main(sys.argv[2:])", *command)
-            ),
+            "graft": lambda: runs.append(_run_graft(command)),
             "copy": lambda: copied.append(copy_inputs(inputs, tmp_path / "copy")),
         },
         ROUNDS,
@@ -107,3 +117,18 @@ def test_graft_throughput_and_memory(checkpoints, tmp_path: Path, kind: str) -> 
         statistics.median(rates["graft"]),
     )
     assert max(peaks) <= target_rss / MiB, peaks
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_OPTIONS))
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_merge_method_memory_and_time(checkpoints, tmp_path: Path, kind: str, method: str) -> None:
+    inputs = checkpoints[kind]
+    out = tmp_path / "out"
+    graft = _run_graft(_graft_command(inputs, out))
+    merge = _run_graft(_graft_command(inputs, out, "--method", method, *MERGE_OPTIONS[method]))
+    group = f"graft {kind} ~1 GiB bf16 --method {method}"
+    graft_rss, merge_rss = graft["peak_rss"], merge["peak_rss"]
+    target = graft_rss + MERGE_RSS_ABOVE_GRAFT
+    record(Row(group, "seconds", (merge["seconds"],), "task-arithmetic", (graft["seconds"],)))
+    record(Row(group, "peak RSS", (merge_rss / MiB,), unit="MiB", target=f"<= {target / MiB:.0f} MiB"))
+    assert merge_rss <= target, (merge_rss / MiB, graft_rss / MiB)
