@@ -118,10 +118,10 @@ class MergedTensor:
             else:
                 instruct = self._processed_instruct(piece, piece_index, first, last)
                 if self.plan.experts:  # kept for the other experts: one expert's slice at most
-                    span = (stop - start) * self.plan.width
-                    self._instruct.setdefault(span_index, torch.empty(span, dtype=self.work))[lo:hi] = (
-                        instruct
-                    )
+                    if span_index not in self._instruct:
+                        span = (stop - start) * self.plan.width
+                        self._instruct[span_index] = torch.empty(span, dtype=self.work)
+                    self._instruct[span_index][lo:hi] = instruct
             base, cpt = self._task_vector(Role.CPT, expert, piece, first, last)
             if self.spec.method is MergeMethod.TIES:
                 cpt = torch.where(self._trims[(expert, piece_index)].mask(cpt), cpt, 0)
