@@ -68,24 +68,24 @@ class MergedTensor:
         )
 
     def _task_vector(
-        self, role: Role, expert: int, piece: Piece, start: int, stop: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(BASE rows, task vector of ``role``) in the working dtype, as new tensors."""
-        base = self._base(piece, start, stop)
+        self, role: Role, expert: int, piece: Piece, start: int, stop: int, base: torch.Tensor
+    ) -> torch.Tensor:
+        """The task vector of ``role`` on rows [start, stop), whose BASE rows are ``base`` (a new tensor)."""
         count = (stop - start) * self.plan.width
         if role is Role.INSTRUCT:
             tuned = self.read(Role.INSTRUCT, piece.dense, self._dense_offset(piece, start), count)
         else:
             offset = (expert * self.plan.rows + start) * self.plan.width
             tuned = self.read(Role.CPT, self.plan.out.name, offset, count)
-        return base, tuned.to(base.dtype) - base
+        return tuned.to(base.dtype) - base
 
     def _unit_blocks(self, role: Role, expert: int, piece: Piece) -> Callable[[], Iterator[torch.Tensor]]:
         step = max(1, MERGE_ELEMENTS // self.plan.width)
 
         def blocks() -> Iterator[torch.Tensor]:
             for start in range(piece.start, piece.stop, step):
-                yield self._task_vector(role, expert, piece, start, min(start + step, piece.stop))[1]
+                stop = min(start + step, piece.stop)
+                yield self._task_vector(role, expert, piece, start, stop, self._base(piece, start, stop))
 
         return blocks
 
@@ -113,16 +113,17 @@ class MergedTensor:
         for first in range(start, stop, rows):
             last = min(first + rows, stop)
             lo, hi = (first - start) * self.plan.width, (last - start) * self.plan.width
+            base = self._base(piece, first, last)  # read once for both task vectors
             if expert > 0:
                 instruct = self._instruct[span_index][lo:hi]
             else:
-                instruct = self._processed_instruct(piece, piece_index, first, last)
+                instruct = self._processed_instruct(piece, piece_index, first, last, base)
                 if self.plan.experts:  # kept for the other experts: one expert's slice at most
                     if span_index not in self._instruct:
                         span = (stop - start) * self.plan.width
                         self._instruct[span_index] = torch.empty(span, dtype=self.work)
                     self._instruct[span_index][lo:hi] = instruct
-            base, cpt = self._task_vector(Role.CPT, expert, piece, first, last)
+            cpt = self._task_vector(Role.CPT, expert, piece, first, last, base)
             if self.spec.method is MergeMethod.TIES:
                 cpt = torch.where(self._trims[(expert, piece_index)].mask(cpt), cpt, 0)
                 merged = ties_merge([cpt, instruct], self.weights)
@@ -136,9 +137,11 @@ class MergedTensor:
             out[lo:hi].copy_(base.add_(merged))
         return out
 
-    def _processed_instruct(self, piece: Piece, piece_index: int, first: int, last: int) -> torch.Tensor:
+    def _processed_instruct(
+        self, piece: Piece, piece_index: int, first: int, last: int, base: torch.Tensor
+    ) -> torch.Tensor:
         """INSTRUCT's task vector of rows [first, last) of ``piece``, trimmed (TIES) or dropped (DARE)."""
-        _, instruct = self._task_vector(Role.INSTRUCT, 0, piece, first, last)
+        instruct = self._task_vector(Role.INSTRUCT, 0, piece, first, last, base)
         if self.spec.method is MergeMethod.TIES:
             return torch.where(self._trims[(-1, piece_index)].mask(instruct), instruct, 0)
         offset, count = self._dense_offset(piece, first), instruct.numel()
