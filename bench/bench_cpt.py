@@ -8,8 +8,8 @@ experts, in the same run. Two trainable sets per model:
   gradient, no optimizer state). transformers has no per-expert freezing, so: routers + all experts.
 * ``all``: every parameter, the like-for-like kernel comparison.
 
-On CUDA the size is realistic (bf16 autocast over float32 weights, as the trainer runs; pdmoe's
-experts use the Triton kernels); on CPU it is tiny (float32, pdmoe's experts use the PyTorch
+On CUDA the size is realistic (hidden 2048, 8 layers, 2 sequences of 2048 tokens; bf16 autocast over
+float32 weights, as the trainer runs; pdmoe's experts use the Triton kernels); on CPU it is tiny (float32, pdmoe's experts use the PyTorch
 reference). Both models step alternately (ten rounds after a warm-up; five on CUDA); the summary shows
 pdmoe's median step time as a ratio to transformers'. Reported, not asserted.
 """
@@ -30,13 +30,14 @@ from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
 NUM_EXPERTS, TOP_K = 4, 2
-BATCH, SEQ = (4, 1024) if CUDA else (4, 128)
+BATCH, SEQ = (2, 2048) if CUDA else (4, 128)
+SIZES = {**MODEL_SIZES, "num_hidden_layers": 8} if CUDA else MODEL_SIZES
 
 
 @pytest.fixture(scope="module")
 def upcycled(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench-cpt")
-    dense = build_tiny_dense(root / "dense", "qwen3", **MODEL_SIZES)
+    dense = build_tiny_dense(root / "dense", "qwen3", **SIZES)
     return upcycle(dense, root / "moe", num_experts=NUM_EXPERTS, top_k=TOP_K)
 
 
@@ -84,4 +85,15 @@ def test_training_throughput(upcycled, trainable):
     group = f"cpt train step, trainable={trainable} ({'cuda bf16 autocast' if CUDA else 'cpu fp32'}, {BATCH}x{SEQ})"
     record(
         Row(group, "pdmoe step", tuple(seconds[kinds[0]]), "transformers Qwen3-MoE", tuple(seconds[kinds[1]]))
+    )
+    tokens = BATCH * SEQ
+    record(
+        Row(
+            group,
+            "pdmoe tokens/s",
+            tuple(tokens / t for t in seconds[kinds[0]]),
+            "transformers Qwen3-MoE",
+            tuple(tokens / t for t in seconds[kinds[1]]),
+            unit="tok/s",
+        )
     )

@@ -1,17 +1,12 @@
 """Expert-MLP kernels against transformers' experts implementations, in one run.
 
-On CUDA (bf16): for each (H, F, E, k) and T, forward and forward+backward of
-  * ``pdmoe``        — the Triton kernels (``moe_mlp``), plain ragged GEMMs dispatched as dispatch.py says,
-  * ``pdmoe-triton`` — the same with every GEMM on pdmoe's own kernels (``GROUPED_MM_RULES`` all off),
-  * ``loop``         — transformers' eager experts forward (one cuBLAS GEMM pair per expert),
-  * ``grouped_mm``   — transformers' ``torch._grouped_mm`` experts path,
-with ms, TFLOP/s and % of a dense 8192³ bf16 matmul measured in the same session in ``extra_info``;
-and decode (T = 1, 8, 32, forward) as GB/s of active expert weights read, against the device's copy
-bandwidth, with and without CUDA-graph capture. On CPU only the plain-PyTorch paths at a tiny size
-(the Triton interpreter would measure nothing useful), so ``pytest --benchmark`` stays quick.
-
-FLOPs: forward 6·T·k·H·F (gate_up 4·T·k·H·F + down 2·T·k·H·F), forward+backward three times that.
-Inputs are fresh random values (never zeros); each timed step is synchronised.
+On CUDA (bf16): for each (H, F, E, k) and T, forward and forward+backward of ``pdmoe``, ``pdmoe-triton``,
+``loop`` and ``grouped_mm`` (expert_impls.py says what each is), with ms, TFLOP/s and % of a dense 8192³
+bf16 matmul measured in the same session in ``extra_info``; and decode (T = 1, 8, 32, forward) as GB/s of
+active expert weights read, against the device's copy bandwidth, with and without CUDA-graph capture.
+On CPU only the plain-PyTorch paths at a tiny size (the Triton interpreter would measure nothing
+useful), so ``pytest --benchmark`` stays quick. Inputs are fresh random values (never zeros); each
+timed step is synchronised.
 """
 
 from __future__ import annotations
@@ -20,13 +15,19 @@ import contextlib
 
 import pytest
 import torch
+from expert_impls import (
+    Shape,
+    active_weight_bytes,
+    expert_flops,
+    make_experts,
+    own_kernels_only,
+    random_inputs,
+    run_impl,
+)
 from harness import CUDA, DEVICE, Row, record, sync
-from transformers import MixtralConfig
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from pdmoe.kernels import dispatch, moe_mlp_reference  # importing the package registers "pdmoe"
-from pdmoe.kernels.testing import random_routing
+from pdmoe.kernels import dispatch
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 14336, 8, 2), (1536, 8960, 4, 2), (2048, 1408, 64, 8)] if CUDA else [(64, 128, 4, 2)]
@@ -62,57 +63,19 @@ def device_peaks() -> dict[str, float]:
     return {"dense_bf16_tflops": dense_tflops, "copy_gbs": copy_gbs}
 
 
-_EXPERTS: dict[tuple[int, int, int, int], MixtralExperts] = {}
+_EXPERTS: dict[Shape, MixtralExperts] = {}
 
 
-def _experts(shape: tuple[int, int, int, int]) -> MixtralExperts:
-    """A transformers experts module of ``shape`` on the device (one shape's weights at a time)."""
-    H, F, E, k = shape
+def _experts(shape: Shape) -> MixtralExperts:
+    """The experts module of ``shape`` on the device (one shape's weights at a time)."""
     if shape not in _EXPERTS:
-        _EXPERTS.clear()  # one shape's weights at a time on the device
-        config = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k)
-        with torch.device("meta"):
-            module = MixtralExperts(config)
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        module.gate_up_proj = torch.nn.Parameter(
-            torch.randn(E, 2 * F, H, device=DEVICE, dtype=DTYPE, generator=g) * H**-0.5
-        )
-        module.down_proj = torch.nn.Parameter(
-            torch.randn(E, H, F, device=DEVICE, dtype=DTYPE, generator=g) * F**-0.5
-        )
-        _EXPERTS[shape] = module
+        _EXPERTS.clear()
+        _EXPERTS[shape] = make_experts(shape, DEVICE, DTYPE)
     return _EXPERTS[shape]
 
 
-@contextlib.contextmanager
-def _own_kernels_only():
-    """Every ragged GEMM on pdmoe's Triton kernels, whatever the dispatch table says."""
-    saved = dict(dispatch.GROUPED_MM_RULES)
-    dispatch.GROUPED_MM_RULES.update(dict.fromkeys(saved))
-    try:
-        yield
-    finally:
-        dispatch.GROUPED_MM_RULES.update(saved)
-
-
-def _run(experts: MixtralExperts, impl: str, hidden, ids, weights) -> torch.Tensor:
-    """One experts forward with ``impl``, called directly rather than through the config switch:
-    ``loop`` is the module's own (eager) forward, ``pdmoe``/``grouped_mm`` the registered functions,
-    ``reference`` the PyTorch reference (on CPU "pdmoe" would run the Triton interpreter)."""
-    if impl == "reference":
-        return moe_mlp_reference(hidden, experts.gate_up_proj, experts.down_proj, weights, ids)
-    if impl == "loop":
-        return type(experts).forward.__wrapped__(experts, hidden, ids, weights)
-    return ALL_EXPERTS_FUNCTIONS[impl.partition("-")[0]](experts, hidden, ids, weights)
-
-
-def _inputs(T: int, shape: tuple[int, int, int, int], seed: int = 0):
-    H, _, E, k = shape
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g).to(DEVICE, DTYPE)
-    ids = random_routing(T, E, k, generator=g, device=DEVICE)
-    weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1).to(DEVICE, DTYPE)
-    return hidden, ids, weights
+def _inputs(T: int, shape: Shape):
+    return random_inputs(T, shape, DEVICE, DTYPE)
 
 
 def _label(shape) -> str:
@@ -124,7 +87,6 @@ def _label(shape) -> str:
 @pytest.mark.parametrize("shape", SHAPES, ids=_label)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
-    H, F, _, k = shape
     experts = _experts(shape)
     hidden, ids, weights = _inputs(T, shape)
     train = mode == "forward_backward"
@@ -137,18 +99,18 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
     def step() -> None:
         if train:
             hidden.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
-            _run(experts, impl, hidden, ids, weights).float().square().mean().backward()
+            run_impl(experts, impl, hidden, ids, weights).float().square().mean().backward()
         else:
             with torch.no_grad():
-                _run(experts, impl, hidden, ids, weights)
+                run_impl(experts, impl, hidden, ids, weights)
         sync()
 
-    with _own_kernels_only() if impl == "pdmoe-triton" else contextlib.nullcontext():
+    with own_kernels_only() if impl == "pdmoe-triton" else contextlib.nullcontext():
         step()  # warm-up: Triton compiles, cuBLAS picks algorithms
         benchmark.group = f"experts {mode} {_label(shape)} T={T} ({'cuda bf16' if CUDA else 'cpu fp32'})"
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
     seconds = benchmark.stats.stats.median
-    flops = 6 * T * k * H * F * (3 if train else 1)
+    flops = expert_flops(T, shape, train)
     benchmark.extra_info.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
     rates = tuple(flops / t / 1e12 for t in benchmark.stats.stats.data)
     record(Row(benchmark.group, impl, rates, unit="TFLOP/s"))
@@ -168,7 +130,6 @@ def test_experts_throughput(benchmark, device_peaks, impl, T, shape, mode):
 @pytest.mark.parametrize("T", DECODE_TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_label)
 def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
-    H, F, _, _ = shape
     base, _, graphed = impl.partition("+")
     experts = _experts(shape)
     for p in experts.parameters():
@@ -176,7 +137,7 @@ def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
     hidden, ids, weights = _inputs(T, shape)
 
     def forward() -> torch.Tensor:
-        return _run(experts, base, hidden, ids, weights)
+        return run_impl(experts, base, hidden, ids, weights)
 
     forward()
     if graphed:
@@ -200,7 +161,7 @@ def test_decode_bandwidth(benchmark, device_peaks, impl, T, shape):
     benchmark.group = f"decode {_label(shape)} T={T} (cuda bf16)"
     benchmark.pedantic(step, rounds=50, iterations=1, warmup_rounds=5)
     seconds = benchmark.stats.stats.median
-    weight_bytes = ids.unique().numel() * 3 * H * F * experts.down_proj.element_size()
+    weight_bytes = active_weight_bytes(experts, ids)
     gbs = weight_bytes / seconds / 1e9
     record(
         Row(

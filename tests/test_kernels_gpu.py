@@ -154,6 +154,38 @@ def test_transformers_pdmoe_experts_on_cuda(name, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
+def test_moe_model_on_the_triton_path(tmp_path):
+    """An upcycled pdmoe model with distinct experts and frozen originals: experts_impl="triton" against
+    "torch" (the reference) on CUDA, logits and the gradients of every trainable parameter."""
+    from transformers import AutoModelForCausalLM
+
+    from pdmoe.tiny import build_tiny_dense
+    from pdmoe.upcycle import upcycle
+
+    moe = upcycle(build_tiny_dense(tmp_path / "dense", "llama"), tmp_path / "moe", num_experts=4, top_k=2)
+    models = []
+    for impl in ("torch", "triton"):
+        model = AutoModelForCausalLM.from_pretrained(moe, experts_impl=impl, dtype=torch.float32).to(CUDA)
+        torch.manual_seed(3)
+        with torch.no_grad():  # the same perturbation in both: experts that differ from each other
+            for name, param in model.named_parameters():
+                if ".experts." in name:
+                    param[1:].add_(torch.randn_like(param[1:]) * 0.05)
+        model.freeze_original_experts()
+        models.append(model)
+    ids = torch.randint(
+        0, models[0].config.vocab_size, (2, 9), device=CUDA, generator=torch.Generator(CUDA).manual_seed(2)
+    )
+    outputs = [model(ids, labels=ids) for model in models]
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-4, atol=1e-4)
+    for out in outputs:
+        out.loss.backward()
+    trainable = [dict((n, p.grad) for n, p in m.named_parameters() if p.requires_grad) for m in models]
+    assert trainable[0].keys() == trainable[1].keys() and trainable[0]
+    for name, want in trainable[0].items():
+        torch.testing.assert_close(trainable[1][name], want, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_beyond_int32_offsets():
     """T·k·H = 2·1024·(2^20 + 5) > 2^31: rows at the far end must land where the reference puts them."""
