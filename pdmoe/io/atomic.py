@@ -12,7 +12,9 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
+
+from pdmoe.errors import CheckpointError
 
 
 class Staged:
@@ -28,8 +30,15 @@ class Staged:
         self.path = self.final.with_name(f".{self.final.name}{tag}.partial")
 
     def commit(self) -> None:
-        """Rename into place; an existing ``final`` file is replaced, a non-empty folder is not."""
-        os.replace(self.path, self.final)
+        """Rename into place; an existing ``final`` file is replaced (a link there is replaced, never
+        followed), a folder in the way of a file and a non-empty folder are not."""
+        try:
+            os.replace(self.path, self.final)
+        except (IsADirectoryError, NotADirectoryError):
+            raise CheckpointError(
+                f"cannot write {self.final}: something that is not a file is in its place "
+                "(pdmoe did not make it); remove it, or choose another output"
+            ) from None
 
     def commit_files_into(self, directory: Path, last: str) -> None:
         """Move the staged folder's files into ``directory`` (each rename atomic), ``last`` after all
@@ -66,6 +75,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
     with Staged(path) as staged:
         staged.write_text(text)
+
+
+def open_to_append(path: str | Path) -> TextIO:
+    """``path`` opened to append text, created when missing, never through a link (a planted one
+    is an OSError, ELOOP)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a")
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
