@@ -112,7 +112,10 @@ def resolve_model(reference: str | os.PathLike[str]) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     cached: Path | None = None
-    with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError):
+    # a revision naming a folder of refs/ (`pr` when a branch `pr/x` is cached) is no cached revision
+    with contextlib.suppress(
+        LocalEntryNotFoundError, FileNotFoundError, IsADirectoryError, NotADirectoryError
+    ):
         cached = Path(
             snapshot_download(
                 repo_id, revision=revision, allow_patterns=list(DOWNLOAD_PATTERNS), local_files_only=True

@@ -351,6 +351,8 @@ def test_revisions_follow_git_ref_rules_and_stay_in_the_cache(tmp_path, models, 
     cache_model(home, "org/dense", models["base"])
     repo = home / "hub" / "models--org--dense"
     (repo / "refs" / "planted").write_text(f"../../../../../../../../..{models['instruct']}")
+    (repo / "refs" / "pr").mkdir()  # a cached branch pr/x makes refs/pr a folder
+    (repo / "refs" / "pr" / "x").write_text((repo / "refs" / "main").read_text())
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="outside its snapshots in the Hugging Face cache"):
