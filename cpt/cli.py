@@ -240,7 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
     # every output before the evaluation, not after it: clear of the model and the data, writable
     check_outputs(outputs, inputs=(model, *(file.path for file in corpus.files)), overwrite=args.overwrite)
     if args.plot:
-        heatmap_format(args.plot)
+        heatmap_format(args.plot)  # refuses an extension matplotlib cannot write
     result = evaluate_model(
         model,
         corpus,

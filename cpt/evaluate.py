@@ -166,6 +166,7 @@ def heatmap_format(path: str | Path) -> str | None:
     installed; a UsageError, before any evaluation, for an extension matplotlib cannot write (it
     would otherwise append ``.png`` to a name without one and write another file than the one named)."""
     try:
+        import matplotlib  # noqa: F401  (first: a missing package is an ImportError here)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         return None

@@ -6,7 +6,8 @@ entry: ``./llama-moe`` (a folder), ``meta-llama/Llama-3.2-1B`` or ``meta-llama/L
 ``HF_HUB_CACHE``), so a cached model needs no network; only when it is missing or incomplete there,
 and the hub is not switched off (``HF_HUB_OFFLINE=1``), are its files downloaded, and then only
 what pdmoe reads: safetensors weights, the config, tokenizer and generation files. Pickled
-``.bin`` weights are never fetched.
+``.bin`` weights are never fetched. A revision must be a valid branch / tag name, a commit or
+``refs/pr/N``, and the snapshot it names must lie in the model's folder of the cache.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ CONFIG_FILE = "config.json"
 DOWNLOAD_PATTERNS = ("*.safetensors", INDEX_FILE, CONFIG_FILE, *SIDE_FILES)
 _HUB_ID = re.compile(r"^(?P<repo>[\w.-]+(?:/[\w.-]+)?)(?:@(?P<revision>.+))?\Z")
 # Revisions: a commit, a hub pull request, or a branch / tag name by git's check-ref-format rules
-# (no `..`, `@{`, `//`, control characters, space, ~ ^ : ? * [ or a backslash; no component starting with `.`
-# or ending in `.lock`; not starting with `-` or `/`, not ending with `/` or `.`; not `@`).
+# (no `..`, `@{`, `//`, control characters, space, ~ ^ : ? * [ or a backslash; no component
+# starting with `.` or ending in `.lock`; not starting with `-` or `/`, not ending with `/` or `.`;
+# not `@`). None of these can name a path outside the cache.
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _PULL_REQUEST = re.compile(r"refs/pr/[0-9]+")
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")

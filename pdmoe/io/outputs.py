@@ -1,11 +1,16 @@
-"""Output folders: one guard, the same for every command that writes one.
+"""Outputs: one guard, the same for every path a command writes.
 
-``claim_output`` is called before anything is written and holds the folder for the whole run:
+Every path a command writes is declared as an ``Output`` (an output folder, or a single file such
+as ``eval --json``) and checked by ``check_outputs`` before any work starts, all of a command's
+outputs together, against all its inputs. ``claim_output`` then holds a folder for the whole run:
 
-* an OUT that is, contains, or lies inside an input (paths resolved through symlinks) is refused;
+* an output that is, contains, or lies inside an input or another output is refused; paths are
+  resolved through symlinks, and an input's links count by their targets (a Hugging Face snapshot
+  is links into ``blobs/``);
 * an exclusive lock (``OUT/.pdmoe.lock``: an ``flock`` plus the holder's pid, host and command for
   the message) keeps two runs out of one folder; the kernel drops the ``flock`` when a process
-  dies, however it dies, so a lock file left by a killed run is stale and is taken over;
+  dies, however it dies, so a lock file left by a killed run is stale and is taken over; the lock
+  file is opened without following links, and anything but a regular file there is refused;
 * a non-empty OUT is touched only when it is pdmoe's own: ``resume`` continues only an output of
   the same command, ``overwrite`` deletes only a folder that holds pdmoe's marker; anything
   else is refused before a single file changes;
@@ -14,6 +19,9 @@
   finished (``OutputFolder.finish``). A killed run leaves ``writing``, and pdmoe refuses to read
   a checkpoint in that state (``refuse_unfinished``), so an interrupted output never passes for a
   finished one.
+
+A single-file output is never inside a model folder or a folder pdmoe wrote, never a link, a
+folder or a device, and replaces an existing file only under ``overwrite``.
 """
 
 from __future__ import annotations
@@ -227,6 +235,7 @@ class _Keep:
     what: str
     path: Path
     targets: tuple[Path, ...] = ()
+    same: str = ""  # how an output at the same path is told; default "is also {what}"
 
 
 def _link_targets(folder: Path) -> tuple[Path, ...]:
@@ -241,11 +250,9 @@ def _link_targets(folder: Path) -> tuple[Path, ...]:
     )
 
 
-def _keep_clear_of(inputs: Iterable[str | Path], outputs: Iterable[Output]) -> list[_Keep]:
-    kept = [
-        _Keep(f"the input {Path(p).resolve()}", Path(p).resolve(), _link_targets(Path(p))) for p in inputs
-    ]
-    return kept + [_Keep(f"{o.option} {o.path}", _resolved(o)) for o in outputs]
+def _input(path: str | Path) -> _Keep:
+    real = Path(path).resolve()
+    return _Keep(f"the input {real}", real, _link_targets(Path(path)), same="is also an input")
 
 
 def _resolved(output: Output) -> Path:
@@ -260,7 +267,7 @@ def _resolved(output: Output) -> Path:
 def _overlap(out: Path, keep: _Keep) -> str | None:
     """How the resolved output path ``out`` collides with ``keep``, or None."""
     if out == keep.path:
-        return "is also an input" if keep.what.startswith("the input") else f"is also {keep.what}"
+        return keep.same or f"is also {keep.what}"
     if out in keep.path.parents:
         return f"contains {keep.what}"
     if keep.path in out.parents:
@@ -399,12 +406,16 @@ def check_outputs(
     the rules of ``claim_output``, a single file by those of ``_check_file``."""
     if resume and overwrite:
         raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
-    outputs, inputs = list(outputs), list(inputs)
+    outputs, kept_inputs = list(outputs), [_input(path) for path in inputs]
     for output in outputs:
         if output.command is None:
             _check_file_path(output)
-        keep = _keep_clear_of(inputs, (other for other in outputs if other is not output))
-        for kept in keep:
+        others = [
+            _Keep(f"{other.option} {other.path}", _resolved(other))
+            for other in outputs
+            if other is not output
+        ]
+        for kept in (*kept_inputs, *others):
             if problem := _overlap(_resolved(output), kept):
                 named = (
                     f"output directory {output.path}" if output.command else f"{output.option} {output.path}"
