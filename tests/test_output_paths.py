@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, UsageError
@@ -27,7 +28,9 @@ from pdmoe.io.outputs import (
     claim_output,
     read_marker,
 )
+from pdmoe.io.safetensors_format import TensorMeta
 from pdmoe.io.side_files import copy_side_files
+from pdmoe.io.writer import ShardWriter
 from pdmoe.tiny import build_tiny_dense, perturb_checkpoint
 from pdmoe.upcycle import upcycle
 from tests.hub_cache import cache_model
@@ -291,6 +294,10 @@ def test_files_are_replaced_never_written_through_a_link(tmp_path: Path) -> None
     with pytest.raises(OSError):
         open_to_append(out / "metrics.jsonl")
     assert not (tmp_path / "created-elsewhere").exists()
+    (out / ".model.safetensors.partial").symlink_to(target)  # planted where a shard is staged
+    with ShardWriter(out / "model.safetensors", [TensorMeta("w", torch.float32, (2,))], None) as writer:
+        writer.write("w", torch.ones(2))
+    assert target.read_text() == "victim" and (out / "model.safetensors").stat().st_size > 8
     (out / "config.json").mkdir()
     with (
         pytest.raises(CheckpointError, match="something that is not a file is in its place"),

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from pdmoe.errors import CheckpointError
 
@@ -47,6 +47,14 @@ class Staged:
         for name in [*(n for n in names if n != last), *([last] if last in names else [])]:
             os.replace(self.path / name, Path(directory) / name)
         self.path.rmdir()
+
+    def create(self) -> BinaryIO:
+        """The staged file opened for writing as a new file: a stale one of a killed run (or a link
+        planted in its place) is removed first, and the open follows no link."""
+        self.abort()
+        return os.fdopen(
+            os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb"
+        )
 
     def abort(self) -> None:
         if self.path.is_dir() and not self.path.is_symlink():
