@@ -27,6 +27,9 @@ from bilingual_study.protocol import FULL, QUICK
 from bilingual_study.report import aggregate
 from bilingual_study.writeup import write_markdown
 
+from pdmoe.errors import PdmoeError
+from pdmoe.io.outputs import Command, claim_output
+
 PILOT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
@@ -67,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     protocol = QUICK if args.quick else FULL
     if args.pilot:
         protocol = replace(FULL, name="pilot", dense_lrs=PILOT_LRS, moe_lrs=PILOT_LRS, seeds=(0,))
-    args.out.mkdir(parents=True, exist_ok=True)
+    # DIR is pdmoe's output folder: a folder pdmoe did not write is refused before anything in it
+    # changes; the study's own folder is continued (its finished stages reused), one run at a time.
+    try:
+        folder = claim_output(
+            args.out, Command.STUDY, resume=True, keep_partial=True, settings={"protocol": protocol.name}
+        )
+    except PdmoeError as error:
+        print(f"study: error: {error}", file=sys.stderr)
+        return 2
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_markdown(result, protocol, args.out / "study.md", plotted)
     log(f"wrote {args.out / 'study.md'}, study.json" + (", study.png" if plotted else ""))
+    folder.finish()
     return 0
 
 

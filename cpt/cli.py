@@ -11,11 +11,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import write_text_atomic
-from pdmoe.io.outputs import check_writable
+from pdmoe.io.outputs import Output, check_outputs
 
 from .data import DATA_FORMATS, corpus_spec
-from .evaluate import evaluate_model, save_heatmap
+from .evaluate import evaluate_model, heatmap_format, save_heatmap
 from .freezing import PARTS, Stage
 from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
 
@@ -223,9 +224,6 @@ def run_cpt(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            check_writable(path, option)  # before the evaluation, not after it
     corpus = corpus_spec(
         args.data,
         args.langs,
@@ -235,8 +233,16 @@ def run_eval(args: argparse.Namespace) -> int:
         args.text_field,
         args.lang_field,
     )
+    model = resolve_model(args.model)
+    outputs = [
+        Output(path, option) for option, path in (("--json", args.json), ("--plot", args.plot)) if path
+    ]
+    # every output before the evaluation, not after it: clear of the model and the data, writable
+    check_outputs(outputs, inputs=(model, *(file.path for file in corpus.files)), overwrite=args.overwrite)
+    if args.plot:
+        heatmap_format(args.plot)  # refuses an extension matplotlib cannot write
     result = evaluate_model(
-        args.model,
+        model,
         corpus,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -287,7 +293,14 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     parser.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw a heatmap (needs the plot extra: matplotlib)"
+        "--plot",
+        type=Path,
+        metavar="IMAGE",
+        help="also draw a heatmap, in the format its extension names: .png, .pdf, .svg, ... "
+        "(needs the plot extra: matplotlib)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --json / --plot file (never an input)"
     )
     parser.set_defaults(func=run_eval)
     return parser

@@ -370,8 +370,10 @@ class TokenCache:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         key = cache_key(spec, tokenizer)
         final = root / key
-        if (final / cls.META).is_file():
-            return cls(final)
+        if final.is_symlink() or final.exists():
+            if cls._is_whole(final, key):
+                return cls(final)
+            _discard(final)  # damaged (cut short, edited, half-deleted): tokenised again below
         # One staging directory per process: nodes that share the cache may tokenise at once.
         _remove_stale_stagings(final)
         try:
@@ -384,6 +386,37 @@ class TokenCache:
                 raise
             # else another process finished the same cache first: use theirs
         return cls(final)
+
+    @classmethod
+    def _is_whole(cls, directory: Path, key: str) -> bool:
+        """Whether the cache folder ``directory`` is usable: a real folder whose meta file reads as the
+        cache of ``key`` and whose two token files are regular files of the sizes it records."""
+        try:
+            meta = json.loads((directory / cls.META).read_text())
+            num_tokens = meta["num_tokens"]
+            usable = (
+                meta["key"] == key
+                and isinstance(num_tokens, int)
+                and isinstance(meta["num_documents"], int)
+                and isinstance(meta["languages"], list)
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return False
+        if not usable or directory.is_symlink():
+            return False
+        files = ((directory / cls.TOKENS, 4 * num_tokens), (directory / cls.LANGS, num_tokens))
+        return all(
+            path.is_file() and not path.is_symlink() and path.stat().st_size == size for path, size in files
+        )
+
+
+def _discard(path: Path) -> None:
+    """Remove a damaged cache folder (a link in its place is unlinked, never followed); another
+    process may be removing it too."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _remove_stale_stagings(final: Path) -> None:

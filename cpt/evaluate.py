@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from pdmoe.errors import UsageError
 from pdmoe.hub import resolve_model
+from pdmoe.io.atomic import Staged
 from pdmoe.io.hf_loading import load_tokenizer
 from pdmoe.modeling import MoEForCausalLM
 
@@ -160,18 +161,40 @@ def evaluation_sums(
     return EvalResult(languages, list(config.moe_layers), nll_sum, targets, counts)
 
 
+def heatmap_format(path: str | Path) -> str | None:
+    """The image format ``path``'s extension names, None when matplotlib (the ``plot`` extra) is not
+    installed; a UsageError, before any evaluation, for an extension matplotlib cannot write (it
+    would otherwise append ``.png`` to a name without one and write another file than the one named)."""
+    try:
+        import matplotlib  # noqa: F401  (first: a missing package is an ImportError here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return None
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    extension = Path(path).suffix.lower().removeprefix(".")
+    if extension not in formats:
+        written = f"{extension!r} files" if extension else "a file without an extension"
+        choices = ", ".join(f".{name}" for name in sorted(formats))
+        raise UsageError(
+            f"--plot {path}: matplotlib cannot write {written}; end the name with one of {choices}"
+        )
+    return extension
+
+
 def save_heatmap(result: EvalResult, path: str | Path) -> bool:
-    """Write the expert shares as one heatmap per language (rows: layers, columns: experts).
+    """Write the expert shares to ``path`` as one heatmap per language (rows: layers, columns:
+    experts), in the format its extension names, atomically.
 
     Returns False, without raising, when matplotlib (the ``plot`` extra) is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    image_format = heatmap_format(path)
+    if image_format is None:
         return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     shares = expert_shares(result.expert_counts).numpy()
     num_langs = len(result.languages)
     fig, axes = plt.subplots(
@@ -190,7 +213,8 @@ def save_heatmap(result: EvalResult, path: str | Path) -> bool:
         if i == 0:
             ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="share of routed token slots")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with Staged(path) as staged:
+        fig.savefig(staged, format=image_format, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -30,6 +30,7 @@ from pdmoe.config import MoEConfig
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
+from pdmoe.io.atomic import open_to_append
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
 from pdmoe.layout import is_frozen_expert_buffer
 
@@ -719,7 +720,7 @@ def _log_record(
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     try:
-        with path.open("a") as handle:
+        with open_to_append(path) as handle:
             handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
     except OSError as error:
         raise CheckpointError(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from pdmoe.errors import UsageError
 from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
 from pdmoe.graft import graft
 from pdmoe.graft.merging import MergeMethod
+from pdmoe.hub import resolve_model
+from pdmoe.io.outputs import Command, Output, check_outputs
 from pdmoe.options import DTYPES
 
 _DESCRIPTION = """\
@@ -89,11 +93,32 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def export_out(args: argparse.Namespace) -> Path:
+    """Where ``--export`` writes: ``--export-out``, else OUT-native beside OUT (``--out .`` too)."""
+    if args.export_out is not None:
+        return args.export_out
+    out = Path(os.path.abspath(args.out))
+    return out.with_name(f"{out.name}-native")
+
+
 def run_graft_command(args: argparse.Namespace) -> int:
     from pdmoe.export import check_export, export
 
+    if args.export_out is not None and not args.export:
+        raise UsageError("--export-out names where --export writes; pass --export FORMAT too, or drop it")
     if args.export:
         check_export(args.cpt, args.export)
+    if args.export and not args.dry_run:
+        inputs = [resolve_model(path) for path in (args.base, args.instruct, args.cpt)]
+        check_outputs(  # both outputs before the graft starts, clear of the inputs and of each other
+            [
+                Output(args.out, "--out", Command.GRAFT),
+                Output(export_out(args), "--export-out", Command.EXPORT),
+            ],
+            inputs=inputs,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     report = graft(
         args.base,
         args.instruct,
@@ -114,9 +139,12 @@ def run_graft_command(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     if args.export and not args.dry_run:
-        native = args.export_out or args.out.with_name(f"{args.out.name}-native")
         exported = export(
-            args.out, native, format=args.export, layout=args.export_layout, overwrite=args.overwrite
+            args.out,
+            export_out(args),
+            format=args.export,
+            layout=args.export_layout,
+            overwrite=args.overwrite,
         )
         print(exported.summary())
     return 0

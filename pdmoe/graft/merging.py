@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmoe.errors import UsageError
+from pdmoe.options import check_seed
 
 DARE_CHUNK = 2**16
 _DIGIT_BITS = 16
@@ -67,6 +68,7 @@ class MergeSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.method is MergeMethod.TASK_ARITHMETIC:
             if self.density is not None:
                 raise UsageError("--density applies to --method ties or dare, not task-arithmetic")

@@ -12,7 +12,9 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO, TextIO
+
+from pdmoe.errors import CheckpointError
 
 
 class Staged:
@@ -28,8 +30,15 @@ class Staged:
         self.path = self.final.with_name(f".{self.final.name}{tag}.partial")
 
     def commit(self) -> None:
-        """Rename into place; an existing ``final`` file is replaced, a non-empty folder is not."""
-        os.replace(self.path, self.final)
+        """Rename into place; an existing ``final`` file is replaced (a link there is replaced, never
+        followed), a folder in the way of a file and a non-empty folder are not."""
+        try:
+            os.replace(self.path, self.final)
+        except (IsADirectoryError, NotADirectoryError):
+            raise CheckpointError(
+                f"cannot write {self.final}: something that is not a file is in its place "
+                "(pdmoe did not make it); remove it, or choose another output"
+            ) from None
 
     def commit_files_into(self, directory: Path, last: str) -> None:
         """Move the staged folder's files into ``directory`` (each rename atomic), ``last`` after all
@@ -38,6 +47,14 @@ class Staged:
         for name in [*(n for n in names if n != last), *([last] if last in names else [])]:
             os.replace(self.path / name, Path(directory) / name)
         self.path.rmdir()
+
+    def create(self) -> BinaryIO:
+        """The staged file opened for writing as a new file: a stale one of a killed run (or a link
+        planted in its place) is removed first, and the open follows no link."""
+        self.abort()
+        return os.fdopen(
+            os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb"
+        )
 
     def abort(self) -> None:
         if self.path.is_dir() and not self.path.is_symlink():
@@ -66,6 +83,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
     with Staged(path) as staged:
         staged.write_text(text)
+
+
+def open_to_append(path: str | Path) -> TextIO:
+    """``path`` opened to append text, created when missing, never through a link (a planted one
+    is an OSError, ELOOP)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a")
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -1,11 +1,16 @@
-"""Output folders: one guard, the same for every command that writes one.
+"""Outputs: one guard, the same for every path a command writes.
 
-``claim_output`` is called before anything is written and holds the folder for the whole run:
+Every path a command writes is declared as an ``Output`` (an output folder, or a single file such
+as ``eval --json``) and checked by ``check_outputs`` before any work starts, all of a command's
+outputs together, against all its inputs. ``claim_output`` then holds a folder for the whole run:
 
-* an OUT that is, contains, or lies inside an input (paths resolved through symlinks) is refused;
+* an output that is, contains, or lies inside an input or another output is refused; paths are
+  resolved through symlinks, and an input's links count by their targets (a Hugging Face snapshot
+  is links into ``blobs/``);
 * an exclusive lock (``OUT/.pdmoe.lock``: an ``flock`` plus the holder's pid, host and command for
   the message) keeps two runs out of one folder; the kernel drops the ``flock`` when a process
-  dies, however it dies, so a lock file left by a killed run is stale and is taken over;
+  dies, however it dies, so a lock file left by a killed run is stale and is taken over; the lock
+  file is opened without following links, and anything but a regular file there is refused;
 * a non-empty OUT is touched only when it is pdmoe's own: ``resume`` continues only an output of
   the same command, ``overwrite`` deletes only a folder that holds pdmoe's marker; anything
   else is refused before a single file changes;
@@ -14,18 +19,23 @@
   finished (``OutputFolder.finish``). A killed run leaves ``writing``, and pdmoe refuses to read
   a checkpoint in that state (``refuse_unfinished``), so an interrupted output never passes for a
   finished one.
+
+A single-file output is never inside a model folder or a folder pdmoe wrote, never a link, a
+folder or a device, and replaces an existing file only under ``overwrite``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import importlib.metadata
 import json
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -50,10 +60,18 @@ class Command(Enum):
     CPT = "cpt"
     DEMO = "demo"
     EXPORT = "export"
+    STUDY = "study"  # bench/study.py: continues its own folder on every run
+
+    @property
+    def program(self) -> str:
+        """How the user runs it, for messages."""
+        return "bench/study.py" if self is Command.STUDY else f"pdmoe {self.value}"
 
 
 # Commands whose interrupted output is finished by running them again with --resume.
 RESUMABLE = (Command.GRAFT, Command.CPT)
+# Outputs a resumed run continues (the study continues its folder on every run); others are written anew.
+_CONTINUED = (*RESUMABLE, Command.STUDY)
 
 
 class OutputState(Enum):
@@ -109,8 +127,8 @@ def read_marker(directory: str | Path) -> OutputRecord | None:
 
 def _rerun_hint(command: Command) -> str:
     if command in RESUMABLE:
-        return f"finish it with the same `pdmoe {command.value} ... --resume`"
-    return f"run `pdmoe {command.value}` again"
+        return f"finish it with the same `{command.program} ... --resume`"
+    return f"run `{command.program}` again"
 
 
 def refuse_unfinished(directory: str | Path) -> None:
@@ -118,7 +136,7 @@ def refuse_unfinished(directory: str | Path) -> None:
     record = read_marker(directory)
     if record is not None and record.state is not OutputState.COMPLETE:
         raise CheckpointError(
-            f"{directory} is an unfinished `pdmoe {record.command.value}` output (interrupted, or still "
+            f"{directory} is an unfinished `{record.command.program}` output (interrupted, or still "
             f"being written); {_rerun_hint(record.command)}, or use a finished checkpoint"
         )
 
@@ -134,7 +152,7 @@ class _Lock:
         self.path = directory / LOCK
         self._fd: int | None = None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open(directory)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -152,13 +170,30 @@ class _Lock:
                 ) from None
             # A run releasing the lock unlinks the file: hold it only if it is still the one in place.
             with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                if os.path.samestat(os.fstat(fd), os.lstat(self.path)):
                     break
             os.close(fd)
         self._fd = fd
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command.value, "since": _now()}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
+
+    def _open(self, directory: Path) -> int:
+        """The lock file, never through a link: a planted symlink, folder or device is refused."""
+        refusal = CheckpointError(
+            f"{self.path} is not a regular file (a link, a folder, ...) and pdmoe did not make it; "
+            "remove it, or choose another --out"
+        )
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise refusal from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise refusal
+        return fd
 
     @staticmethod
     def _describe_holder(fd: int) -> str:
@@ -182,13 +217,65 @@ class _Lock:
         self.release()
 
 
-def _overlap(out: Path, source: Path) -> str | None:
-    if out == source:
-        return "is also an input"
-    if out in source.parents:
-        return f"contains the input {source}"
-    if source in out.parents:
-        return f"lies inside the input {source}"
+@dataclass(frozen=True)
+class Output:
+    """A path a command writes, named by the option that gives it: a folder claimed for ``command``,
+    or a single file when ``command`` is None."""
+
+    path: Path
+    option: str = "--out"
+    command: Command | None = None
+
+
+@dataclass(frozen=True)
+class _Keep:
+    """What an output must keep clear of: an input or another output (``what``), by its resolved path
+    and the resolved targets of the links inside it (a Hugging Face snapshot links into ``blobs/``)."""
+
+    what: str
+    path: Path
+    targets: tuple[Path, ...] = ()
+    same: str = ""  # how an output at the same path is told; default "is also {what}"
+
+
+def _link_targets(folder: Path) -> tuple[Path, ...]:
+    """Where the links below ``folder`` really point (links to folders are not descended into)."""
+    if not folder.is_dir():
+        return ()
+    return tuple(
+        (Path(root) / name).resolve()
+        for root, folders, files in os.walk(folder)
+        for name in (*folders, *files)
+        if (Path(root) / name).is_symlink()
+    )
+
+
+def _input(path: str | Path) -> _Keep:
+    real = Path(path).resolve()
+    return _Keep(f"the input {real}", real, _link_targets(Path(path)), same="is also an input")
+
+
+def _resolved(output: Output) -> Path:
+    """Where ``output`` really is: a folder through every link (pdmoe writes into what a link names),
+    a file through the links of its folder only (pdmoe never writes through a link)."""
+    path = output.path
+    if output.command is not None or not path.name:
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
+def _overlap(out: Path, keep: _Keep) -> str | None:
+    """How the resolved output path ``out`` collides with ``keep``, or None."""
+    if out == keep.path:
+        return keep.same or f"is also {keep.what}"
+    if out in keep.path.parents:
+        return f"contains {keep.what}"
+    if keep.path in out.parents:
+        return f"lies inside {keep.what}"
+    for target in keep.targets:
+        if out == target or out in target.parents or target in out.parents:
+            relation = "lies inside" if target in out.parents else "contains"
+            return f"{relation} {target}, a file that {keep.what} links to"
     return None
 
 
@@ -292,16 +379,52 @@ class OutputFolder:
         self.release()
 
 
-def _make_folders(out: Path) -> list[Path]:
+def _make_folders(out: Path, option: str) -> list[Path]:
     """Create ``out`` and its missing parents; returns those created, outermost first."""
     missing = [path for path in (out, *out.parents) if not path.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise CheckpointError(
-            f"cannot create {out}: a part of that path is a file or a broken link; choose another --out"
+            f"cannot create {out}: a part of that path is a file or a broken link; choose another {option}"
         ) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot create {out} ({error.strerror}); choose another {option}") from None
     return list(reversed(missing))
+
+
+def check_outputs(
+    outputs: Iterable[Output],
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+) -> None:
+    """Refuse now, changing nothing, what writing any of ``outputs`` would break: called before any
+    work, with every output a command will write and all its inputs. Each output is checked against
+    every input (and the real files its links point to) and against the other outputs; a folder by
+    the rules of ``claim_output``, a single file by those of ``_check_file``."""
+    if resume and overwrite:
+        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
+    outputs, kept_inputs = list(outputs), [_input(path) for path in inputs]
+    for output in outputs:
+        if output.command is None:
+            _check_file_path(output)
+        others = [
+            _Keep(f"{other.option} {other.path}", _resolved(other))
+            for other in outputs
+            if other is not output
+        ]
+        for kept in (*kept_inputs, *others):
+            if problem := _overlap(_resolved(output), kept):
+                named = (
+                    f"output directory {output.path}" if output.command else f"{output.option} {output.path}"
+                )
+                raise CheckpointError(f"{named} {problem}; choose another {output.option}")
+        if output.command is None:
+            _check_file(output, overwrite=overwrite)
+        else:  # resume continues the resumable outputs; the others are written anew
+            _check_folder(output, overwrite=overwrite, resume=resume and output.command in _CONTINUED)
 
 
 def check_output(
@@ -311,20 +434,72 @@ def check_output(
     inputs: Iterable[str | Path] = (),
     overwrite: bool = False,
     resume: bool = False,
+    option: str = "--out",
 ) -> None:
-    """Refuse now what ``claim_output`` would refuse, changing nothing: for a command that prepares
-    for long (tokenising, loading) before it claims its output."""
-    if resume and overwrite:
-        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
-    out = Path(out)
-    target = out.resolve()
-    for source in inputs:
-        if problem := _overlap(target, Path(source).resolve()):
-            raise CheckpointError(f"output directory {out} {problem}; choose another --out")
+    """``check_outputs`` of one output folder: for a command that prepares for long (tokenising,
+    loading) before it claims its output."""
+    check_outputs([Output(Path(out), option, command)], inputs=inputs, overwrite=overwrite, resume=resume)
+
+
+def _check_folder(output: Output, *, overwrite: bool, resume: bool) -> None:
+    out, option = output.path, output.option
+    if out.is_symlink() and not out.is_dir():
+        raise CheckpointError(f"{option} {out} is a broken link; choose another {option}")
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+        raise CheckpointError(f"{out} exists and is not a directory; choose another {option}")
     if out.is_dir():
-        _check_contents(out, command, overwrite=overwrite, resume=resume, empty=False)
+        assert output.command is not None
+        _check_contents(out, output.command, overwrite=overwrite, resume=resume, empty=False)
+
+
+def _check_file_path(output: Output) -> None:
+    """A single-file output (``eval --json``) names a file in an existing folder: not a link, a
+    folder or a device."""
+    path, option = output.path, output.option
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"{option} {path}: the folder {folder} does not exist; create it or choose another path"
+        )
+    if path.is_symlink():
+        raise UsageError(
+            f"{option} {path} is a link; pdmoe never writes through links: give a plain file path"
+        )
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{option} {path} is not a regular file; give a file path")
+
+
+def _check_file(output: Output, *, overwrite: bool) -> None:
+    """A single-file output is not inside a folder pdmoe wrote or a model folder; an existing file is
+    replaced only under ``overwrite`` and only when it is writable; its folder is writable."""
+    path, option = output.path, output.option
+    folder = path.parent
+    real = _resolved(output)
+    for parent in real.parents:
+        if (parent / MARKER).is_file() or (parent == real.parent and (parent / "config.json").is_file()):
+            raise UsageError(
+                f"{option} {path} lies inside the model or pdmoe output folder {parent}; "
+                "write it outside that folder"
+            )
+    if path.exists():
+        if not overwrite:
+            raise UsageError(
+                f"{option} {path} exists; pass --overwrite to replace it, or choose another path"
+            )
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{option} {path} is read-only; make it writable or choose another path")
+    probe = folder / f".{path.name}.pdmoe-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        pass  # a probe of a concurrent run: the folder is writable
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path}: cannot write in {folder} ({error.strerror}); choose another path"
+        ) from None
 
 
 def claim_output(
@@ -336,6 +511,7 @@ def claim_output(
     resume: bool = False,
     settings: Mapping[str, Any] | None = None,
     keep_partial: bool = False,
+    option: str = "--out",
 ) -> OutputFolder:
     """Claim ``out`` for a run of ``command`` (see the module docstring); refuses before changing anything.
 
@@ -343,8 +519,8 @@ def claim_output(
     """
     out = Path(out)
     sources = [Path(source) for source in inputs]
-    check_output(out, command, inputs=sources, overwrite=overwrite, resume=resume)
-    created = _make_folders(out)
+    check_output(out, command, inputs=sources, overwrite=overwrite, resume=resume, option=option)
+    created = _make_folders(out, option)
     lock = _Lock(out, command)
     try:
         previous = _check_contents(out, command, overwrite=overwrite, resume=resume, empty=True)
@@ -378,14 +554,15 @@ def _check_contents(
         return None
     record = read_marker(out)
     if resume:
+        option = "--resume: " if command in RESUMABLE else ""
         if record is None:
             raise CheckpointError(
-                f"--resume: {out} was not written by pdmoe (it has no {MARKER}); pdmoe continues only "
-                f"its own `pdmoe {command.value}` output: choose another --out"
+                f"{option}{out} was not written by pdmoe (it has no {MARKER}); pdmoe continues only "
+                f"its own `{command.program}` output: choose another --out"
             )
         if record.command is not command:
             raise CheckpointError(
-                f"--resume: {out} is a `pdmoe {record.command.value}` output, not a `pdmoe {command.value}` "
+                f"{option}{out} is a `{record.command.program}` output, not a `{command.program}` "
                 "one; choose another --out"
             )
         return record
@@ -414,26 +591,3 @@ def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
             f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
             "free some space or choose another --out"
         )
-
-
-def check_writable(path: str | Path, option: str) -> None:
-    """Refuse up front a file that could not be written later (after a long run): its folder
-    missing or not writable, or a folder in its place."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise UsageError(
-            f"{option} {path}: the folder {folder} does not exist; create it or choose another path"
-        )
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file path")
-    probe = folder / f".{path.name}.pdmoe-probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except FileExistsError:
-        pass  # a probe of a concurrent run: the folder is writable
-    except OSError as error:
-        raise UsageError(
-            f"{option} {path}: cannot write in {folder} ({error.strerror}); choose another path"
-        ) from None

@@ -27,13 +27,23 @@ INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+def check_model_folder(path: Path) -> None:
+    """A CheckpointError, naming what ``path`` is instead, unless it is a folder."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise CheckpointError(
+            f"{path} is a file, not a model folder; give the checkpoint folder (the one holding config.json)"
+        )
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+
+
 class CheckpointReader:
     """Tensors of one checkpoint directory by name, with their metadata known up front."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        check_model_folder(self.directory)
         refuse_unfinished(self.directory)
         self.shards: dict[str, ShardHeader] = {}
         self.weight_map: dict[str, str] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pdmoe.io.atomic import write_json
+from pdmoe.io.atomic import Staged, write_json
 from pdmoe.io.model_config import REMOTE_CODE_KEYS, without_remote_code
 from pdmoe.io.strict_json import read_json_object
 
@@ -39,7 +39,8 @@ def copy_side_files(source: Path, out_dir: Path, names: tuple[str, ...] = SIDE_F
         settings = read_json_object(path) if name.endswith(".json") else None
         if isinstance(settings, dict) and any(key in settings for key in REMOTE_CODE_KEYS):
             write_json(Path(out_dir) / name, without_remote_code(settings))
-        else:
-            shutil.copyfile(path, Path(out_dir) / name)
+        else:  # staged and renamed: a link already at the target is replaced, never written through
+            with Staged(Path(out_dir) / name) as staged:
+                shutil.copyfile(path, staged)
         copied.append(name)
     return copied

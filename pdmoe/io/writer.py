@@ -55,7 +55,7 @@ class ShardWriter:
         self.path = path
         self.entries = entries
         self._staged = Staged(path)
-        self._handle = self._staged.path.open("wb")
+        self._handle = self._staged.create()
         self._handle.write(encode_header(entries, metadata))
         self._next = 0
         self._written = 0
