@@ -20,6 +20,7 @@ from pdmoe.io.hf_loading import load_causal_lm
 from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
+from pdmoe.layout import FROZEN_PREFIX
 from pdmoe.modeling import MoEForCausalLM
 from pdmoe.options import DTYPES
 
@@ -61,8 +62,9 @@ def save_final_model(
     Every process joins the state-dict gather (FSDP); the main process writes a hidden directory
     and moves its files into ``out_dir`` with ``config.json`` last, so a finished-looking
     checkpoint is a finished one. Tensors are cast back to the input's dtype: frozen ones come back
-    bit-identical (the float32 training copy holds them exactly). A failed write (a full disk)
-    raises ``CheckpointError`` on every process and leaves no model files in ``out_dir``.
+    bit-identical (a float32 training copy holds them exactly; frozen weights held in a narrower
+    compute dtype are read back from the input). A failed write (a full disk) raises
+    ``CheckpointError`` on every process and leaves no model files in ``out_dir``.
     """
     state_dict = accelerator.get_state_dict(model)
     staged = Staged(Path(out_dir) / "final")
@@ -71,6 +73,7 @@ def save_final_model(
         unwrapped = accelerator.unwrap_model(model)
         tensors = fuse_split_experts(unwrapped, dict(state_dict))
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        _restore_narrowed_frozen(unwrapped, Path(model_dir), tensors, dtype)
         staged.abort()
         unwrapped.config.dtype = dtype
         try:
@@ -88,6 +91,30 @@ def save_final_model(
             f"cannot write the final model into {out_dir} ({error.strerror or error}); "
             "the training checkpoints are kept: free space and rerun with --resume"
         ) from None
+
+
+def _restore_narrowed_frozen(
+    model: torch.nn.Module, model_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Frozen weights the run held in a dtype narrower than the checkpoint's (bf16 copies of a
+    float32 checkpoint under sharded mixed precision) did not change: copy them from the input."""
+    narrowed = [
+        name
+        for name, param in model.named_parameters()
+        if not param.requires_grad and param.dtype.itemsize < dtype.itemsize
+    ]
+    if not narrowed:
+        return
+    with CheckpointReader(model_dir) as reader:
+        for name in narrowed:
+            prefix, _, attribute = name.rpartition(".")
+            if attribute.startswith(FROZEN_PREFIX):  # the leading experts of a fused tensor
+                key = f"{prefix}.{attribute.removeprefix(FROZEN_PREFIX)}"
+                rows = model.get_submodule(prefix).num_frozen
+                fused = tensors[key]
+                fused[:rows] = reader.read_elements(key, 0, fused[:rows].numel()).view(fused[:rows].shape)
+            elif name in reader:
+                tensors[name] = reader.get(name)
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

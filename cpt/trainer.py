@@ -31,7 +31,6 @@ from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
-from pdmoe.layout import is_frozen_expert_buffer
 
 from .checkpoints import (
     checkpoint_dtype,
@@ -53,6 +52,7 @@ from .data import (
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
 from .losses import DEFAULT_LPR_COEF, language_prior_loss
+from .sharding import shard_model
 from .training_checkpoint import (
     TrainerState,
     check_settings,
@@ -402,8 +402,8 @@ def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec 
 
 
 def _setup_accelerator(config: TrainConfig) -> Accelerator:
-    # The frozen experts are buffers, identical on every process: DDP must not re-broadcast them
-    # from rank 0 before every forward (the whole dense FFN stack, every step).
+    # The buffers (rotary frequencies) are computed alike on every process: DDP need not
+    # re-broadcast them from rank 0 before every forward.
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(config.bf16),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
@@ -463,8 +463,8 @@ def _setup_training(
     torch.nn.Module, list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
 ]:
     """The MoE with only ``parts`` trainable, AdamW with linear warmup and cosine decay to
-    ``min_lr_ratio`` of the peak, prepared by accelerate together (FSDP2 shards the model and
-    hands the optimizer the shards), and the trainable parameters."""
+    ``min_lr_ratio`` of the peak, prepared by accelerate (under FSDP2 the model is sharded first,
+    evenly, by ``sharding.shard_model``), and the trainable parameters."""
     torch.manual_seed(config.seed)
     model = load_moe_model(model_dir)
     model.config.use_cache = False
@@ -477,6 +477,8 @@ def _setup_training(
     accelerator.print(
         f"pdmoe cpt: stage {parse_stage(config.stage).value}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
     )
+    if accelerator.is_fsdp2:
+        model = shard_model(accelerator, model)  # accelerate keeps an FSDP module as it is
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr,
@@ -488,19 +490,7 @@ def _setup_training(
         optimizer, warmup, total_steps, min_lr_rate=config.min_lr_ratio
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    _frozen_experts_from_process_zero(accelerator, model)
     return model, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler
-
-
-def _frozen_experts_from_process_zero(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """FSDP distributes parameters from process 0 but leaves buffers alone, and with RAM-efficient
-    loading the other processes may hold placeholders instead of the weights (depending on the
-    transformers version): the frozen experts, buffers, are taken from process 0 too."""
-    if accelerator.distributed_type is not DistributedType.FSDP:
-        return
-    for name, buffer in accelerator.unwrap_model(model).named_buffers():
-        if is_frozen_expert_buffer(name):
-            torch.distributed.broadcast(buffer, src=0)
 
 
 def forward_backward_step(

@@ -61,18 +61,21 @@ def test_fsdp2_matches_one_process_shards_experts_and_resumes(setup, one_process
     fsdp = train_config(setup, "fsdp2", grad_accum=1, **RUN)
     launcher = [str(Path(__file__).with_name("fsdp_on_cpu.py"))]
     launch_two_processes(
-        "fsdp2.yaml", [*launcher, *command_line(fsdp)], {"PDMOE_TEST_STORAGE_REPORT": str(tmp_path)}
+        "fsdp2.yaml", [*launcher, *command_line(fsdp)], {"PDMOE_TEST_MEMORY_REPORT": str(tmp_path)}
     )
     difference = _assert_same_run(one_process, fsdp.out, rtol=1e-5)
     assert difference < 1e-6  # 1.5e-8 measured
 
-    # Every process holds the frozen original expert's own memory (1 of 4 experts), not the storage
-    # of all 4, and its shard of the 3 new experts: FSDP2 splits dim 0 in chunks of ceil(3/2) = 2.
+    # Every expert tensor, the 3 new experts and the frozen original one alike, is split along its
+    # rows (dim 1), not by expert: each process holds half of every expert.
     reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
-        assert report["trainable_sharded"]
-        assert report["frozen_storage_bytes"] == report["frozen_bytes"] == report["trainable_bytes"] // 3
-        assert report["trainable_storage_bytes"] == report["trainable_bytes"] * 2 // 3
+        shards = report["expert_shards"]
+        assert len(shards) == 2 * 2 * 3  # 2 tensors x (frozen, trainable) x 3 MoE layers
+        for name, (shape, placements) in shards.items():
+            experts = 1 if ".frozen_" in name else 3
+            rows = 2 * 96 if name.endswith("gate_up_proj") else 64
+            assert shape[:2] == [experts, rows // 2] and placements == ["S(1)"], name
 
     # Resuming the sharded checkpoint of step 2 gives the uninterrupted run's bytes.
     state = json.loads((fsdp.out / "checkpoints/step-00000002/trainer_state.json").read_text())
