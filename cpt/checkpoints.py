@@ -18,6 +18,7 @@ from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.hf_loading import load_causal_lm
 from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
+from pdmoe.io.model_config import read_config
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.layout import FROZEN_PREFIX
@@ -32,13 +33,25 @@ def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
     strictly, pickles and remote code refused), or an error saying what the directory is instead."""
     with CheckpointReader(model_dir) as reader:
         config = reader.config
-        if config.get("model_type") != "pdmoe":
-            raise UsageError(
-                f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
-                f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
-            )
+        _refuse_dense(config, model_dir)
         reader.check_config()
     return config
+
+
+def read_moe_config_only(model_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an upcycled MoE, without looking at its tensors (a memory plan needs
+    no weights: the folder may hold config.json alone)."""
+    config = read_config(model_dir)
+    _refuse_dense(config, model_dir)
+    return config
+
+
+def _refuse_dense(config: dict[str, Any], model_dir: str | Path) -> None:
+    if config.get("model_type") != "pdmoe":
+        raise UsageError(
+            f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
+            f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
+        )
 
 
 def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:

@@ -30,20 +30,26 @@ from pdmoe.modeling import MoEForCausalLM
 EXPERT_SHARD_DIM = 1  # the rows of every expert (2F of gate_up_proj, H of down_proj), not the experts
 
 
-def frozen_dtype(policy: MixedPrecisionPolicy) -> torch.dtype | None:
-    """The dtype frozen weights are held in under ``policy``: its compute dtype (None: keep theirs)."""
-    return policy.param_dtype
+def expert_tensors(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters of every experts module (fused, or the frozen / trainable pair)."""
+    return {
+        param for module in model.modules() if isinstance(module, MoEExperts) for param in module.parameters()
+    }
+
+
+def shard_dim(param: nn.Parameter, experts: set[nn.Parameter]) -> int:
+    """The dimension FSDP2 splits ``param`` along: the rows of every expert, else the first."""
+    return EXPERT_SHARD_DIM if param in experts else 0
 
 
 def shard_model(accelerator: Accelerator, model: MoEForCausalLM) -> MoEForCausalLM:
     """Shard ``model`` (its trainable parts already chosen) in place with FSDP2; every process calls this."""
     plugin = accelerator.state.fsdp_plugin
     policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
-    dtype = frozen_dtype(policy)
-    if dtype is not None:
+    if policy.param_dtype is not None:  # frozen weights in the compute dtype
         for param in model.parameters():
             if not param.requires_grad:
-                param.data = param.data.to(dtype)
+                param.data = param.data.to(policy.param_dtype)
     ram_efficient = plugin.cpu_ram_efficient_loading
     if ram_efficient:
         # Process 0 alone holds the weights (the others may hold placeholders): shard on the meta
@@ -54,12 +60,10 @@ def shard_model(accelerator: Accelerator, model: MoEForCausalLM) -> MoEForCausal
         buffers = {name: b.clone() for name, b in model.named_buffers() if name not in persistent}
         model.to(torch.device("meta"))
         model.tie_weights()
-    expert_tensors = {
-        param for module in model.modules() if isinstance(module, MoEExperts) for param in module.parameters()
-    }
+    experts = expert_tensors(model)
 
-    def placement(param: nn.Parameter) -> Shard | None:
-        return Shard(EXPERT_SHARD_DIM) if param in expert_tensors else None  # None: dim 0
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(shard_dim(param, experts))
 
     settings = {
         "mesh": _mesh(accelerator),
