@@ -140,6 +140,12 @@ def test_dry_run_plans_from_config_json_alone(tmp_path, capsys):
     assert "fits in 80.0 GB per GPU; the fewest processes that fit: 4, FSDP2" in report
     assert cpt_main([*args, "--num-processes", "2"]) == 0
     assert "does NOT fit in 80.0 GB per GPU; the fewest processes that fit: 4" in capsys.readouterr().out
+    for bad, message in (
+        (["--num-processes", "0"], "--num-processes must be a whole number from 1 to 4096, got 0"),
+        (["--gpu-memory", "lots"], "cannot read size 'lots'; write it like 5GB, 500MB or 2GiB"),
+    ):
+        assert cpt_main([*args, *bad]) == 2
+        assert capsys.readouterr().err.strip() == f"pdmoe cpt: error: {message}"
     assert not out.exists()
 
 
