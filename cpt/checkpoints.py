@@ -110,24 +110,29 @@ def _restore_narrowed_frozen(
     model: torch.nn.Module, model_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Frozen weights the run held in a dtype narrower than the checkpoint's (bf16 copies of a
-    float32 checkpoint under sharded mixed precision) did not change: copy them from the input."""
-    narrowed = [
-        name
-        for name, param in model.named_parameters()
-        if not param.requires_grad and param.dtype.itemsize < dtype.itemsize
-    ]
-    if not narrowed:
+    float32 checkpoint under sharded mixed precision) did not change: copy them from the input.
+    A tied weight gets one tensor under each of its names, as it had in the model."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad and param.dtype.itemsize < dtype.itemsize:
+            names.setdefault(id(param), []).append(name)
+    if not names:
         return
     with CheckpointReader(model_dir) as reader:
-        for name in narrowed:
-            prefix, _, attribute = name.rpartition(".")
+        for aliases in names.values():
+            prefix, _, attribute = aliases[0].rpartition(".")
             if attribute.startswith(FROZEN_PREFIX):  # the leading experts of a fused tensor
                 key = f"{prefix}.{attribute.removeprefix(FROZEN_PREFIX)}"
-                rows = model.get_submodule(prefix).num_frozen
-                fused = tensors[key]
-                fused[:rows] = reader.read_elements(key, 0, fused[:rows].numel()).view(fused[:rows].shape)
-            elif name in reader:
-                tensors[name] = reader.get(name)
+                rows = tensors[key][: model.get_submodule(prefix).num_frozen]
+                rows.copy_(reader.read_elements(key, 0, rows.numel()).view(rows.shape))
+                continue
+            stored = next((name for name in aliases if name in reader), None)
+            if stored is None:  # not in the input (initialised when loaded): the training copy stays
+                continue
+            original = reader.get(stored)
+            for name in aliases:
+                if name in tensors:
+                    tensors[name] = original
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

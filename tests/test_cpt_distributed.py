@@ -19,6 +19,8 @@ from pdmoe.cpt.freezing import Stage, apply_trainable, trainable_parts
 from pdmoe.cpt.memory_plan import RunShape, meta_model, plan_memory
 from pdmoe.cpt.trainer import _check_strategy
 from pdmoe.errors import UsageError
+from pdmoe.tiny import build_tiny_dense
+from pdmoe.upcycle import upcycle
 from tests.cpt_runs import build_setup, command_line, launch_processes, metrics, tensors, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +73,7 @@ def test_fsdp2_matches_one_process_shards_experts_and_resumes(setup, one_process
     difference = _assert_same_run(one_process, fsdp.out, rtol=1e-5)
     assert difference < 1e-6  # 1.5e-8 measured
 
-    _assert_even_shares(setup, fsdp, tmp_path, processes=2)
+    _assert_even_shares(fsdp, tmp_path, processes=2)
 
     # Resuming the sharded checkpoint of step 2 gives the uninterrupted run's bytes.
     state = json.loads((fsdp.out / "checkpoints/step-00000002/trainer_state.json").read_text())
@@ -101,20 +103,26 @@ def test_fsdp2_on_four_processes_matches_one_process_with_even_shares(setup, tmp
         processes=4,
     )
     assert _assert_same_run(one_process, fsdp.out, rtol=1e-5) < 1e-6
-    _assert_even_shares(setup, fsdp, tmp_path, processes=4)
+    _assert_even_shares(fsdp, tmp_path, processes=4)
 
 
 def test_fsdp2_bf16_holds_frozen_weights_in_bf16_and_saves_them_exactly(setup, tmp_path):
-    fsdp = train_config(setup, "fsdp2-bf16", grad_accum=1, **{**RUN, "max_steps": 2, "bf16": "yes"})
+    # Tied embeddings (as Llama-3.2-1B's): one tensor, in FSDP2's tail group.
+    dense = build_tiny_dense(setup["root"] / "dense-tied", "llama", seed=0, tie_word_embeddings=True)
+    moe = upcycle(dense, setup["root"] / "moe-tied", num_experts=4, top_k=2)
+    fsdp = train_config(
+        setup, "fsdp2-bf16", model=moe, grad_accum=1, **{**RUN, "max_steps": 2, "bf16": "yes"}
+    )
     launcher = [str(Path(__file__).with_name("fsdp_on_cpu.py"))]
     launch_processes(
         "fsdp2.yaml", [*launcher, *command_line(fsdp)], {"PDMOE_TEST_MEMORY_REPORT": str(tmp_path)}
     )
-    reports = _assert_even_shares(setup, fsdp, tmp_path, processes=2)
+    reports = _assert_even_shares(fsdp, tmp_path, processes=2)
     assert all(report["frozen_dtypes"] == ["torch.bfloat16"] for report in reports)
     # The float32 checkpoint's frozen tensors come back bit-exact (read back from the input), the
     # trained ones moved.
-    before, after = tensors(setup["moe"]), tensors(fsdp.out)
+    before, after = tensors(moe), tensors(fsdp.out)
+    assert "lm_head.weight" not in after
     for name, tensor in before.items():
         assert after[name].dtype == torch.float32
         if ".mlp.experts." in name:
@@ -123,13 +131,13 @@ def test_fsdp2_bf16_holds_frozen_weights_in_bf16_and_saves_them_exactly(setup, t
             assert torch.equal(tensor, after[name]), name
 
 
-def _assert_even_shares(setup: dict, config, report_dir: Path, processes: int) -> list[dict]:
+def _assert_even_shares(config, report_dir: Path, processes: int) -> list[dict]:
     """Each process's bytes after its first step within 10 % of (whole model's / N) plus what cannot
     be split (buffers, AdamW's step counters), and of the memory plan; every expert tensor split
     along its rows. Returns the processes' reports."""
     reports = [json.loads((report_dir / f"rank-{rank}.json").read_text()) for rank in range(processes)]
     parts = trainable_parts(Stage.CPT)
-    model = load_moe_model(setup["moe"])
+    model = load_moe_model(config.model)
     apply_trainable(model, parts)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -143,7 +151,7 @@ def _assert_even_shares(setup: dict, config, report_dir: Path, processes: int) -
         "optimizer_state": 2 * trainable_bytes / processes + 4 * len(trainable),
     }
     shape = RunShape(parts, config.micro_batch_size, config.seq_len, False, config.bf16 == "yes")
-    plan = plan_memory(meta_model(read_moe_config(setup["moe"]), parts), processes, shape, sharded=True)
+    plan = plan_memory(meta_model(read_moe_config(config.model), parts), processes, shape, sharded=True)
     for report in reports:
         for name, value in expected.items():
             assert report[name] == pytest.approx(value, rel=0.1), name
