@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from pdmoe.experts import MoEExperts
@@ -83,7 +83,8 @@ def shard_model(accelerator: Accelerator, model: MoEForCausalLM) -> MoEForCausal
     fully_shard(tail, reshard_after_forward=False, **settings)
     fully_shard(model, **settings)
     if ram_efficient:
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        offloaded = isinstance(plugin.cpu_offload, CPUOffloadPolicy)  # the shards then live on the CPU
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offloaded)
         set_model_state_dict(model, full_state, options=options)
         for name, buffer in buffers.items():
             parent, _, attribute = name.rpartition(".")
