@@ -18,8 +18,10 @@ from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.hf_loading import load_causal_lm
 from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
+from pdmoe.io.model_config import read_config
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
+from pdmoe.layout import FROZEN_PREFIX
 from pdmoe.modeling import MoEForCausalLM
 from pdmoe.options import DTYPES
 
@@ -31,13 +33,25 @@ def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
     strictly, pickles and remote code refused), or an error saying what the directory is instead."""
     with CheckpointReader(model_dir) as reader:
         config = reader.config
-        if config.get("model_type") != "pdmoe":
-            raise UsageError(
-                f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
-                f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
-            )
+        _refuse_dense(config, model_dir)
         reader.check_config()
     return config
+
+
+def read_moe_config_only(model_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an upcycled MoE, without looking at its tensors (a memory plan needs
+    no weights: the folder may hold config.json alone)."""
+    config = read_config(model_dir)
+    _refuse_dense(config, model_dir)
+    return config
+
+
+def _refuse_dense(config: dict[str, Any], model_dir: str | Path) -> None:
+    if config.get("model_type") != "pdmoe":
+        raise UsageError(
+            f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
+            f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
+        )
 
 
 def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
@@ -61,8 +75,9 @@ def save_final_model(
     Every process joins the state-dict gather (FSDP); the main process writes a hidden directory
     and moves its files into ``out_dir`` with ``config.json`` last, so a finished-looking
     checkpoint is a finished one. Tensors are cast back to the input's dtype: frozen ones come back
-    bit-identical (the float32 training copy holds them exactly). A failed write (a full disk)
-    raises ``CheckpointError`` on every process and leaves no model files in ``out_dir``.
+    bit-identical (a float32 training copy holds them exactly; frozen weights held in a narrower
+    compute dtype are read back from the input). A failed write (a full disk) raises
+    ``CheckpointError`` on every process and leaves no model files in ``out_dir``.
     """
     state_dict = accelerator.get_state_dict(model)
     staged = Staged(Path(out_dir) / "final")
@@ -71,6 +86,7 @@ def save_final_model(
         unwrapped = accelerator.unwrap_model(model)
         tensors = fuse_split_experts(unwrapped, dict(state_dict))
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        _restore_narrowed_frozen(unwrapped, Path(model_dir), tensors, dtype)
         staged.abort()
         unwrapped.config.dtype = dtype
         try:
@@ -88,6 +104,35 @@ def save_final_model(
             f"cannot write the final model into {out_dir} ({error.strerror or error}); "
             "the training checkpoints are kept: free space and rerun with --resume"
         ) from None
+
+
+def _restore_narrowed_frozen(
+    model: torch.nn.Module, model_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Frozen weights the run held in a dtype narrower than the checkpoint's (bf16 copies of a
+    float32 checkpoint under sharded mixed precision) did not change: copy them from the input.
+    A tied weight gets one tensor under each of its names, as it had in the model."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad and param.dtype.itemsize < dtype.itemsize:
+            names.setdefault(id(param), []).append(name)
+    if not names:
+        return
+    with CheckpointReader(model_dir) as reader:
+        for aliases in names.values():
+            prefix, _, attribute = aliases[0].rpartition(".")
+            if attribute.startswith(FROZEN_PREFIX):  # the leading experts of a fused tensor
+                key = f"{prefix}.{attribute.removeprefix(FROZEN_PREFIX)}"
+                rows = tensors[key][: model.get_submodule(prefix).num_frozen]
+                rows.copy_(reader.read_elements(key, 0, rows.numel()).view(rows.shape))
+                continue
+            stored = next((name for name in aliases if name in reader), None)
+            if stored is None:  # not in the input (initialised when loaded): the training copy stays
+                continue
+            original = reader.get(stored)
+            for name in aliases:
+                if name in tensors:
+                    tensors[name] = original
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

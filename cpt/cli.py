@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,24 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar or log lines"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory each process needs (from config.json alone: no weights read, nothing "
+        "written), whether it fits --gpu-memory and the fewest processes that fit; train nothing",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        help="processes --dry-run plans for, FSDP2 when more than one (default: the launch's, "
+        "1 outside accelerate launch)",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory of one GPU, e.g. 80GB (default: 80GB for --dry-run, the GPU's own in a run); "
+        "a run whose plan does not fit stops before loading any weight",
+    )
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -217,6 +236,12 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_cpt(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    if args.dry_run:
+        from .trainer import dry_run
+
+        if int(os.environ.get("RANK", "0")) == 0:  # one report per launch
+            print(dry_run(train_config_from_args(args), args.num_processes))
+        return 0
     out = train(train_config_from_args(args))
     if PartialState().is_main_process:
         print(f"pdmoe cpt: wrote {out}")

@@ -20,7 +20,7 @@ from enum import Enum
 from torch import nn
 
 from pdmoe.errors import UsageError
-from pdmoe.layout import MLPKeys, MoETensor, is_frozen_expert_buffer, is_trainable_expert_parameter
+from pdmoe.layout import MLPKeys, MoETensor, is_trainable_expert_parameter
 from pdmoe.modeling import MoEForCausalLM
 
 
@@ -100,7 +100,6 @@ def _is_trainable(name: str, blocks: list[MLPKeys], parts: Sequence[Part | str])
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, frozen expert buffers included in the total."""
+    """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen_buffers = sum(b.numel() for name, b in model.named_buffers() if is_frozen_expert_buffer(name))
-    return trainable, sum(p.numel() for p in model.parameters()) + frozen_buffers
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -32,13 +32,14 @@ from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import open_to_append
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
-from pdmoe.layout import is_frozen_expert_buffer
+from pdmoe.options import parse_size
 
 from .checkpoints import (
     checkpoint_dtype,
     load_moe_model,
     load_tokenizer,
     read_moe_config,
+    read_moe_config_only,
     save_final_model,
     truncate_metrics,
 )
@@ -54,6 +55,18 @@ from .data import (
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
 from .losses import DEFAULT_LPR_COEF, language_prior_loss
+from .memory_plan import (
+    DEFAULT_GPU_MEMORY,
+    GB,
+    MAX_PROCESSES,
+    RunShape,
+    check_fits,
+    describe_fewest,
+    fewest_processes,
+    meta_model,
+    plan_memory,
+)
+from .sharding import shard_model
 from .training_checkpoint import (
     TrainerState,
     check_settings,
@@ -80,6 +93,7 @@ _FREE_SETTINGS = (
     "cache_dir",
     "progress",
     "gradient_checkpointing",
+    "gpu_memory",
 )
 
 
@@ -127,6 +141,7 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     progress: bool = True
+    gpu_memory: str | int | None = None  # e.g. "80GB"; None: the GPU's own (no check off GPUs)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -330,6 +345,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     resume_from = _resume_checkpoint(config, out)
     record = read_checkpoint_record(resume_from) if resume_from else None
     accelerator = _setup_accelerator(config)
+    _check_memory(replace(config, seq_len=seq_len), accelerator, model_config, parts)
     if seq_len != (config.seq_len or DEFAULT_SEQ_LEN):
         accelerator.print(f"pdmoe cpt: --seq-len {seq_len}, the model's maximum (give --seq-len to choose)")
     config = replace(config, seq_len=seq_len)
@@ -389,6 +405,62 @@ def setup(config: TrainConfig) -> TrainingRun:
     )
 
 
+def run_shape(config: TrainConfig, parts: tuple[Part, ...], mixed_precision: bool) -> RunShape:
+    """What the memory plan needs of the options (``config.seq_len`` already resolved)."""
+    return RunShape(
+        parts, config.micro_batch_size, config.seq_len, config.gradient_checkpointing, mixed_precision
+    )
+
+
+def _check_memory(
+    config: TrainConfig, accelerator: Accelerator, model_config: dict[str, Any], parts: tuple[Part, ...]
+) -> None:
+    """Refuse, before any weight is loaded, a run whose plan does not fit the GPU (``--gpu-memory``,
+    or the device's own memory; nothing is checked off GPUs unless ``--gpu-memory`` is given)."""
+    if config.gpu_memory is not None:
+        capacity = parse_size(config.gpu_memory, "--gpu-memory")
+    elif accelerator.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
+    else:
+        return
+    model = meta_model(model_config, parts)
+    shape = run_shape(config, parts, accelerator.mixed_precision == "bf16")
+    plan = plan_memory(model, accelerator.num_processes, shape, sharded=accelerator.is_fsdp2)
+    check_fits(model, plan, shape, capacity)
+
+
+def dry_run(config: TrainConfig, num_processes: int | None = None) -> str:
+    """The memory plan of the run ``config`` describes on ``num_processes`` processes (default: the
+    launch's; FSDP2 when more than one), from ``config.json`` alone: nothing is read or written."""
+    _check_numbers(config)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
+    if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= MAX_PROCESSES:
+        raise UsageError(f"--num-processes must be a whole number from 1 to {MAX_PROCESSES}, got {world!r}")
+    capacity = parse_size(config.gpu_memory or DEFAULT_GPU_MEMORY, "--gpu-memory")
+    parts = trainable_parts(config.stage, config.trainable)
+    model_dir = resolve_model(config.model)
+    model_config = read_moe_config_only(model_dir)
+    config = replace(config, seq_len=_sequence_length(config, model_config))
+    mixed_precision = _mixed_precision("yes" if config.bf16 == "auto" else config.bf16) == "bf16"
+    model = meta_model(model_config, parts)
+    shape = run_shape(config, parts, mixed_precision)
+    plan = plan_memory(model, world, shape, sharded=world > 1)
+    how = f"FSDP2 on {world} processes" if world > 1 else "one process"
+    precision = "bf16 mixed precision" if mixed_precision else "float32"
+    checkpointing = "on" if config.gradient_checkpointing else "off"
+    verdict = "fits" if plan.fits(capacity) else "does NOT fit"
+    return "\n".join(
+        [
+            f"pdmoe cpt --dry-run: {model_dir}, {how}, {precision}, micro-batch {config.micro_batch_size} "
+            f"x {config.seq_len} tokens, gradient checkpointing {checkpointing}, training {','.join(parts)}",
+            "per process:",
+            plan.table(),
+            f"{verdict} in {capacity / GB:.1f} GB per GPU; {describe_fewest(fewest_processes(model, shape, capacity), capacity)}",
+            "(not counted: the CUDA context, allocator fragmentation and communication buffers: keep a few GB spare)",
+        ]
+    )
+
+
 def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec | None]:
     """The training and eval corpora, checked against the stage and the output folder."""
     corpus = _corpus(config, config.data, config.langs)
@@ -403,8 +475,8 @@ def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec 
 
 
 def _setup_accelerator(config: TrainConfig) -> Accelerator:
-    # The frozen experts are buffers, identical on every process: DDP must not re-broadcast them
-    # from rank 0 before every forward (the whole dense FFN stack, every step).
+    # The buffers (rotary frequencies) are computed alike on every process: DDP need not
+    # re-broadcast them from rank 0 before every forward.
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(config.bf16),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
@@ -464,8 +536,8 @@ def _setup_training(
     torch.nn.Module, list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
 ]:
     """The MoE with only ``parts`` trainable, AdamW with linear warmup and cosine decay to
-    ``min_lr_ratio`` of the peak, prepared by accelerate together (FSDP2 shards the model and
-    hands the optimizer the shards), and the trainable parameters."""
+    ``min_lr_ratio`` of the peak, prepared by accelerate (under FSDP2 the model is sharded first,
+    evenly, by ``sharding.shard_model``), and the trainable parameters."""
     torch.manual_seed(config.seed)
     model = load_moe_model(model_dir)
     model.config.use_cache = False
@@ -478,6 +550,8 @@ def _setup_training(
     accelerator.print(
         f"pdmoe cpt: stage {parse_stage(config.stage).value}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
     )
+    if accelerator.is_fsdp2:
+        model = shard_model(accelerator, model)  # accelerate keeps an FSDP module as it is
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr,
@@ -489,19 +563,7 @@ def _setup_training(
         optimizer, warmup, total_steps, min_lr_rate=config.min_lr_ratio
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    _frozen_experts_from_process_zero(accelerator, model)
     return model, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler
-
-
-def _frozen_experts_from_process_zero(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """FSDP distributes parameters from process 0 but leaves buffers alone, and with RAM-efficient
-    loading the other processes may hold placeholders instead of the weights (depending on the
-    transformers version): the frozen experts, buffers, are taken from process 0 too."""
-    if accelerator.distributed_type is not DistributedType.FSDP:
-        return
-    for name, buffer in accelerator.unwrap_model(model).named_buffers():
-        if is_frozen_expert_buffer(name):
-            torch.distributed.broadcast(buffer, src=0)
 
 
 def forward_backward_step(

@@ -121,12 +121,16 @@ class MoEConfig(PreTrainedConfig):
         dense = dense_class(**kwargs)
         own = {field.name for field in dataclasses.fields(PreTrainedConfig)}
         # Every dense field, with what the dense config derives (head_dim, layer_types, rope_parameters):
-        # set after the base class, which would drop some of them (use_cache) as generation settings.
+        # set after the base class, which would drop some of them (use_cache) as generation settings,
+        # and before it too: it standardises legacy RoPE fields (rope_scaling, as Llama 3.1's
+        # config.json has them) with the dense sizes (max_position_embeddings).
         dense_fields = {
             field.name: getattr(dense, field.name)
             for field in dataclasses.fields(dense_class)
             if field.name not in own
         }
+        for name, value in dense_fields.items():
+            setattr(self, name, value)
         super().__post_init__(**kwargs)
         for name, value in dense_fields.items():
             setattr(self, name, value)

@@ -2,9 +2,9 @@
 
 Weights are stored as on disk (METHOD.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
 For CPT the original experts can be frozen without copying anything each step: the storage is
-split once into a frozen buffer (experts 0..n-1) and a trainable Parameter (the rest), each owning
-only its own experts' memory (under FSDP the trainable part is sharded and the frozen part holds
-nothing else alive), and the expert function receives the pair.
+split once into a frozen Parameter without gradient (experts 0..n-1) and a trainable Parameter (the
+rest), each owning only its own experts' memory, and the expert function receives the pair. Both
+are parameters so that FSDP shards and gathers the frozen part like any frozen weight.
 
 The state dict shows the fused tensors by default, the on-disk format (``StateDictLayout.FUSED``).
 Sharded training needs keys that are the module's own tensors (torch's distributed state dicts
@@ -42,7 +42,7 @@ class StateDictLayout(Enum):
     """What the state dict of experts with frozen originals holds."""
 
     FUSED = "fused"  # one [E, ...] tensor per weight, as on disk
-    SPLIT = "split"  # the module's own tensors: the trainable Parameter (the frozen buffer is not saved)
+    SPLIT = "split"  # the module's own tensors: the frozen and the trainable Parameter
 
 
 @use_experts_implementation
@@ -70,8 +70,8 @@ class MoEExperts(nn.Module):
     def weights(self, tensor: MoETensor) -> ExpertWeight:
         """A fused weight, or the (frozen, trainable) pair while experts are frozen.
 
-        The pair has one dtype: FSDP's mixed precision hands the forward a low-precision copy of the
-        trainable part but leaves buffers alone, so the frozen part follows it."""
+        The pair has one dtype: the frozen part may be held in another one (the compute dtype under
+        sharded mixed precision, float32 on one process), so it follows the trainable part."""
         if self.num_frozen:
             frozen = getattr(self, frozen_attribute(tensor))
             trainable = getattr(self, trainable_attribute(tensor))
@@ -104,7 +104,8 @@ class MoEExperts(nn.Module):
             delattr(self, tensor.attribute)
             # Copies, not views: a view would keep the whole fused storage alive beside the sharded
             # or offloaded trainable part. The fused tensor is freed when this loop lets go of it.
-            self.register_buffer(frozen_attribute(tensor), fused.data[:num_frozen].clone(), persistent=False)
+            frozen = nn.Parameter(fused.data[:num_frozen].clone(), requires_grad=False)
+            setattr(self, frozen_attribute(tensor), frozen)
             trainable = nn.Parameter(fused.data[num_frozen:].clone(), requires_grad=fused.requires_grad)
             setattr(self, trainable_attribute(tensor), trainable)
             del fused
@@ -118,7 +119,9 @@ class MoEExperts(nn.Module):
             frozen, trainable = self.weights(tensor)
             delattr(self, frozen_attribute(tensor))
             delattr(self, trainable_attribute(tensor))
-            fused = nn.Parameter(torch.cat([frozen, trainable.data]), requires_grad=trainable.requires_grad)
+            fused = nn.Parameter(
+                torch.cat([frozen.data, trainable.data]), requires_grad=trainable.requires_grad
+            )
             setattr(self, tensor.attribute, fused)
         self.num_frozen = 0
 
@@ -130,7 +133,8 @@ class MoEExperts(nn.Module):
 
 def fuse_split_experts(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Replace, in a ``StateDictLayout.SPLIT`` state dict of ``model`` (full tensors, e.g. gathered
-    from every rank), each trainable expert tensor by the fused tensor of the on-disk format."""
+    from every rank), each frozen / trainable expert pair by the fused tensor of the on-disk format
+    (in the trainable part's dtype)."""
     for prefix, module in model.named_modules():
         if isinstance(module, MoEExperts) and module.num_frozen:
             _fuse_into(module, state_dict, f"{prefix}." if prefix else "")
@@ -143,8 +147,10 @@ def _fuse_into(module: MoEExperts, state_dict: dict[str, Any], prefix: str) -> N
         if key not in state_dict:
             continue
         trainable = state_dict.pop(key).detach()
-        frozen = getattr(module, frozen_attribute(tensor))
-        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat([frozen.to(trainable.device), trainable])
+        frozen = state_dict.pop(f"{prefix}{frozen_attribute(tensor)}").detach()
+        state_dict[f"{prefix}{tensor.attribute}"] = torch.cat(
+            [frozen.to(trainable.device, trainable.dtype), trainable]
+        )
 
 
 def _fuse_state_dict(
@@ -161,7 +167,5 @@ def _split_state_dict(module: MoEExperts, state_dict: dict[str, Any], prefix: st
         fused = state_dict.pop(f"{prefix}{tensor.attribute}", None)
         if fused is None:
             continue
-        frozen, _ = module.weights(tensor)
-        with torch.no_grad():
-            frozen.copy_(fused[: module.num_frozen])
+        state_dict[f"{prefix}{frozen_attribute(tensor)}"] = fused[: module.num_frozen]
         state_dict[f"{prefix}{trainable_attribute(tensor)}"] = fused[module.num_frozen :]

@@ -51,7 +51,7 @@ FUSED_FROM: dict[MoETensor, tuple[DenseProjection, ...]] = {
 FUSED_EXPERT_TENSORS = tuple(FUSED_FROM)
 
 # While the original experts are frozen for CPT, the experts module holds each fused tensor as two
-# tensors: a buffer ``frozen_<attribute>`` (experts 0..n-1) and a Parameter ``trainable_<attribute>``
+# Parameters: ``frozen_<attribute>`` (experts 0..n-1, no gradient) and ``trainable_<attribute>``
 # (the rest). The state dict shows the fused tensor unless a trainer asks for these (see experts.py).
 FROZEN_PREFIX = "frozen_"
 TRAINABLE_PREFIX = "trainable_"
@@ -123,8 +123,8 @@ def trainable_attribute(tensor: MoETensor) -> str:
     return TRAINABLE_PREFIX + tensor.attribute
 
 
-def is_frozen_expert_buffer(name: str) -> bool:
-    """A module buffer name (``...experts.frozen_gate_up_proj``) holding frozen original experts."""
+def is_frozen_expert_parameter(name: str) -> bool:
+    """A parameter name (``...experts.frozen_gate_up_proj``) holding the frozen experts of a split."""
     return any(name.endswith(f".{frozen_attribute(tensor)}") for tensor in FUSED_EXPERT_TENSORS)
 
 

@@ -41,8 +41,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise UsageError(f"unsupported output dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it."""
+def parse_size(text: str | int, what: str = "shard size") -> int:
+    """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it
+    (``what`` names the value in errors)."""
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
@@ -54,10 +55,10 @@ def parse_size(text: str | int) -> int:
         except ValueError:
             raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
         if not math.isfinite(value):
-            raise UsageError(f"shard size must be a finite size like 5GB, got {text!r}")
+            raise UsageError(f"{what} must be a finite size like 5GB, got {text!r}")
         size = int(value)
     if size <= 0:
-        raise UsageError(f"shard size must be positive, got {text!r}")
+        raise UsageError(f"{what} must be positive, got {text!r}")
     return size
 
 

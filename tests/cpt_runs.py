@@ -120,13 +120,16 @@ def command_line(config: TrainConfig) -> list[str]:
         "keep_checkpoints",
     ):
         options += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
+    options += ["--bf16", config.bf16]
     if config.resume is not None:
         options += ["--resume", str(config.resume)]
     return options
 
 
-def launch_two_processes(config_file: str, program: list[str], env: dict[str, str] | None = None) -> None:
-    """``accelerate launch`` two CPU processes with one of the repository's accelerate configs."""
+def launch_processes(
+    config_file: str, program: list[str], env: dict[str, str] | None = None, processes: int = 2
+) -> None:
+    """``accelerate launch`` CPU processes with one of the repository's accelerate configs."""
     command = [
         sys.executable,
         "-m",
@@ -134,7 +137,7 @@ def launch_two_processes(config_file: str, program: list[str], env: dict[str, st
         "--config_file",
         str(ACCELERATE_CONFIGS / config_file),
         "--num_processes",
-        "2",
+        str(processes),
         "--num_cpu_threads_per_process",
         "1",
         "--main_process_port",

@@ -5,8 +5,10 @@ the config says. Launched by ``accelerate launch --config_file FSDP_CONFIG tests
 (torchrun underneath), this script creates the gloo process group itself and has accelerate see the
 processes as a multi-device set-up on the CPU device, so accelerate's own FSDP code runs unchanged.
 
-With ``PDMOE_TEST_STORAGE_REPORT=DIR`` each process also writes ``DIR/rank-N.json`` before its first
-step: the bytes of expert storage it holds (frozen buffers and its trainable shards).
+With ``PDMOE_TEST_MEMORY_REPORT=DIR`` each process also writes ``DIR/rank-N.json`` right after its
+first optimizer step (gradients not yet freed, optimizer state created): the bytes it holds of
+parameters (frozen, trainable), buffers, gradients and optimizer state, its own part of every
+sharded tensor, and the local shape of every expert tensor.
 """
 
 from __future__ import annotations
@@ -24,44 +26,69 @@ from torch.distributed.tensor import DTensor
 
 import pdmoe.cpt.trainer as trainer
 from pdmoe.cpt.__main__ import main
-from pdmoe.layout import is_frozen_expert_buffer, is_trainable_expert_parameter
+from pdmoe.layout import is_frozen_expert_parameter, is_trainable_expert_parameter
 
 
 def _multi_device_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
     return "gloo", DistributedType.MULTI_GPU
 
 
-def _storage_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.untyped_storage().nbytes()
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _report_storage(directory: Path) -> None:
-    step = trainer.train_step
+def _bytes(tensors) -> int:
+    """Bytes of this process's part of ``tensors``, each storage counted once."""
+    storages = {}
+    for tensor in tensors:
+        local = _local(tensor)
+        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
 
-    def report_then_step(run):
-        path = directory / f"rank-{dist.get_rank()}.json"
-        if not path.exists():
-            model = run.accelerator.unwrap_model(run.model)
-            frozen = [b for n, b in model.named_buffers() if is_frozen_expert_buffer(n)]
-            trainable = [p for n, p in model.named_parameters() if is_trainable_expert_parameter(n)]
-            report = {
-                "frozen_storage_bytes": sum(_storage_bytes(b) for b in frozen),
-                "frozen_bytes": sum(b.numel() * b.element_size() for b in frozen),
-                "trainable_storage_bytes": sum(_storage_bytes(p) for p in trainable),
-                "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
-                "trainable_sharded": all(isinstance(p, DTensor) for p in trainable),
-            }
-            path.write_text(json.dumps(report))
-        return step(run)
 
-    trainer.train_step = report_then_step
+def _memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    params = dict(model.named_parameters())
+    trainable = [p for p in params.values() if p.requires_grad]
+    return {
+        "frozen_weights": _bytes(p for p in params.values() if not p.requires_grad),
+        "trainable_weights": _bytes(trainable),
+        "buffers": _bytes(model.buffers()),
+        "gradients": _bytes(p.grad for p in trainable if p.grad is not None),
+        "optimizer_state": _bytes(v for p in trainable for v in optimizer.state.get(p, {}).values()),
+        "frozen_dtypes": sorted({str(p.dtype) for p in params.values() if not p.requires_grad}),
+        "expert_shards": {
+            name: [list(_local(p).shape), [str(placement) for placement in p.placements]]
+            for name, p in params.items()
+            if is_frozen_expert_parameter(name) or is_trainable_expert_parameter(name)
+        },
+    }
+
+
+def _report_memory(directory: Path) -> None:
+    """Write the report after the first optimizer step of the run."""
+    setup = trainer.setup
+
+    def setup_then_watch(config):
+        run = setup(config)
+        optimizer = run.optimizer.optimizer  # torch's, inside accelerate's wrapper
+
+        def report(*_):
+            path = directory / f"rank-{dist.get_rank()}.json"
+            if not path.exists():
+                path.write_text(
+                    json.dumps(_memory_report(run.accelerator.unwrap_model(run.model), optimizer))
+                )
+
+        optimizer.register_step_post_hook(report)
+        return run
+
+    trainer.setup = setup_then_watch
 
 
 if __name__ == "__main__":
     os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     dist.init_process_group("gloo")
     PartialState._prepare_backend = _multi_device_on_cpu
-    if "PDMOE_TEST_STORAGE_REPORT" in os.environ:
-        _report_storage(Path(os.environ["PDMOE_TEST_STORAGE_REPORT"]))
+    if "PDMOE_TEST_MEMORY_REPORT" in os.environ:
+        _report_memory(Path(os.environ["PDMOE_TEST_MEMORY_REPORT"]))
     sys.exit(main(sys.argv[1:]))

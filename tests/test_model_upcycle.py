@@ -61,6 +61,30 @@ def test_upcycled_logits_equal_dense(dense_dirs, moe_dirs, family, layers):
     assert diff.item() <= 1e-5
 
 
+def test_legacy_rope_fields_as_llama_3_1_ships_them(tmp_path):
+    """A dense config.json with ``rope_scaling`` + ``rope_theta`` (the hub's Llama 3.1 form, not
+    transformers 5's ``rope_parameters``): its MoE loads and computes what the dense model does
+    beyond the original context, where the scaling acts."""
+    dense_dir = build_tiny_dense(tmp_path / "dense", "llama")
+    config = json.loads((dense_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_theta"] = 500000.0
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    (dense_dir / "config.json").write_text(json.dumps(config))
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+    moe = AutoModelForCausalLM.from_pretrained(upcycle(dense_dir, tmp_path / "moe")).eval()
+    assert moe.config.rope_parameters == dense.config.rope_parameters
+    tokens = _tokens(length=40)
+    with torch.no_grad():
+        assert (dense(tokens).logits - moe(tokens).logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_dense(dense_dirs, moe_dirs, family):
     dense = AutoModelForCausalLM.from_pretrained(dense_dirs[family]).eval()
