@@ -12,31 +12,24 @@ it needs bf16, 16-byte aligned strides, one weight tensor (not a frozen/trainabl
 skip the frozen experts' rows without a host sync) and long enough K or M per expert to amortise
 its per-group set-up. Where any of that fails, or on another GPU, pdmoe's kernel runs.
 
-``GROUPED_MM_RULES`` is the one place to retune: per GEMM, the smallest average number of rows per
-expert (T·k/E) from which ``_grouped_mm`` is used, ``None`` for never. The starting points below are
-not measured: 256 rows is where a 128x128 tile's K-loop (weight gradients) or a 128-row M tile
+``GROUPED_MM_RULES`` is the one place to retune: per plain GEMM (the fused ones are not in it), the
+smallest average number of rows per expert (T·k/E) from which ``_grouped_mm`` is used, ``None`` for
+never. The starting points below are not measured: 256 rows is where a 128x128 tile's K-loop (weight gradients) or a 128-row M tile
 (d(hidden)) is long enough that pipeline fill and per-group set-up stop dominating.
 """
 
 from __future__ import annotations
-
-import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from .tiles import _offset
+from .tuning import Gemm
 
-
-class RaggedGemm(enum.Enum):
-    WEIGHT_GRAD = "weight_grad"
-    INPUT_GRAD = "input_grad"
-
-
-GROUPED_MM_RULES: dict[RaggedGemm, int | None] = {
-    RaggedGemm.WEIGHT_GRAD: 256,
-    RaggedGemm.INPUT_GRAD: 256,
+GROUPED_MM_RULES: dict[Gemm, int | None] = {
+    Gemm.WEIGHT_GRAD: 256,
+    Gemm.INPUT_GRAD: 256,
 }
 
 
@@ -45,7 +38,7 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
-def use_grouped_mm(gemm: RaggedGemm, operands: tuple[torch.Tensor, ...], rows: int, n_experts: int) -> bool:
+def use_grouped_mm(gemm: Gemm, operands: tuple[torch.Tensor, ...], rows: int, n_experts: int) -> bool:
     """Whether ``gemm`` on ``operands`` (bf16 CUDA tensors, whole weights) goes to ``torch._grouped_mm``."""
     min_rows = GROUPED_MM_RULES[gemm]
     first = operands[0]

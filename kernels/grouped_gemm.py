@@ -691,7 +691,7 @@ def _weight_grad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Host-side launchers. ``cfg`` is a tuning.get_config() entry.
+# Host-side launchers. ``cfg`` is the GEMM's tuning.get_config().
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -746,18 +746,18 @@ def gate_up_fwd(
     perm: Permutation,
     top_k: int,
     save_preact: bool,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, F] in expert-sorted row order and, if ``save_preact``, [gate | up] [N, 2F] (else empty)."""
     n_rows, (two_f, H) = perm.sorted_slots.numel(), w_first.shape[1:]
     F = two_f // 2
     h = x.new_empty(n_rows, F)
     preact = x.new_empty(n_rows, two_f) if save_preact else x.new_empty(0, two_f)
-    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"])
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_N)
     if not tiles:
         return h, preact
     use_tma = tuning.current_device(x.device).tma
-    w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_N"], cfg["BLOCK_K"]], use_tma)
+    w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg.BLOCK_N, cfg.BLOCK_K], use_tma)
     _gate_up_fwd_kernel[persistent_grid(tiles, tuning.programs(cfg, x.device))](
         x,
         w1,
@@ -785,7 +785,7 @@ def gate_up_fwd(
         W_TMA=w_tma,
         PRECISION=_precision(x.dtype),
         BLOCK_E=_block_e(n_experts),
-        **tuning.launch_options(cfg, epilogue=True),
+        **cfg.launch_options(epilogue=True),
     )
     return h, preact
 
@@ -799,7 +799,7 @@ def grouped_gemm(
     transpose_w: bool,
     scale: torch.Tensor | None,
     perm: Permutation,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
     n_split: int = 1,
 ) -> torch.Tensor:
     """out[r] = scale[slot_r] · a[r] @ W_e^T (W_e without the transpose when ``transpose_w``), in sorted
@@ -811,26 +811,24 @@ def grouped_gemm(
             w_first.shape[2],
             w_first.stride(2),
             w_first.stride(1),
-            [cfg["BLOCK_K"], cfg["BLOCK_N"]],
+            [cfg.BLOCK_K, cfg.BLOCK_N],
         )
     else:
         N, stride_n, stride_k, w_block = (
             w_first.shape[1],
             w_first.stride(1),
             w_first.stride(2),
-            [cfg["BLOCK_N"], cfg["BLOCK_K"]],
+            [cfg.BLOCK_N, cfg.BLOCK_K],
         )
     if n_split > 1:
         out = torch.empty(n_split, n_rows, N, dtype=torch.float32, device=a.device)
     else:
         out = a.new_empty(1, n_rows, N)
-    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    tiles = (
-        row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) * n_split
-    )
+    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N) * n_split
     if tiles:
         use_tma = tuning.current_device(a.device).tma
-        a_op, a_tma = _row_operand(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
+        a_op, a_tma = _row_operand(a, [cfg.BLOCK_M, cfg.BLOCK_K], use_tma)
         w1, w2, w_tma = _weight_operand(w_first, w_second, w_block, use_tma)
         _grouped_gemm_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
             a_op,
@@ -863,7 +861,7 @@ def grouped_gemm(
             K_MAJOR=not transpose_w,
             PRECISION=_precision(a.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg),
+            **cfg.launch_options(),
         )
     return out if n_split > 1 else out[0]
 
@@ -881,7 +879,7 @@ def act_bwd(
     need_dpreact: bool,
     need_dscale: bool,
     need_y1s: bool,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d[gate | up] [N, 2F], d(scale) per sorted row [N] fp32, y1s = s·h [N, F]), each None unless asked.
 
@@ -889,15 +887,15 @@ def act_bwd(
     d[gate | up] or d(scale) is asked for (y1s alone needs just the saved pre-activations)."""
     n_rows, two_f = preact.shape
     H, F = w_first.shape[1], w_first.shape[2]
-    num_n = triton.cdiv(F, cfg["BLOCK_N"])
+    num_n = triton.cdiv(F, cfg.BLOCK_N)
     dpreact = torch.empty_like(preact) if need_dpreact else preact.new_empty(0, two_f)
     y1s = preact.new_empty(n_rows, F) if need_y1s else preact.new_empty(0, F)
     part = torch.empty(n_rows, num_n if need_dscale else 0, dtype=torch.float32, device=preact.device)
-    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * num_n
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * num_n
     if tiles:
         use_tma = tuning.current_device(preact.device).tma
-        a_op, a_tma = _row_operand(dy_sorted, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
-        w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        a_op, a_tma = _row_operand(dy_sorted, [cfg.BLOCK_M, cfg.BLOCK_K], use_tma)
+        w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg.BLOCK_K, cfg.BLOCK_N], use_tma)
         _act_bwd_kernel[persistent_grid(tiles, tuning.programs(cfg, preact.device))](
             a_op,
             dy_sorted,
@@ -933,7 +931,7 @@ def act_bwd(
             W_TMA=w_tma,
             PRECISION=_precision(preact.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg, epilogue=True),
+            **cfg.launch_options(epilogue=True),
         )
     return (
         dpreact if need_dpreact else None,
@@ -950,7 +948,7 @@ def weight_grad(
     perm: Permutation,
     *,
     out_dtype: torch.dtype,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
     n_split: int = 1,
 ) -> torch.Tensor:
     """dW[e - expert_base] = Σ_{sorted rows r of e} a[r]^T b[r] for experts [expert_base, + n_local):
@@ -959,11 +957,11 @@ def weight_grad(
     n_experts = perm.offsets.numel() - 1
     shape = (n_split, n_local, M, N)
     out = torch.empty(shape, dtype=torch.float32 if n_split > 1 else out_dtype, device=a.device)
-    tiles = n_local * n_split * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = n_local * n_split * triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     if tiles:
         use_tma = tuning.current_device(a.device).tma and a.shape[0] > 0
-        a_op, a_tma = _row_operand(a, [cfg["BLOCK_K"], cfg["BLOCK_M"]], use_tma)
-        b_op, b_tma = _row_operand(b, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        a_op, a_tma = _row_operand(a, [cfg.BLOCK_K, cfg.BLOCK_M], use_tma)
+        b_op, b_tma = _row_operand(b, [cfg.BLOCK_K, cfg.BLOCK_N], use_tma)
         if a_tma != b_tma:
             a_op, b_op, a_tma = a, b, False
         _weight_grad_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
@@ -991,6 +989,6 @@ def weight_grad(
             TMA=a_tma,
             PRECISION=_precision(a.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg),
+            **cfg.launch_options(),
         )
     return out.sum(dim=0).to(out_dtype) if n_split > 1 else out[0]

@@ -41,11 +41,11 @@ import torch
 import triton
 
 from . import grouped_gemm as gg
-from .dispatch import RaggedGemm, input_grad_grouped_mm, use_grouped_mm, weight_grad_grouped_mm
+from .dispatch import input_grad_grouped_mm, use_grouped_mm, weight_grad_grouped_mm
 from .permutation import Permutation, permute
 from .reference import ExpertWeights, split_experts
 from .rows import combine_rows, gather_rows
-from .tuning import bucket, get_config, split_k
+from .tuning import Gemm, TileConfig, bucket, get_config, split_k
 
 Tensor = torch.Tensor
 
@@ -57,8 +57,8 @@ def _experts(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor, int,
     return first, second, first.shape[0], first.shape[0] + second.shape[0]
 
 
-def _cfg(kernel: str, n_tokens: int, like: Tensor) -> dict:
-    return get_config(kernel, n_tokens, like.device, like.dtype)
+def _cfg(gemm: Gemm, n_tokens: int, like: Tensor) -> TileConfig:
+    return get_config(gemm, n_tokens, like.device, like.dtype)
 
 
 def forward(
@@ -78,13 +78,13 @@ def forward(
     d1, d2, _, _ = _experts(down_first, down_second)
     perm = permute(topk_ids, E)
     h, preact = gg.gate_up_fwd(
-        hidden, gu1, gu2, n_first, E, perm, k, save_preact, _cfg("gate_up_fwd", T, hidden)
+        hidden, gu1, gu2, n_first, E, perm, k, save_preact, _cfg(Gemm.GATE_UP_FWD, T, hidden)
     )
-    cfg = _cfg("down_fwd", T, hidden)
+    cfg = _cfg(Gemm.DOWN_FWD, T, hidden)
     n_split = 1
     if bucket(T) == "decode":
-        tiles = min(E, T * k) * triton.cdiv(H, cfg["BLOCK_N"])
-        n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg["BLOCK_K"]), 2, cfg, hidden.device)
+        tiles = min(E, T * k) * triton.cdiv(H, cfg.BLOCK_N)
+        n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg.BLOCK_K), 2, cfg, hidden.device)
     rows = gg.grouped_gemm(h, d1, d2, n_first, E, False, topk_weights.reshape(-1), perm, cfg, n_split)
     y = combine_rows(rows, perm.slot_rows, T, k, hidden.dtype)
     return y, preact, *perm
@@ -131,13 +131,13 @@ def backward(
         need_dpreact=need_x or need_gu,
         need_dscale=need_w,
         need_y1s=need_down,
-        cfg=_cfg("act_bwd", T, hidden),
+        cfg=_cfg(Gemm.ACT_BWD, T, hidden),
     )
     if need_x:
-        if gate_up_second is None and use_grouped_mm(RaggedGemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
+        if gate_up_second is None and use_grouped_mm(Gemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
             dx_rows = input_grad_grouped_mm(dpreact, gu1, offsets)
         else:
-            cfg = _cfg("input_grad", T, hidden)
+            cfg = _cfg(Gemm.INPUT_GRAD, T, hidden)
             dx_rows = gg.grouped_gemm(dpreact, gu1, gu2, n_first, E, True, None, perm, cfg)
         grads[0] = combine_rows(dx_rows, slot_rows, T, k, hidden.dtype)
     if need_w:
@@ -165,16 +165,16 @@ def _weight_grads(
     n_rows, E = a.shape[0], perm.offsets.numel() - 1
     whole = parts[0] is parts[1]
     out = [a.new_empty(0), a.new_empty(0)]
-    if whole and use_grouped_mm(RaggedGemm.WEIGHT_GRAD, (a, b), n_rows, E):
+    if whole and use_grouped_mm(Gemm.WEIGHT_GRAD, (a, b), n_rows, E):
         out[0] = weight_grad_grouped_mm(a, b, perm.offsets).to(parts[0].dtype)
         return out[0], out[1]
-    cfg = _cfg("weight_grad", n_tokens, a)
+    cfg = _cfg(Gemm.WEIGHT_GRAD, n_tokens, a)
     for i, (base, n_local) in enumerate(((0, n_first), (n_first, E - n_first))):
         if not needs[i] or n_local == 0:
             continue
-        tiles = n_local * triton.cdiv(a.shape[1], cfg["BLOCK_M"]) * triton.cdiv(b.shape[1], cfg["BLOCK_N"])
+        tiles = n_local * triton.cdiv(a.shape[1], cfg.BLOCK_M) * triton.cdiv(b.shape[1], cfg.BLOCK_N)
         rows_per_expert = triton.cdiv(n_rows, E)
-        n_split = split_k(tiles, triton.cdiv(rows_per_expert, cfg["BLOCK_K"]), 4, cfg, a.device)
+        n_split = split_k(tiles, triton.cdiv(rows_per_expert, cfg.BLOCK_K), 4, cfg, a.device)
         out[i] = gg.weight_grad(a, b, base, n_local, perm, out_dtype=parts[i].dtype, cfg=cfg, n_split=n_split)
     return out[0], out[1]
 

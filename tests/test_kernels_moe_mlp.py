@@ -238,8 +238,8 @@ def test_shipped_hopper_tiles(monkeypatch, T, bucket_tokens):
     128-row tiles spanning several experts' rows), run in the interpreter."""
     from pdmoe.kernels.tuning import config_for
 
-    def hopper(kernel, n_tokens, device, dtype):
-        return config_for("NVIDIA H100 80GB HBM3", kernel, bucket_tokens or n_tokens, dtype)
+    def hopper(gemm, n_tokens, device, dtype):
+        return config_for("NVIDIA H100 80GB HBM3", gemm, bucket_tokens or n_tokens, dtype)
 
     monkeypatch.setattr(mm, "get_config", hopper)
     check(*random_moe_inputs(T, 40, 24, 4, 2, seed=16 + T))
@@ -292,16 +292,15 @@ def test_torch_grouped_mm_dispatch(monkeypatch):
 
     monkeypatch.setattr(mm, "use_grouped_mm", always)
     check(*random_moe_inputs(29, 24, 20, 4, 2, seed=21))
-    assert set(picked) == set(dispatch.RaggedGemm)
+    assert set(picked) == set(dispatch.GROUPED_MM_RULES)  # every rule is consulted
 
 
 def test_grouped_mm_rule_needs_cuda_bf16_and_enough_rows():
     a = torch.randn(4096, 64, dtype=torch.bfloat16)
-    assert not dispatch.use_grouped_mm(dispatch.RaggedGemm.WEIGHT_GRAD, (a, a), 4096, 8)  # on the CPU
-    assert set(dispatch.GROUPED_MM_RULES) == set(dispatch.RaggedGemm)
+    assert not dispatch.use_grouped_mm(tuning.Gemm.WEIGHT_GRAD, (a, a), 4096, 8)  # on the CPU
 
 
 def test_interpreter_grid_loops_over_tiles():
     """The interpreter's persistent grid has fewer programs than tiles, so the tile loop is exercised."""
-    cfg = tuning.get_config("gate_up_fwd", 40, torch.device("cpu"), torch.float32)
+    cfg = tuning.get_config(tuning.Gemm.GATE_UP_FWD, 40, torch.device("cpu"), torch.float32)
     assert tuning.programs(cfg, torch.device("cpu")) == 2
