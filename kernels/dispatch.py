@@ -58,7 +58,7 @@ def _zero_empty_experts_kernel(out_ptr, offsets_ptr, per_expert, BLOCK: tl.const
     if tl.load(offsets_ptr + expert + 1) == tl.load(offsets_ptr + expert):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         zeros = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + _offset(expert, per_expert) + offs, zeros, mask=offs < per_expert)
+        tl.store(out_ptr + _offset(index=expert, stride=per_expert) + offs, zeros, mask=offs < per_expert)
 
 
 def weight_grad_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def weight_grad_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     if n_experts and per_expert:
         block = 4096
         _zero_empty_experts_kernel[(triton.cdiv(per_expert, block), n_experts)](
-            out, offsets, per_expert, BLOCK=block
+            out_ptr=out, offsets_ptr=offsets, per_expert=per_expert, BLOCK=block
         )
     return out
 

@@ -31,7 +31,7 @@ def _tile_ptrs(ptr, row0, stride_r, cols, BLOCK_R: tl.constexpr):
     """Pointers to rows row0..row0+BLOCK_R, columns ``cols`` of a row-major matrix: the tile's offset
     in int64, offsets inside the tile in int32 (fewer registers than an int64 offset per element)."""
     local = tl.arange(0, BLOCK_R)[:, None] * stride_r + cols[None, :]
-    return ptr + _offset(row0, stride_r) + local
+    return ptr + _offset(index=row0, stride=stride_r) + local
 
 
 @triton.jit
@@ -81,9 +81,9 @@ def _pick_expert(desc1, desc2, ptr1, ptr2, n_first, expert, stride_e, TMA: tl.co
             local = expert - n_first
         return desc, local
     else:
-        ptr = ptr2 + _offset(expert - n_first, stride_e)
+        ptr = ptr2 + _offset(index=expert - n_first, stride=stride_e)
         if expert < n_first:
-            ptr = ptr1 + _offset(expert, stride_e)
+            ptr = ptr1 + _offset(index=expert, stride=stride_e)
         return ptr, 0
 
 
@@ -137,7 +137,7 @@ def _load_weight(
     else:
         ns = n0 + tl.arange(0, BLOCK_N)
         ks = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w + _offset(ns, stride_n)[None, :] + _offset(ks, stride_k)[:, None]
+        ptrs = w + _offset(index=ns, stride=stride_n)[None, :] + _offset(index=ks, stride=stride_k)[:, None]
         return tl.load(ptrs, mask=(ns < n_end)[None, :] & (ks < k_end)[:, None], other=0.0)
 
 
@@ -175,15 +175,47 @@ def _mma_k_loop(
     A rows come from a descriptor at a_row0 or from the element offsets ``a_row_off`` (masked by row_ok)."""
     for k0 in range(k_start, k_end, BLOCK_K):
         a = _load_rows(
-            a_desc, a_ptr, a_row0, a_row_off, row_ok, k0, k_end, stride_ak, A_TMA, BLOCK_M, BLOCK_K
+            desc=a_desc,
+            ptr=a_ptr,
+            row0=a_row0,
+            row_off=a_row_off,
+            row_ok=row_ok,
+            c0=k0,
+            c_end=k_end,
+            stride_c=stride_ak,
+            TMA=A_TMA,
+            BLOCK_R=BLOCK_M,
+            BLOCK_C=BLOCK_K,
         )
         b = _load_weight(
-            w, local, n0, k0, n_end, k_end, stride_wn, stride_wk, W_TMA, K_MAJOR, BLOCK_N, BLOCK_K
+            w=w,
+            local=local,
+            n0=n0,
+            k0=k0,
+            n_end=n_end,
+            k_end=k_end,
+            stride_n=stride_wn,
+            stride_k=stride_wk,
+            TMA=W_TMA,
+            K_MAJOR=K_MAJOR,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if DUAL:
             b2 = _load_weight(
-                w, local, n0_2, k0, n_end, k_end, stride_wn, stride_wk, W_TMA, K_MAJOR, BLOCK_N, BLOCK_K
+                w=w,
+                local=local,
+                n0=n0_2,
+                k0=k0,
+                n_end=n_end,
+                k_end=k_end,
+                stride_n=stride_wn,
+                stride_k=stride_wk,
+                TMA=W_TMA,
+                K_MAJOR=K_MAJOR,
+                BLOCK_N=BLOCK_N,
+                BLOCK_K=BLOCK_K,
             )
             acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
     return acc, acc2
@@ -235,8 +267,15 @@ def _row_tile_product(
     end), its first column n0, and acc = A[rows] · W_e[k_lo:k_hi, n0:n0+BLOCK_N] (zero unless ``MMA``);
     with ``DUAL`` also acc2 from columns n_second + n0.. of the same weight (the up half). With
     ``GATHER_A`` A's rows are the rows' tokens (sorted slot // top_k) instead of the rows themselves."""
-    pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-    expert, start, end = _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M, BLOCK_E)
+    pid_m, pid_n = _swizzle(tile=tile, num_m=num_m, num_n=num_n, GROUP_M=GROUP_M)
+    expert, start, end = _row_tile(
+        pid_m=pid_m,
+        offsets_ptr=offsets_ptr,
+        order_ptr=order_ptr,
+        n_experts=n_experts,
+        BLOCK_M=BLOCK_M,
+        BLOCK_E=BLOCK_E,
+    )
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     n0 = pid_n * BLOCK_N
@@ -248,33 +287,42 @@ def _row_tile_product(
         a_rows = rows
         if GATHER_A:
             a_rows = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0) // top_k
-        w, local = _pick_expert(w_desc1, w_desc2, w_ptr1, w_ptr2, n_first, expert, stride_we, W_TMA)
+        w, local = _pick_expert(
+            desc1=w_desc1,
+            desc2=w_desc2,
+            ptr1=w_ptr1,
+            ptr2=w_ptr2,
+            n_first=n_first,
+            expert=expert,
+            stride_e=stride_we,
+            TMA=W_TMA,
+        )
         acc, acc2 = _mma_k_loop(
-            acc,
-            acc2,
-            a_desc,
-            a_ptr,
-            start,
-            _offset(a_rows, stride_ar),
-            row_ok,
-            stride_ak,
-            w,
-            local,
-            n0,
-            n_second + n0,
-            n_end,
-            stride_wn,
-            stride_wk,
-            k_lo,
-            k_hi,
-            A_TMA,
-            W_TMA,
-            K_MAJOR,
-            DUAL,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            acc=acc,
+            acc2=acc2,
+            a_desc=a_desc,
+            a_ptr=a_ptr,
+            a_row0=start,
+            a_row_off=_offset(index=a_rows, stride=stride_ar),
+            row_ok=row_ok,
+            stride_ak=stride_ak,
+            w=w,
+            local=local,
+            n0=n0,
+            n0_2=n_second + n0,
+            n_end=n_end,
+            stride_wn=stride_wn,
+            stride_wk=stride_wk,
+            k_start=k_lo,
+            k_end=k_hi,
+            A_TMA=A_TMA,
+            W_TMA=W_TMA,
+            K_MAJOR=K_MAJOR,
+            DUAL=DUAL,
+            PRECISION=PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
     return acc, acc2, start, row_ok, n0
 

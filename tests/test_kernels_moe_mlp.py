@@ -156,7 +156,7 @@ def test_inference_saves_nothing(monkeypatch):
 def _offset_probe(rows_ptr, out_ptr, stride, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     rows = tl.load(rows_ptr + i, mask=i < n, other=0)
-    tl.store(out_ptr + i, _offset(rows, stride), mask=i < n)
+    tl.store(out_ptr + i, _offset(index=rows, stride=stride), mask=i < n)
 
 
 def test_offsets_are_64_bit():
@@ -167,7 +167,7 @@ def test_offsets_are_64_bit():
     rows = torch.tensor([0, 1, 2**20 + 3, 2**31 - 1, 3 * 2**20], dtype=torch.int32)
     stride = 14336  # T·k rows of down-projection width: row 2^20 already starts past 2^33
     out = torch.empty(5, dtype=torch.int64)
-    _offset_probe[(1,)](rows, out, stride, 5, BLOCK=8)
+    _offset_probe[(1,)](rows_ptr=rows, out_ptr=out, stride=stride, n=5, BLOCK=8)
     assert out.tolist() == [r * stride for r in rows.tolist()]
     assert max(out.tolist()) > 2**31
 
