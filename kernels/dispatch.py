@@ -14,8 +14,9 @@ its per-group set-up. Where any of that fails, or on another GPU, pdmoe's kernel
 
 ``GROUPED_MM_RULES`` is the one place to retune: per plain GEMM (the fused ones are not in it), the
 smallest average number of rows per expert (T·k/E) from which ``_grouped_mm`` is used, ``None`` for
-never. The starting points below are not measured: 256 rows is where a 128x128 tile's K-loop (weight gradients) or a 128-row M tile
-(d(hidden)) is long enough that pipeline fill and per-group set-up stop dominating.
+never. The starting points below are not measured: 256 rows is where a 128x128 tile's K-loop (weight
+gradients) or a 128-row M tile (d(hidden)) is long enough that pipeline fill and per-group set-up stop
+dominating.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def use_grouped_mm(gemm: Gemm, operands: tuple[torch.Tensor, ...], rows: int, n_
 
 
 @triton.jit
-def _zero_empty_experts_kernel(out_ptr, offsets_ptr, per_expert, BLOCK: tl.constexpr):
+def _zero_empty_experts_kernel(
+    out_ptr,  # [E, M, N] dW, contiguous: zeroed where an expert has no rows
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    per_expert,
+    BLOCK: tl.constexpr,
+):
     expert = tl.program_id(1)
     if tl.load(offsets_ptr + expert + 1) == tl.load(offsets_ptr + expert):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -5,7 +5,8 @@ over its tiles (tiles.py: the schedule, operand loads and K-loop they share), ta
 weights as two tensors (``first`` holds experts [0, n_first), ``second`` the rest: the frozen/trainable
 split, or the same tensor twice with n_first = E), reads weights and contiguous row operands through
 TMA descriptors where the device and the strides allow (pointers otherwise), and computes element
-offsets in int64, so T·k·H beyond 2^31 is fine.
+offsets in int64, so T·k·H beyond 2^31 is fine. Shape comments on the kernels' pointer parameters
+use N_rows = T·k sorted rows and gate_up_proj [E, 2F, H], down_proj [E, H, F] (tiles.py says more).
 
 Forward
   * ``gate_up_fwd``: h[r] = silu(x[t_r] Wg_e^T) ⊙ (x[t_r] Wu_e^T) — token rows gathered in the operand
@@ -58,8 +59,8 @@ def _gate_up_store(
     row_ok,
     c0,
     F,
-    h_ptr,
-    preact_ptr,
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT)
     stride_hr,
     stride_pr,
     SAVE_PREACT: tl.constexpr,
@@ -88,8 +89,8 @@ def _gate_up_epilogue(
     row_ok,
     c0,
     F,
-    h_ptr,
-    preact_ptr,
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT)
     stride_hr,
     stride_pr,
     SAVE_PREACT: tl.constexpr,
@@ -153,16 +154,16 @@ def _gate_up_epilogue(
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    x_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    h_ptr,
-    preact_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    x_ptr,  # [T, H] hidden states (token rows, gathered by the GEMM)
+    w_desc1,  # TMA descriptor of w_ptr1, box [1, BLOCK_N, BLOCK_K] (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, 2F, H] gate_up_proj, first part
+    w_ptr2,  # [E - n_first, 2F, H] gate_up_proj, second part
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT; else [0, 2F])
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     top_k,
@@ -246,17 +247,17 @@ def _gate_up_fwd_kernel(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_desc,
-    a_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    scale_ptr,
-    out_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_M, BLOCK_K] (A_TMA)
+    a_ptr,  # [N_rows, K] sorted rows
+    w_desc1,  # TMA descriptor of w_ptr1 (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, N, K] (K_MAJOR) or [n_first, K, N] weight, first part
+    w_ptr2,  # [E - n_first, ...] weight, second part (the strides of w_ptr1)
+    scale_ptr,  # [T·k] routing weight of every slot (HAS_SCALE)
+    out_ptr,  # [n_split, N_rows, N] out (fp32 K-chunk partials if n_split > 1)
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     N,
@@ -347,9 +348,9 @@ def _act_bwd_store(
     s,
     c0,
     F,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h, dW_down's operand (WRITE_Y1S)
     stride_pr,
     stride_dr,
     stride_yr,
@@ -389,9 +390,9 @@ def _act_bwd_epilogue(
     s,
     c0,
     F,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h (WRITE_Y1S)
     stride_pr,
     stride_dr,
     stride_yr,
@@ -469,20 +470,20 @@ def _act_bwd_epilogue(
 
 @triton.jit
 def _act_bwd_kernel(
-    a_desc,
-    a_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    scale_ptr,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
-    dscale_part_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_M, BLOCK_K] (A_TMA)
+    a_ptr,  # [N_rows, H] d(output) gathered into sorted rows
+    w_desc1,  # TMA descriptor of w_ptr1, box [1, BLOCK_K, BLOCK_N] (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, H, F] down_proj, first part (read as [K=H, N=F])
+    w_ptr2,  # [E - n_first, H, F] down_proj, second part
+    scale_ptr,  # [T·k] routing weight of every slot
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h (WRITE_Y1S)
+    dscale_part_ptr,  # [N_rows, cdiv(F, BLOCK_N)] fp32 out: per-tile parts of <G_r, h_r> (NEED_DSCALE)
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     H,
@@ -580,10 +581,10 @@ def _act_bwd_kernel(
 @triton.jit
 def _reduce_rows(
     acc,
-    a_desc,
-    a_ptr,
-    b_desc,
-    b_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_K, BLOCK_M] (TMA)
+    a_ptr,  # [N_rows, M] sorted rows
+    b_desc,  # TMA descriptor of b_ptr, box [BLOCK_K, BLOCK_N] (TMA)
+    b_ptr,  # [N_rows, N] sorted rows
     lo,
     hi,
     m0,
@@ -668,13 +669,13 @@ def _reduce_rows(
 
 @triton.jit
 def _weight_grad_kernel(
-    a_desc,
-    a_ptr,
-    b_desc,
-    b_ptr,
-    out_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_K, BLOCK_M] (TMA)
+    a_ptr,  # [N_rows, M] sorted rows
+    b_desc,  # TMA descriptor of b_ptr, box [BLOCK_K, BLOCK_N] (TMA)
+    b_ptr,  # [N_rows, N] sorted rows
+    out_ptr,  # [n_split, n_local, M, N] out: dW (fp32 row-chunk partials if n_split > 1)
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     expert_base,
     n_local,

@@ -37,6 +37,8 @@ allocated only for the parts that require grad.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 
@@ -48,6 +50,19 @@ from .rows import combine_rows, gather_rows
 from .tuning import Gemm, TileConfig, bucket, get_config, split_k
 
 Tensor = torch.Tensor
+
+
+class GradSlots(NamedTuple):
+    """One value per differentiable input of the op, in its argument order: whether its gradient is
+    needed (bool) or the gradient (Tensor). The custom op's schema carries them as a plain list/tuple.
+    (Any: a generic NamedTuple needs Python 3.11.)"""
+
+    hidden: Any
+    gate_up_first: Any
+    gate_up_second: Any
+    down_first: Any
+    down_second: Any
+    topk_weights: Any
 
 
 def _experts(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
@@ -113,10 +128,11 @@ def backward(
     gu1, gu2, n_first, E = _experts(gate_up_first, gate_up_second)
     d1, d2, _, _ = _experts(down_first, down_second)
     perm = Permutation(sorted_slots, slot_rows, offsets, expert_order)
-    need_x, need_w = needs[0], needs[5]
-    need_gu, need_down = needs[1] or needs[2], needs[3] or needs[4]
-    grads = [hidden.new_empty(0) for _ in range(6)]  # outputs must not alias each other
-    if not any(needs):
+    need = GradSlots(*needs)
+    need_gu = need.gate_up_first or need.gate_up_second
+    need_down = need.down_first or need.down_second
+    grads = GradSlots(*(hidden.new_empty(0) for _ in need))  # outputs must not alias each other
+    if not any(need):
         return tuple(grads)
     dy_sorted = gather_rows(grad_out, sorted_slots, offsets, k)
     dpreact, dscale, y1s = gg.act_bwd(
@@ -128,27 +144,31 @@ def backward(
         topk_weights.reshape(-1),
         preact,
         perm,
-        need_dpreact=need_x or need_gu,
-        need_dscale=need_w,
+        need_dpreact=need.hidden or need_gu,
+        need_dscale=need.topk_weights,
         need_y1s=need_down,
         cfg=_cfg(Gemm.ACT_BWD, T, hidden),
     )
-    if need_x:
+    if need.hidden:
         if gate_up_second is None and use_grouped_mm(Gemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
             dx_rows = input_grad_grouped_mm(dpreact, gu1, offsets)
         else:
             cfg = _cfg(Gemm.INPUT_GRAD, T, hidden)
             dx_rows = gg.grouped_gemm(dpreact, gu1, gu2, n_first, E, True, None, perm, cfg)
-        grads[0] = combine_rows(dx_rows, slot_rows, T, k, hidden.dtype)
-    if need_w:
+        grads = grads._replace(hidden=combine_rows(dx_rows, slot_rows, T, k, hidden.dtype))
+    if need.topk_weights:
         valid = slot_rows >= 0
         per_slot = torch.where(valid, dscale[slot_rows.clamp(min=0).long()], 0.0)
-        grads[5] = per_slot.view(T, k).to(topk_weights.dtype)
+        grads = grads._replace(topk_weights=per_slot.view(T, k).to(topk_weights.dtype))
     if need_gu:
         x_sorted = gather_rows(hidden, sorted_slots, offsets, k)
-        grads[1], grads[2] = _weight_grads(dpreact, x_sorted, perm, needs[1:3], (gu1, gu2), n_first, T)
+        parts = (need.gate_up_first, need.gate_up_second)
+        first, second = _weight_grads(dpreact, x_sorted, perm, parts, (gu1, gu2), n_first, T)
+        grads = grads._replace(gate_up_first=first, gate_up_second=second)
     if need_down:
-        grads[3], grads[4] = _weight_grads(dy_sorted, y1s, perm, needs[3:5], (d1, d2), n_first, T)
+        parts = (need.down_first, need.down_second)
+        first, second = _weight_grads(dy_sorted, y1s, perm, parts, (d1, d2), n_first, T)
+        grads = grads._replace(down_first=first, down_second=second)
     return tuple(grads)
 
 
@@ -156,7 +176,7 @@ def _weight_grads(
     a: Tensor,
     b: Tensor,
     perm: Permutation,
-    needs: list[bool],
+    needs: tuple[bool, bool],
     parts: tuple[Tensor, Tensor],
     n_first: int,
     n_tokens: int,
@@ -201,8 +221,8 @@ def _(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weigh
 
 @_moe_mlp_bwd.register_fake
 def _(grad_out, hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights, *rest):
-    needs = rest[-1]
-    like = (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
+    needs = GradSlots(*rest[-1])
+    like = GradSlots(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs, strict=True)
     )
@@ -215,7 +235,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, *_unused_grads):
-    needs = list(ctx.needs_input_grad[:6])
+    needs = list(ctx.needs_input_grad[: len(GradSlots._fields)])
     grads = torch.ops.pdmoe.moe_mlp_bwd(grad_out, *ctx.saved_tensors, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
 

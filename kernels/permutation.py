@@ -43,7 +43,12 @@ class Permutation(NamedTuple):
 
 
 @triton.jit
-def _valid_ids(ids_ptr, offs, n_slots, n_experts):
+def _valid_ids(
+    ids_ptr,  # [T·k] int expert id of every slot
+    offs,
+    n_slots,
+    n_experts,
+):
     """The block's expert ids as int32, -1 where the slot is past the end or its id outside [0, E)."""
     ids = tl.load(ids_ptr + offs, mask=offs < n_slots, other=-1)
     valid = (offs < n_slots) & (ids >= 0) & (ids < n_experts)  # compared before any narrowing cast
@@ -51,7 +56,14 @@ def _valid_ids(ids_ptr, offs, n_slots, n_experts):
 
 
 @triton.jit
-def _histogram_kernel(ids_ptr, counts_ptr, n_slots, n_experts, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _histogram_kernel(
+    ids_ptr,  # [T·k] int expert id of every slot
+    counts_ptr,  # [n_blocks, BLOCK_E] int32 out: slots per (block, expert)
+    n_slots,
+    n_experts,
+    BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     block = tl.program_id(0)
     ids = _valid_ids(
         ids_ptr=ids_ptr, offs=block * BLOCK + tl.arange(0, BLOCK), n_slots=n_slots, n_experts=n_experts
@@ -62,10 +74,10 @@ def _histogram_kernel(ids_ptr, counts_ptr, n_slots, n_experts, BLOCK: tl.constex
 
 @triton.jit
 def _scan_kernel(
-    counts_ptr,
-    block_rows_ptr,
-    offsets_ptr,
-    order_ptr,
+    counts_ptr,  # [n_blocks, BLOCK_E] int32 slots per (block, expert)
+    block_rows_ptr,  # [n_blocks, BLOCK_E] int32 out: first sorted row of every (block, expert)
+    offsets_ptr,  # [E+1] int32 out: first sorted row of every expert
+    order_ptr,  # [E] int32 out: experts by descending row count
     n_blocks,
     n_experts,
     CHUNK: tl.constexpr,
@@ -96,10 +108,10 @@ def _scan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    ids_ptr,
-    block_rows_ptr,
-    sorted_slots_ptr,
-    slot_rows_ptr,
+    ids_ptr,  # [T·k] int expert id of every slot
+    block_rows_ptr,  # [n_blocks, BLOCK_E] int32 first sorted row of every (block, expert)
+    sorted_slots_ptr,  # [T·k] int32 out: slot of every sorted row
+    slot_rows_ptr,  # [T·k] int32 out: sorted row of every slot, -1 for a dropped slot
     n_slots,
     n_experts,
     BLOCK: tl.constexpr,

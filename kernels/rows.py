@@ -1,6 +1,6 @@
 """Moving rows between token order and expert-sorted order (memory-bound copies around the GEMMs).
 
-* ``gather_rows``: src[t] [T, H] → dst[r] = src[token of row r] [N, H] for the valid sorted rows, so
+* ``gather_rows``: src[t] [T, H] → dst[r] = src[token of row r] [N_rows = T·k, H] for the valid rows, so
   the backward GEMMs that reduce over tokens read a contiguous operand (a gathered operand inside a
   K-loop would cap its prefetch depth).
 * ``combine_rows``: out[t] = Σ_j Σ_s rows[s, slot_rows[t·k + j]] — the k expert outputs of a token (and,
@@ -22,10 +22,10 @@ BLOCK_COLS = 256
 
 @triton.jit
 def _gather_rows_kernel(
-    src_ptr,
-    dst_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
+    src_ptr,  # [T, H] token rows
+    dst_ptr,  # [N_rows, H] out: contiguous sorted rows
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
     n_experts,
     top_k,
     n_cols,
@@ -51,9 +51,9 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _combine_rows_kernel(
-    rows_ptr,
-    slot_rows_ptr,
-    out_ptr,
+    rows_ptr,  # [S, N_rows, H] sorted rows (S split-K partial sums; contiguous last dimension)
+    slot_rows_ptr,  # [T·k] int32 sorted row of every slot, -1 for a dropped slot
+    out_ptr,  # [T, H] out: every token's k rows added
     n_tokens,
     top_k,
     n_split,

@@ -12,6 +12,10 @@ An operand comes either as a host-made TMA descriptor (``*_TMA`` true: contiguou
 16-byte aligned rows) or as a base pointer plus strides; both produce the same tile. Weights are
 two tensors (``first`` holds experts [0, n_first), ``second`` the rest), so a weight operand is a pair
 of descriptors or of pointers, chosen once per tile. Element offsets are int64 (``_offset``).
+
+Shape comments on pointer parameters: N_rows = T·k sorted rows (the first offsets[E] hold slots),
+E experts, n_first of them in the first weight part; a constexpr named in parentheses (TMA, A_TMA,
+GATHER_A, ...) marks what is used only when it is true.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ def _offset(index, stride):
 
 
 @triton.jit
-def _tile_ptrs(ptr, row0, stride_r, cols, BLOCK_R: tl.constexpr):
+def _tile_ptrs(
+    ptr,  # [rows, cols] row-major matrix (row stride stride_r, contiguous columns)
+    row0,
+    stride_r,
+    cols,
+    BLOCK_R: tl.constexpr,
+):
     """Pointers to rows row0..row0+BLOCK_R, columns ``cols`` of a row-major matrix: the tile's offset
     in int64, offsets inside the tile in int32 (fewer registers than an int64 offset per element)."""
     local = tl.arange(0, BLOCK_R)[:, None] * stride_r + cols[None, :]
@@ -44,7 +54,12 @@ def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _row_tile_count(offsets_ptr, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _row_tile_count(
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    n_experts,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Row tiles of all experts together: the length of a persistent kernel's row-tile loop."""
     lane = tl.arange(0, BLOCK_E)
     starts = tl.load(offsets_ptr + lane, mask=lane < n_experts, other=0)
@@ -53,7 +68,14 @@ def _row_tile_count(offsets_ptr, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
 
 
 @triton.jit
-def _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _row_tile(
+    pid_m,
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
+    n_experts,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Expert and row range [start, end) of the pid_m-th row tile, counting the experts' tiles in
     ``expert_order`` (a vector of BLOCK_E lanes: loads, a prefix sum and three reductions)."""
     lane = tl.arange(0, BLOCK_E)
@@ -71,7 +93,16 @@ def _row_tile(pid_m, offsets_ptr, order_ptr, n_experts, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _pick_expert(desc1, desc2, ptr1, ptr2, n_first, expert, stride_e, TMA: tl.constexpr):
+def _pick_expert(
+    desc1,  # TMA descriptor of the first weight part [n_first, ., .] (TMA)
+    desc2,  # TMA descriptor of the second weight part [E - n_first, ., .] (TMA)
+    ptr1,  # first weight part [n_first, ., .], expert stride stride_e
+    ptr2,  # second weight part [E - n_first, ., .], expert stride stride_e
+    n_first,
+    expert,
+    stride_e,
+    TMA: tl.constexpr,
+):
     """(descriptor, index in it) or (base pointer of the expert, 0) of ``expert`` in (first, second)."""
     if TMA:
         desc = desc1
@@ -89,8 +120,8 @@ def _pick_expert(desc1, desc2, ptr1, ptr2, n_first, expert, stride_e, TMA: tl.co
 
 @triton.jit
 def _load_rows(
-    desc,
-    ptr,
+    desc,  # TMA descriptor of the [rows, cols] operand, box [BLOCK_R, BLOCK_C] (TMA)
+    ptr,  # [rows, cols] operand, column stride stride_c (not TMA)
     row0,
     row_off,
     row_ok,
@@ -114,7 +145,7 @@ def _load_rows(
 
 @triton.jit
 def _load_weight(
-    w,
+    w,  # TMA: descriptor of a weight part [E_part, N, K] / [E_part, K, N]; else the expert's [N, K] / [K, N]
     local,
     n0,
     k0,
@@ -145,13 +176,13 @@ def _load_weight(
 def _mma_k_loop(
     acc,
     acc2,
-    a_desc,
-    a_ptr,
+    a_desc,  # TMA descriptor of A [rows, K], box [BLOCK_M, BLOCK_K] (A_TMA)
+    a_ptr,  # A [rows, K], column stride stride_ak (not A_TMA)
     a_row0,
     a_row_off,
     row_ok,
     stride_ak,
-    w,
+    w,  # the expert's weight, as _pick_expert gives it
     local,
     n0,
     n0_2,
@@ -226,19 +257,19 @@ def _row_tile_product(
     tile,
     num_m,
     num_n,
-    offsets_ptr,
-    order_ptr,
-    sorted_slots_ptr,
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row (GATHER_A)
     n_experts,
     top_k,
-    a_desc,
-    a_ptr,
+    a_desc,  # TMA descriptor of A [N_rows, K] (A_TMA)
+    a_ptr,  # A [N_rows, K] sorted rows, or [T, K] token rows (GATHER_A)
     stride_ar,
     stride_ak,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
+    w_desc1,  # TMA descriptor of w_ptr1 (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # first weight part [n_first, N, K] (K_MAJOR) or [n_first, K, N]
+    w_ptr2,  # second weight part [E - n_first, ...], the strides of w_ptr1
     n_first,
     stride_we,
     stride_wn,

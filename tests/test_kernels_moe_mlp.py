@@ -153,7 +153,13 @@ def test_inference_saves_nothing(monkeypatch):
 
 
 @triton.jit
-def _offset_probe(rows_ptr, out_ptr, stride, n, BLOCK: tl.constexpr):
+def _offset_probe(
+    rows_ptr,  # [n] int32 row indices
+    out_ptr,  # [n] int64 out: _offset(row, stride)
+    stride,
+    n,
+    BLOCK: tl.constexpr,
+):
     i = tl.arange(0, BLOCK)
     rows = tl.load(rows_ptr + i, mask=i < n, other=0)
     tl.store(out_ptr + i, _offset(index=rows, stride=stride), mask=i < n)
