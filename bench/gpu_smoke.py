@@ -149,7 +149,7 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
     cfg = get_config(Gemm.GATE_UP_FWD, T, DEVICE, DTYPE)
     h, preact = smoke.step(
         f"{tag}.gate_up_fwd",
-        lambda: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, True, cfg),
+        lambda: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, save_preact=True, cfg=cfg),
         gate_up_ref,
     )
 
@@ -163,9 +163,13 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
     rows = smoke.step(
         f"{tag}.down_fwd" + ("_split_k" if decode else ""),
         lambda: (
-            gg.grouped_gemm(h, down, down, E, E, False, scale, perm, cfg, n_split).sum(0).to(DTYPE)
+            gg.grouped_gemm(
+                h, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg, n_split=n_split
+            )
+            .sum(0)
+            .to(DTYPE)
             if n_split > 1
-            else gg.grouped_gemm(h, down, down, E, E, False, scale, perm, cfg)
+            else gg.grouped_gemm(h, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg)
         ),
         down_ref,
     )
@@ -219,7 +223,9 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
     cfg = get_config(Gemm.INPUT_GRAD, T, DEVICE, DTYPE)
     smoke.step(
         "train.input_grad",
-        lambda: gg.grouped_gemm(dpreact, gate_up, gate_up, E, E, True, None, perm, cfg),
+        lambda: gg.grouped_gemm(
+            dpreact, gate_up, gate_up, E, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+        ),
         lambda: _per_expert(dpreact, off, lambda e, r: r @ gate_up[e].double()).to(DTYPE),
     )
     cfg = get_config(Gemm.WEIGHT_GRAD, T, DEVICE, DTYPE)

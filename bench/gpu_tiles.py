@@ -68,8 +68,12 @@ def launcher(gemm: Gemm, shape: tuple[int, int, int, int]) -> Callable[[TileConf
     rows_h = torch.randn(n_rows, H, device=DEVICE, dtype=DTYPE)
     rows_2f = torch.randn(n_rows, 2 * F, device=DEVICE, dtype=DTYPE)
     calls = {
-        Gemm.GATE_UP_FWD: lambda cfg: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, True, cfg),
-        Gemm.DOWN_FWD: lambda cfg: gg.grouped_gemm(rows_f, down, down, E, E, False, scale, perm, cfg),
+        Gemm.GATE_UP_FWD: lambda cfg: gg.gate_up_fwd(
+            x, gate_up, gate_up, E, E, perm, k, save_preact=True, cfg=cfg
+        ),
+        Gemm.DOWN_FWD: lambda cfg: gg.grouped_gemm(
+            rows_f, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg
+        ),
         Gemm.ACT_BWD: lambda cfg: gg.act_bwd(
             rows_h,
             down,
@@ -84,7 +88,9 @@ def launcher(gemm: Gemm, shape: tuple[int, int, int, int]) -> Callable[[TileConf
             need_y1s=True,
             cfg=cfg,
         ),
-        Gemm.INPUT_GRAD: lambda cfg: gg.grouped_gemm(rows_2f, gate_up, gate_up, E, E, True, None, perm, cfg),
+        Gemm.INPUT_GRAD: lambda cfg: gg.grouped_gemm(
+            rows_2f, gate_up, gate_up, E, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+        ),
     }
     return calls[gemm]
 

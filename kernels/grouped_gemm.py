@@ -808,6 +808,7 @@ def gate_up_fwd(
     n_experts: int,
     perm: Permutation,
     top_k: int,
+    *,
     save_preact: bool,
     cfg: tuning.TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -859,6 +860,7 @@ def grouped_gemm(
     w_second: torch.Tensor,
     n_first: int,
     n_experts: int,
+    *,
     transpose_w: bool,
     scale: torch.Tensor | None,
     perm: Permutation,

@@ -93,14 +93,17 @@ def forward(
     d1, d2, _, _ = _experts(down_first, down_second)
     perm = permute(topk_ids, E)
     h, preact = gg.gate_up_fwd(
-        hidden, gu1, gu2, n_first, E, perm, k, save_preact, _cfg(Gemm.GATE_UP_FWD, T, hidden)
+        hidden, gu1, gu2, n_first, E, perm, k, save_preact=save_preact, cfg=_cfg(Gemm.GATE_UP_FWD, T, hidden)
     )
     cfg = _cfg(Gemm.DOWN_FWD, T, hidden)
     n_split = 1
     if bucket(T) == "decode":
         tiles = min(E, T * k) * triton.cdiv(H, cfg.BLOCK_N)
         n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg.BLOCK_K), 2, cfg, hidden.device)
-    rows = gg.grouped_gemm(h, d1, d2, n_first, E, False, topk_weights.reshape(-1), perm, cfg, n_split)
+    scale = topk_weights.reshape(-1)
+    rows = gg.grouped_gemm(
+        h, d1, d2, n_first, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg, n_split=n_split
+    )
     y = combine_rows(rows, perm.slot_rows, T, k, hidden.dtype)
     return y, preact, *perm
 
@@ -154,7 +157,9 @@ def backward(
             dx_rows = input_grad_grouped_mm(dpreact, gu1, offsets)
         else:
             cfg = _cfg(Gemm.INPUT_GRAD, T, hidden)
-            dx_rows = gg.grouped_gemm(dpreact, gu1, gu2, n_first, E, True, None, perm, cfg)
+            dx_rows = gg.grouped_gemm(
+                dpreact, gu1, gu2, n_first, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+            )
         grads = grads._replace(hidden=combine_rows(dx_rows, slot_rows, T, k, hidden.dtype))
     if need.topk_weights:
         valid = slot_rows >= 0

@@ -139,8 +139,8 @@ def test_inference_saves_nothing(monkeypatch):
     saved = []
     gate_up_fwd = mm.gg.gate_up_fwd
 
-    def spy(*args):
-        h, preact = gate_up_fwd(*args)
+    def spy(*args, **kwargs):
+        h, preact = gate_up_fwd(*args, **kwargs)
         saved.append(preact.numel())
         return h, preact
 
