@@ -36,7 +36,7 @@ from pdmoe.kernels import grouped_gemm as gg
 from pdmoe.kernels.permutation import permute, permute_reference
 from pdmoe.kernels.rows import combine_rows, gather_rows
 from pdmoe.kernels.testing import random_moe_inputs
-from pdmoe.kernels.tuning import get_config
+from pdmoe.kernels.tuning import Gemm, get_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -146,10 +146,10 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
         g, u = pre.chunk(2, dim=1)
         return (F.silu(g) * u).to(DTYPE), pre.to(DTYPE)
 
-    cfg = get_config("gate_up_fwd", T, DEVICE, DTYPE)
+    cfg = get_config(Gemm.GATE_UP_FWD, T, DEVICE, DTYPE)
     h, preact = smoke.step(
         f"{tag}.gate_up_fwd",
-        lambda: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, True, cfg),
+        lambda: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, save_preact=True, cfg=cfg),
         gate_up_ref,
     )
 
@@ -158,14 +158,18 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
             DTYPE
         )
 
-    cfg = get_config("down_fwd", T, DEVICE, DTYPE)
+    cfg = get_config(Gemm.DOWN_FWD, T, DEVICE, DTYPE)
     n_split = 2 if decode else 1
     rows = smoke.step(
         f"{tag}.down_fwd" + ("_split_k" if decode else ""),
         lambda: (
-            gg.grouped_gemm(h, down, down, E, E, False, scale, perm, cfg, n_split).sum(0).to(DTYPE)
+            gg.grouped_gemm(
+                h, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg, n_split=n_split
+            )
+            .sum(0)
+            .to(DTYPE)
             if n_split > 1
-            else gg.grouped_gemm(h, down, down, E, E, False, scale, perm, cfg)
+            else gg.grouped_gemm(h, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg)
         ),
         down_ref,
     )
@@ -197,7 +201,7 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
             (s * h.double()).to(DTYPE),
         )
 
-    cfg = get_config("act_bwd", T, DEVICE, DTYPE)
+    cfg = get_config(Gemm.ACT_BWD, T, DEVICE, DTYPE)
     dpreact, _dscale, y1s = smoke.step(
         "train.act_bwd",
         lambda: gg.act_bwd(
@@ -216,13 +220,15 @@ def run_pipeline(smoke: Smoke, shape: tuple[int, int, int, int, int], decode: bo
         ),
         act_bwd_ref,
     )
-    cfg = get_config("input_grad", T, DEVICE, DTYPE)
+    cfg = get_config(Gemm.INPUT_GRAD, T, DEVICE, DTYPE)
     smoke.step(
         "train.input_grad",
-        lambda: gg.grouped_gemm(dpreact, gate_up, gate_up, E, E, True, None, perm, cfg),
+        lambda: gg.grouped_gemm(
+            dpreact, gate_up, gate_up, E, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+        ),
         lambda: _per_expert(dpreact, off, lambda e, r: r @ gate_up[e].double()).to(DTYPE),
     )
-    cfg = get_config("weight_grad", T, DEVICE, DTYPE)
+    cfg = get_config(Gemm.WEIGHT_GRAD, T, DEVICE, DTYPE)
     smoke.step(
         "train.weight_grad",
         lambda: gg.weight_grad(dy_sorted, y1s, 0, E, perm, out_dtype=DTYPE, cfg=cfg),

@@ -15,6 +15,7 @@ On CPU (a rehearsal) the shape is tiny, T = 64, and the kernels run in Triton's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -33,31 +34,31 @@ from gpu_table import median_ms
 from pdmoe.kernels import grouped_gemm as gg
 from pdmoe.kernels.permutation import permute
 from pdmoe.kernels.testing import random_moe_inputs
-from pdmoe.kernels.tuning import get_config
+from pdmoe.kernels.tuning import Gemm, TileConfig, get_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 14336, 8, 2), (1536, 8960, 4, 2)] if CUDA else [(64, 128, 4, 2)]
 TOKENS = 16384 if CUDA else 64
-KERNELS = ("gate_up_fwd", "down_fwd", "act_bwd", "input_grad")
+GEMMS = (Gemm.GATE_UP_FWD, Gemm.DOWN_FWD, Gemm.ACT_BWD, Gemm.INPUT_GRAD)
 
 
-def neighbours(cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def neighbours(cfg: TileConfig) -> Iterator[TileConfig]:
     """``cfg`` first, then every configuration one knob away from it."""
     yield cfg
     for key, factors in (("BLOCK_N", (2, 0.5)), ("BLOCK_M", (0.5, 2)), ("num_warps", (0.5, 2))):
         for factor in factors:
-            value = int(cfg[key] * factor)
+            value = int(getattr(cfg, key) * factor)
             if 16 <= value <= 256 and not (key == "num_warps" and value not in (4, 8)):
-                yield {**cfg, key: value}
-    for stages in (cfg["num_stages"] - 1, cfg["num_stages"] + 1):
+                yield dataclasses.replace(cfg, **{key: value})
+    for stages in (cfg.num_stages - 1, cfg.num_stages + 1):
         if 2 <= stages <= 5:
-            yield {**cfg, "num_stages": stages}
+            yield dataclasses.replace(cfg, num_stages=stages)
 
 
-def launcher(kernel: str, shape: tuple[int, int, int, int]) -> Callable[[dict[str, Any]], object]:
-    """A call of ``kernel`` on random inputs of ``shape`` at TOKENS tokens, taking its configuration."""
+def launcher(gemm: Gemm, shape: tuple[int, int, int, int]) -> Callable[[TileConfig], object]:
+    """A call of ``gemm`` on random inputs of ``shape`` at TOKENS tokens, taking its configuration."""
     H, F, E, k = shape
     x, gate_up, down, weights, ids = random_moe_inputs(TOKENS, H, F, E, k, dtype=DTYPE, device=DEVICE)
     perm = permute(ids, E)
@@ -67,9 +68,13 @@ def launcher(kernel: str, shape: tuple[int, int, int, int]) -> Callable[[dict[st
     rows_h = torch.randn(n_rows, H, device=DEVICE, dtype=DTYPE)
     rows_2f = torch.randn(n_rows, 2 * F, device=DEVICE, dtype=DTYPE)
     calls = {
-        "gate_up_fwd": lambda cfg: gg.gate_up_fwd(x, gate_up, gate_up, E, E, perm, k, True, cfg),
-        "down_fwd": lambda cfg: gg.grouped_gemm(rows_f, down, down, E, E, False, scale, perm, cfg),
-        "act_bwd": lambda cfg: gg.act_bwd(
+        Gemm.GATE_UP_FWD: lambda cfg: gg.gate_up_fwd(
+            x, gate_up, gate_up, E, E, perm, k, save_preact=True, cfg=cfg
+        ),
+        Gemm.DOWN_FWD: lambda cfg: gg.grouped_gemm(
+            rows_f, down, down, E, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg
+        ),
+        Gemm.ACT_BWD: lambda cfg: gg.act_bwd(
             rows_h,
             down,
             down,
@@ -83,9 +88,11 @@ def launcher(kernel: str, shape: tuple[int, int, int, int]) -> Callable[[dict[st
             need_y1s=True,
             cfg=cfg,
         ),
-        "input_grad": lambda cfg: gg.grouped_gemm(rows_2f, gate_up, gate_up, E, E, True, None, perm, cfg),
+        Gemm.INPUT_GRAD: lambda cfg: gg.grouped_gemm(
+            rows_2f, gate_up, gate_up, E, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+        ),
     }
-    return calls[kernel]
+    return calls[gemm]
 
 
 def main() -> int:
@@ -98,14 +105,18 @@ def main() -> int:
     best: dict[str, dict[str, Any]] = {}
     log = (args.out / "tiles.jsonl").open("a")
     for shape in SHAPES:
-        for kernel in KERNELS:
-            run = launcher(kernel, shape)
-            shipped = get_config(kernel, TOKENS, DEVICE, DTYPE)
-            winner: tuple[float, dict[str, Any]] | None = None
+        for gemm in GEMMS:
+            run = launcher(gemm, shape)
+            shipped = get_config(gemm, TOKENS, DEVICE, DTYPE)
+            winner: tuple[float, TileConfig] | None = None
             for cfg in neighbours(shipped):
                 if time.monotonic() > deadline:
                     break
-                row: dict[str, Any] = {"shape": list(shape), "kernel": kernel, "cfg": cfg}
+                row: dict[str, Any] = {
+                    "shape": list(shape),
+                    "kernel": gemm.value,
+                    "cfg": dataclasses.asdict(cfg),
+                }
                 try:
                     row["ms"] = median_ms(functools.partial(run, cfg))
                     if winner is None or row["ms"] < winner[0]:
@@ -114,12 +125,12 @@ def main() -> int:
                     row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                print(f"{kernel:<12} {shape!s:<22} {row.get('ms', row.get('error'))} {cfg}", flush=True)
+                print(f"{gemm.value:<12} {shape!s:<22} {row.get('ms', row.get('error'))} {cfg}", flush=True)
             if winner is not None:
-                base = best.setdefault(kernel, {})
+                base = best.setdefault(gemm.value, {})
                 base[str(shape)] = {
                     "ms": winner[0],
-                    "large": winner[1],
+                    "large": dataclasses.asdict(winner[1]),
                     "shipped_is_best": winner[1] == shipped,
                 }
             if CUDA:

@@ -12,31 +12,25 @@ it needs bf16, 16-byte aligned strides, one weight tensor (not a frozen/trainabl
 skip the frozen experts' rows without a host sync) and long enough K or M per expert to amortise
 its per-group set-up. Where any of that fails, or on another GPU, pdmoe's kernel runs.
 
-``GROUPED_MM_RULES`` is the one place to retune: per GEMM, the smallest average number of rows per
-expert (T·k/E) from which ``_grouped_mm`` is used, ``None`` for never. The starting points below are
-not measured: 256 rows is where a 128x128 tile's K-loop (weight gradients) or a 128-row M tile
-(d(hidden)) is long enough that pipeline fill and per-group set-up stop dominating.
+``GROUPED_MM_RULES`` is the one place to retune: per plain GEMM (the fused ones are not in it), the
+smallest average number of rows per expert (T·k/E) from which ``_grouped_mm`` is used, ``None`` for
+never. The starting points below are not measured: 256 rows is where a 128x128 tile's K-loop (weight
+gradients) or a 128-row M tile (d(hidden)) is long enough that pipeline fill and per-group set-up stop
+dominating.
 """
 
 from __future__ import annotations
-
-import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from .tiles import _offset
+from .tuning import Gemm
 
-
-class RaggedGemm(enum.Enum):
-    WEIGHT_GRAD = "weight_grad"
-    INPUT_GRAD = "input_grad"
-
-
-GROUPED_MM_RULES: dict[RaggedGemm, int | None] = {
-    RaggedGemm.WEIGHT_GRAD: 256,
-    RaggedGemm.INPUT_GRAD: 256,
+GROUPED_MM_RULES: dict[Gemm, int | None] = {
+    Gemm.WEIGHT_GRAD: 256,
+    Gemm.INPUT_GRAD: 256,
 }
 
 
@@ -45,7 +39,7 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
-def use_grouped_mm(gemm: RaggedGemm, operands: tuple[torch.Tensor, ...], rows: int, n_experts: int) -> bool:
+def use_grouped_mm(gemm: Gemm, operands: tuple[torch.Tensor, ...], rows: int, n_experts: int) -> bool:
     """Whether ``gemm`` on ``operands`` (bf16 CUDA tensors, whole weights) goes to ``torch._grouped_mm``."""
     min_rows = GROUPED_MM_RULES[gemm]
     first = operands[0]
@@ -60,12 +54,17 @@ def use_grouped_mm(gemm: RaggedGemm, operands: tuple[torch.Tensor, ...], rows: i
 
 
 @triton.jit
-def _zero_empty_experts_kernel(out_ptr, offsets_ptr, per_expert, BLOCK: tl.constexpr):
+def _zero_empty_experts_kernel(
+    out_ptr,  # [E, M, N] dW, contiguous: zeroed where an expert has no rows
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    per_expert,
+    BLOCK: tl.constexpr,
+):
     expert = tl.program_id(1)
     if tl.load(offsets_ptr + expert + 1) == tl.load(offsets_ptr + expert):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         zeros = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + _offset(expert, per_expert) + offs, zeros, mask=offs < per_expert)
+        tl.store(out_ptr + _offset(index=expert, stride=per_expert) + offs, zeros, mask=offs < per_expert)
 
 
 def weight_grad_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -80,7 +79,7 @@ def weight_grad_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     if n_experts and per_expert:
         block = 4096
         _zero_empty_experts_kernel[(triton.cdiv(per_expert, block), n_experts)](
-            out, offsets, per_expert, BLOCK=block
+            out_ptr=out, offsets_ptr=offsets, per_expert=per_expert, BLOCK=block
         )
     return out
 

@@ -5,7 +5,8 @@ over its tiles (tiles.py: the schedule, operand loads and K-loop they share), ta
 weights as two tensors (``first`` holds experts [0, n_first), ``second`` the rest: the frozen/trainable
 split, or the same tensor twice with n_first = E), reads weights and contiguous row operands through
 TMA descriptors where the device and the strides allow (pointers otherwise), and computes element
-offsets in int64, so T·k·H beyond 2^31 is fine.
+offsets in int64, so T·k·H beyond 2^31 is fine. Shape comments on the kernels' pointer parameters
+use N_rows = T·k sorted rows and gate_up_proj [E, 2F, H], down_proj [E, H, F] (tiles.py says more).
 
 Forward
   * ``gate_up_fwd``: h[r] = silu(x[t_r] Wg_e^T) ⊙ (x[t_r] Wu_e^T) — token rows gathered in the operand
@@ -58,8 +59,8 @@ def _gate_up_store(
     row_ok,
     c0,
     F,
-    h_ptr,
-    preact_ptr,
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT)
     stride_hr,
     stride_pr,
     SAVE_PREACT: tl.constexpr,
@@ -69,9 +70,13 @@ def _gate_up_store(
     cols = c0 + tl.arange(0, SUB_N)
     mask = row_ok[:, None] & (cols < F)[None, :]
     h = g * tl.sigmoid(g) * u
-    tl.store(_tile_ptrs(h_ptr, row0, stride_hr, cols, BLOCK_M), h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        _tile_ptrs(ptr=h_ptr, row0=row0, stride_r=stride_hr, cols=cols, BLOCK_R=BLOCK_M),
+        h.to(h_ptr.dtype.element_ty),
+        mask=mask,
+    )
     if SAVE_PREACT:
-        p_ptrs = _tile_ptrs(preact_ptr, row0, stride_pr, cols, BLOCK_M)
+        p_ptrs = _tile_ptrs(ptr=preact_ptr, row0=row0, stride_r=stride_pr, cols=cols, BLOCK_R=BLOCK_M)
         tl.store(p_ptrs, g.to(preact_ptr.dtype.element_ty), mask=mask)
         tl.store(p_ptrs + F, u.to(preact_ptr.dtype.element_ty), mask=mask)
 
@@ -84,8 +89,8 @@ def _gate_up_epilogue(
     row_ok,
     c0,
     F,
-    h_ptr,
-    preact_ptr,
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT)
     stride_hr,
     stride_pr,
     SAVE_PREACT: tl.constexpr,
@@ -96,57 +101,69 @@ def _gate_up_epilogue(
     """``_gate_up_store`` on SPLIT column slices of the tile, one after the other (fewer live registers)."""
     if SPLIT == 1:
         _gate_up_store(
-            g, u, row0, row_ok, c0, F, h_ptr, preact_ptr, stride_hr, stride_pr, SAVE_PREACT, BLOCK_M, SUB_N
+            g=g,
+            u=u,
+            row0=row0,
+            row_ok=row_ok,
+            c0=c0,
+            F=F,
+            h_ptr=h_ptr,
+            preact_ptr=preact_ptr,
+            stride_hr=stride_hr,
+            stride_pr=stride_pr,
+            SAVE_PREACT=SAVE_PREACT,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N,
         )
     else:
-        g0, g1 = _halves(g, BLOCK_M, SUB_N)
-        u0, u1 = _halves(u, BLOCK_M, SUB_N)
+        g0, g1 = _halves(acc=g, BLOCK_M=BLOCK_M, BLOCK_N=SUB_N)
+        u0, u1 = _halves(acc=u, BLOCK_M=BLOCK_M, BLOCK_N=SUB_N)
         _gate_up_epilogue(
-            g0,
-            u0,
-            row0,
-            row_ok,
-            c0,
-            F,
-            h_ptr,
-            preact_ptr,
-            stride_hr,
-            stride_pr,
-            SAVE_PREACT,
-            BLOCK_M,
-            SUB_N // 2,
-            SPLIT // 2,
+            g=g0,
+            u=u0,
+            row0=row0,
+            row_ok=row_ok,
+            c0=c0,
+            F=F,
+            h_ptr=h_ptr,
+            preact_ptr=preact_ptr,
+            stride_hr=stride_hr,
+            stride_pr=stride_pr,
+            SAVE_PREACT=SAVE_PREACT,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N // 2,
+            SPLIT=SPLIT // 2,
         )
         _gate_up_epilogue(
-            g1,
-            u1,
-            row0,
-            row_ok,
-            c0 + SUB_N // 2,
-            F,
-            h_ptr,
-            preact_ptr,
-            stride_hr,
-            stride_pr,
-            SAVE_PREACT,
-            BLOCK_M,
-            SUB_N // 2,
-            SPLIT // 2,
+            g=g1,
+            u=u1,
+            row0=row0,
+            row_ok=row_ok,
+            c0=c0 + SUB_N // 2,
+            F=F,
+            h_ptr=h_ptr,
+            preact_ptr=preact_ptr,
+            stride_hr=stride_hr,
+            stride_pr=stride_pr,
+            SAVE_PREACT=SAVE_PREACT,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N // 2,
+            SPLIT=SPLIT // 2,
         )
 
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    x_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    h_ptr,
-    preact_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    x_ptr,  # [T, H] hidden states (token rows, gathered by the GEMM)
+    w_desc1,  # TMA descriptor of w_ptr1, box [1, BLOCK_N, BLOCK_K] (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, 2F, H] gate_up_proj, first part
+    w_ptr2,  # [E - n_first, 2F, H] gate_up_proj, second part
+    h_ptr,  # [N_rows, F] out: silu(gate) * up
+    preact_ptr,  # [N_rows, 2F] out: [gate | up] (SAVE_PREACT; else [0, 2F])
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     top_k,
@@ -169,78 +186,78 @@ def _gate_up_fwd_kernel(
     BLOCK_K: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
 ):
-    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
+    num_m = _row_tile_count(offsets_ptr=offsets_ptr, n_experts=n_experts, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E)
     num_n = tl.cdiv(F, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         acc_g, acc_u, start, row_ok, n0 = _row_tile_product(
-            tile,
-            num_m,
-            num_n,
-            offsets_ptr,
-            order_ptr,
-            sorted_slots_ptr,
-            n_experts,
-            top_k,
-            x_ptr,
-            x_ptr,
-            stride_xt,
-            stride_xh,
-            w_desc1,
-            w_desc2,
-            w_ptr1,
-            w_ptr2,
-            n_first,
-            stride_we,
-            stride_wn,
-            stride_wk,
-            F,
-            2 * F,
-            0,
-            H,
-            True,
-            True,
-            False,
-            W_TMA,
-            True,
-            True,
-            PRECISION,
-            BLOCK_E,
-            GROUP_M,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            tile=tile,
+            num_m=num_m,
+            num_n=num_n,
+            offsets_ptr=offsets_ptr,
+            order_ptr=order_ptr,
+            sorted_slots_ptr=sorted_slots_ptr,
+            n_experts=n_experts,
+            top_k=top_k,
+            a_desc=x_ptr,
+            a_ptr=x_ptr,
+            stride_ar=stride_xt,
+            stride_ak=stride_xh,
+            w_desc1=w_desc1,
+            w_desc2=w_desc2,
+            w_ptr1=w_ptr1,
+            w_ptr2=w_ptr2,
+            n_first=n_first,
+            stride_we=stride_we,
+            stride_wn=stride_wn,
+            stride_wk=stride_wk,
+            n_second=F,
+            n_end=2 * F,
+            k_lo=0,
+            k_hi=H,
+            MMA=True,
+            GATHER_A=True,
+            A_TMA=False,
+            W_TMA=W_TMA,
+            K_MAJOR=True,
+            DUAL=True,
+            PRECISION=PRECISION,
+            BLOCK_E=BLOCK_E,
+            GROUP_M=GROUP_M,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         _gate_up_epilogue(
-            acc_g,
-            acc_u,
-            start,
-            row_ok,
-            n0,
-            F,
-            h_ptr,
-            preact_ptr,
-            stride_hr,
-            stride_pr,
-            SAVE_PREACT,
-            BLOCK_M,
-            BLOCK_N,
-            EPILOGUE_SPLIT,
+            g=acc_g,
+            u=acc_u,
+            row0=start,
+            row_ok=row_ok,
+            c0=n0,
+            F=F,
+            h_ptr=h_ptr,
+            preact_ptr=preact_ptr,
+            stride_hr=stride_hr,
+            stride_pr=stride_pr,
+            SAVE_PREACT=SAVE_PREACT,
+            BLOCK_M=BLOCK_M,
+            SUB_N=BLOCK_N,
+            SPLIT=EPILOGUE_SPLIT,
         )
 
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_desc,
-    a_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    scale_ptr,
-    out_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_M, BLOCK_K] (A_TMA)
+    a_ptr,  # [N_rows, K] sorted rows
+    w_desc1,  # TMA descriptor of w_ptr1 (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, N, K] (K_MAJOR) or [n_first, K, N] weight, first part
+    w_ptr2,  # [E - n_first, ...] weight, second part (the strides of w_ptr1)
+    scale_ptr,  # [T·k] routing weight of every slot (HAS_SCALE)
+    out_ptr,  # [n_split, N_rows, N] out (fp32 K-chunk partials if n_split > 1)
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     N,
@@ -265,55 +282,61 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
+    num_m = _row_tile_count(offsets_ptr=offsets_ptr, n_experts=n_experts, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n * n_split, tl.num_programs(0)):
         split = tile % n_split
         k_lo = split * k_chunk
         acc, _, start, row_ok, n0 = _row_tile_product(
-            tile // n_split,
-            num_m,
-            num_n,
-            offsets_ptr,
-            order_ptr,
-            sorted_slots_ptr,
-            n_experts,
-            1,
-            a_desc,
-            a_ptr,
-            stride_ar,
-            stride_ak,
-            w_desc1,
-            w_desc2,
-            w_ptr1,
-            w_ptr2,
-            n_first,
-            stride_we,
-            stride_wn,
-            stride_wk,
-            0,
-            N,
-            k_lo,
-            tl.minimum(K, k_lo + k_chunk),
-            True,
-            False,
-            A_TMA,
-            W_TMA,
-            K_MAJOR,
-            False,
-            PRECISION,
-            BLOCK_E,
-            GROUP_M,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            tile=tile // n_split,
+            num_m=num_m,
+            num_n=num_n,
+            offsets_ptr=offsets_ptr,
+            order_ptr=order_ptr,
+            sorted_slots_ptr=sorted_slots_ptr,
+            n_experts=n_experts,
+            top_k=1,
+            a_desc=a_desc,
+            a_ptr=a_ptr,
+            stride_ar=stride_ar,
+            stride_ak=stride_ak,
+            w_desc1=w_desc1,
+            w_desc2=w_desc2,
+            w_ptr1=w_ptr1,
+            w_ptr2=w_ptr2,
+            n_first=n_first,
+            stride_we=stride_we,
+            stride_wn=stride_wn,
+            stride_wk=stride_wk,
+            n_second=0,
+            n_end=N,
+            k_lo=k_lo,
+            k_hi=tl.minimum(K, k_lo + k_chunk),
+            MMA=True,
+            GATHER_A=False,
+            A_TMA=A_TMA,
+            W_TMA=W_TMA,
+            K_MAJOR=K_MAJOR,
+            DUAL=False,
+            PRECISION=PRECISION,
+            BLOCK_E=BLOCK_E,
+            GROUP_M=GROUP_M,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         rows = start + tl.arange(0, BLOCK_M)
         if HAS_SCALE:
             slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
             acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         cols = n0 + tl.arange(0, BLOCK_N)
-        out_ptrs = _tile_ptrs(out_ptr + _offset(split, stride_os), start, stride_or, cols, BLOCK_M)
+        out_ptrs = _tile_ptrs(
+            ptr=out_ptr + _offset(index=split, stride=stride_os),
+            row0=start,
+            stride_r=stride_or,
+            cols=cols,
+            BLOCK_R=BLOCK_M,
+        )
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
 
 
@@ -325,9 +348,9 @@ def _act_bwd_store(
     s,
     c0,
     F,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h, dW_down's operand (WRITE_Y1S)
     stride_pr,
     stride_dr,
     stride_yr,
@@ -340,17 +363,17 @@ def _act_bwd_store(
     """SwiGLU backward of one column slice; returns its part of <G_r, h_r> per row."""
     cols = c0 + tl.arange(0, SUB_N)
     mask = row_ok[:, None] & (cols < F)[None, :]
-    p_ptrs = _tile_ptrs(preact_ptr, row0, stride_pr, cols, BLOCK_M)
+    p_ptrs = _tile_ptrs(ptr=preact_ptr, row0=row0, stride_r=stride_pr, cols=cols, BLOCK_R=BLOCK_M)
     g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(p_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     if WRITE_Y1S:
-        y_ptrs = _tile_ptrs(y1s_ptr, row0, stride_yr, cols, BLOCK_M)
+        y_ptrs = _tile_ptrs(ptr=y1s_ptr, row0=row0, stride_r=stride_yr, cols=cols, BLOCK_R=BLOCK_M)
         tl.store(y_ptrs, (silu * u * s[:, None]).to(y1s_ptr.dtype.element_ty), mask=mask)
     if WRITE_DPREACT:
         dh = G * s[:, None]
-        d_ptrs = _tile_ptrs(dpreact_ptr, row0, stride_dr, cols, BLOCK_M)
+        d_ptrs = _tile_ptrs(ptr=dpreact_ptr, row0=row0, stride_r=stride_dr, cols=cols, BLOCK_R=BLOCK_M)
         tl.store(d_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dpreact_ptr.dtype.element_ty), mask=mask)
         tl.store(d_ptrs + F, (dh * silu).to(dpreact_ptr.dtype.element_ty), mask=mask)
     if NEED_DSCALE:
@@ -367,9 +390,9 @@ def _act_bwd_epilogue(
     s,
     c0,
     F,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h (WRITE_Y1S)
     stride_pr,
     stride_dr,
     stride_yr,
@@ -383,84 +406,84 @@ def _act_bwd_epilogue(
     """``_act_bwd_store`` on SPLIT column slices of G, one after the other (fewer live registers)."""
     if SPLIT == 1:
         return _act_bwd_store(
-            G,
-            row0,
-            row_ok,
-            s,
-            c0,
-            F,
-            preact_ptr,
-            dpreact_ptr,
-            y1s_ptr,
-            stride_pr,
-            stride_dr,
-            stride_yr,
-            NEED_DSCALE,
-            WRITE_DPREACT,
-            WRITE_Y1S,
-            BLOCK_M,
-            SUB_N,
+            G=G,
+            row0=row0,
+            row_ok=row_ok,
+            s=s,
+            c0=c0,
+            F=F,
+            preact_ptr=preact_ptr,
+            dpreact_ptr=dpreact_ptr,
+            y1s_ptr=y1s_ptr,
+            stride_pr=stride_pr,
+            stride_dr=stride_dr,
+            stride_yr=stride_yr,
+            NEED_DSCALE=NEED_DSCALE,
+            WRITE_DPREACT=WRITE_DPREACT,
+            WRITE_Y1S=WRITE_Y1S,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N,
         )
     else:
-        left, right = _halves(G, BLOCK_M, SUB_N)
+        left, right = _halves(acc=G, BLOCK_M=BLOCK_M, BLOCK_N=SUB_N)
         part = _act_bwd_epilogue(
-            left,
-            row0,
-            row_ok,
-            s,
-            c0,
-            F,
-            preact_ptr,
-            dpreact_ptr,
-            y1s_ptr,
-            stride_pr,
-            stride_dr,
-            stride_yr,
-            NEED_DSCALE,
-            WRITE_DPREACT,
-            WRITE_Y1S,
-            BLOCK_M,
-            SUB_N // 2,
-            SPLIT // 2,
+            G=left,
+            row0=row0,
+            row_ok=row_ok,
+            s=s,
+            c0=c0,
+            F=F,
+            preact_ptr=preact_ptr,
+            dpreact_ptr=dpreact_ptr,
+            y1s_ptr=y1s_ptr,
+            stride_pr=stride_pr,
+            stride_dr=stride_dr,
+            stride_yr=stride_yr,
+            NEED_DSCALE=NEED_DSCALE,
+            WRITE_DPREACT=WRITE_DPREACT,
+            WRITE_Y1S=WRITE_Y1S,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N // 2,
+            SPLIT=SPLIT // 2,
         )
         return part + _act_bwd_epilogue(
-            right,
-            row0,
-            row_ok,
-            s,
-            c0 + SUB_N // 2,
-            F,
-            preact_ptr,
-            dpreact_ptr,
-            y1s_ptr,
-            stride_pr,
-            stride_dr,
-            stride_yr,
-            NEED_DSCALE,
-            WRITE_DPREACT,
-            WRITE_Y1S,
-            BLOCK_M,
-            SUB_N // 2,
-            SPLIT // 2,
+            G=right,
+            row0=row0,
+            row_ok=row_ok,
+            s=s,
+            c0=c0 + SUB_N // 2,
+            F=F,
+            preact_ptr=preact_ptr,
+            dpreact_ptr=dpreact_ptr,
+            y1s_ptr=y1s_ptr,
+            stride_pr=stride_pr,
+            stride_dr=stride_dr,
+            stride_yr=stride_yr,
+            NEED_DSCALE=NEED_DSCALE,
+            WRITE_DPREACT=WRITE_DPREACT,
+            WRITE_Y1S=WRITE_Y1S,
+            BLOCK_M=BLOCK_M,
+            SUB_N=SUB_N // 2,
+            SPLIT=SPLIT // 2,
         )
 
 
 @triton.jit
 def _act_bwd_kernel(
-    a_desc,
-    a_ptr,
-    w_desc1,
-    w_desc2,
-    w_ptr1,
-    w_ptr2,
-    scale_ptr,
-    preact_ptr,
-    dpreact_ptr,
-    y1s_ptr,
-    dscale_part_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_M, BLOCK_K] (A_TMA)
+    a_ptr,  # [N_rows, H] d(output) gathered into sorted rows
+    w_desc1,  # TMA descriptor of w_ptr1, box [1, BLOCK_K, BLOCK_N] (W_TMA)
+    w_desc2,  # TMA descriptor of w_ptr2 (W_TMA)
+    w_ptr1,  # [n_first, H, F] down_proj, first part (read as [K=H, N=F])
+    w_ptr2,  # [E - n_first, H, F] down_proj, second part
+    scale_ptr,  # [T·k] routing weight of every slot
+    preact_ptr,  # [N_rows, 2F] saved [gate | up]
+    dpreact_ptr,  # [N_rows, 2F] out: d[gate | up] (WRITE_DPREACT)
+    y1s_ptr,  # [N_rows, F] out: s·h (WRITE_Y1S)
+    dscale_part_ptr,  # [N_rows, cdiv(F, BLOCK_N)] fp32 out: per-tile parts of <G_r, h_r> (NEED_DSCALE)
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     n_first,
     H,
@@ -487,81 +510,81 @@ def _act_bwd_kernel(
     BLOCK_K: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
 ):
-    num_m = _row_tile_count(offsets_ptr, n_experts, BLOCK_M, BLOCK_E)
+    num_m = _row_tile_count(offsets_ptr=offsets_ptr, n_experts=n_experts, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E)
     num_n = tl.cdiv(F, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         acc, _, start, row_ok, n0 = _row_tile_product(
-            tile,
-            num_m,
-            num_n,
-            offsets_ptr,
-            order_ptr,
-            sorted_slots_ptr,
-            n_experts,
-            1,
-            a_desc,
-            a_ptr,
-            stride_ar,
-            stride_ak,
-            w_desc1,
-            w_desc2,
-            w_ptr1,
-            w_ptr2,
-            n_first,
-            stride_we,
-            stride_wn,
-            stride_wk,
-            0,
-            F,
-            0,
-            H,
-            NEED_G,
-            False,
-            A_TMA,
-            W_TMA,
-            False,
-            False,
-            PRECISION,
-            BLOCK_E,
-            GROUP_M,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            tile=tile,
+            num_m=num_m,
+            num_n=num_n,
+            offsets_ptr=offsets_ptr,
+            order_ptr=order_ptr,
+            sorted_slots_ptr=sorted_slots_ptr,
+            n_experts=n_experts,
+            top_k=1,
+            a_desc=a_desc,
+            a_ptr=a_ptr,
+            stride_ar=stride_ar,
+            stride_ak=stride_ak,
+            w_desc1=w_desc1,
+            w_desc2=w_desc2,
+            w_ptr1=w_ptr1,
+            w_ptr2=w_ptr2,
+            n_first=n_first,
+            stride_we=stride_we,
+            stride_wn=stride_wn,
+            stride_wk=stride_wk,
+            n_second=0,
+            n_end=F,
+            k_lo=0,
+            k_hi=H,
+            MMA=NEED_G,
+            GATHER_A=False,
+            A_TMA=A_TMA,
+            W_TMA=W_TMA,
+            K_MAJOR=False,
+            DUAL=False,
+            PRECISION=PRECISION,
+            BLOCK_E=BLOCK_E,
+            GROUP_M=GROUP_M,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         rows = start + tl.arange(0, BLOCK_M)
         slots = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
         s = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
         part = _act_bwd_epilogue(
-            acc,
-            start,
-            row_ok,
-            s,
-            n0,
-            F,
-            preact_ptr,
-            dpreact_ptr,
-            y1s_ptr,
-            stride_pr,
-            stride_dr,
-            stride_yr,
-            NEED_DSCALE,
-            WRITE_DPREACT,
-            WRITE_Y1S,
-            BLOCK_M,
-            BLOCK_N,
-            EPILOGUE_SPLIT,
+            G=acc,
+            row0=start,
+            row_ok=row_ok,
+            s=s,
+            c0=n0,
+            F=F,
+            preact_ptr=preact_ptr,
+            dpreact_ptr=dpreact_ptr,
+            y1s_ptr=y1s_ptr,
+            stride_pr=stride_pr,
+            stride_dr=stride_dr,
+            stride_yr=stride_yr,
+            NEED_DSCALE=NEED_DSCALE,
+            WRITE_DPREACT=WRITE_DPREACT,
+            WRITE_Y1S=WRITE_Y1S,
+            BLOCK_M=BLOCK_M,
+            SUB_N=BLOCK_N,
+            SPLIT=EPILOGUE_SPLIT,
         )
         if NEED_DSCALE:
-            tl.store(dscale_part_ptr + _offset(rows, num_n) + n0 // BLOCK_N, part, mask=row_ok)
+            tl.store(dscale_part_ptr + _offset(index=rows, stride=num_n) + n0 // BLOCK_N, part, mask=row_ok)
 
 
 @triton.jit
 def _reduce_rows(
     acc,
-    a_desc,
-    a_ptr,
-    b_desc,
-    b_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_K, BLOCK_M] (TMA)
+    a_ptr,  # [N_rows, M] sorted rows
+    b_desc,  # TMA descriptor of b_ptr, box [BLOCK_K, BLOCK_N] (TMA)
+    b_ptr,  # [N_rows, N] sorted rows
     lo,
     hi,
     m0,
@@ -585,20 +608,60 @@ def _reduce_rows(
         rows = r0 + tl.arange(0, BLOCK_K)
         ok = rows < hi
         a = _load_rows(
-            a_desc, a_ptr, r0, _offset(rows, stride_ar), ok, m0, M, stride_am, TMA, BLOCK_K, BLOCK_M
+            desc=a_desc,
+            ptr=a_ptr,
+            row0=r0,
+            row_off=_offset(index=rows, stride=stride_ar),
+            row_ok=ok,
+            c0=m0,
+            c_end=M,
+            stride_c=stride_am,
+            TMA=TMA,
+            BLOCK_R=BLOCK_K,
+            BLOCK_C=BLOCK_M,
         )
         b = _load_rows(
-            b_desc, b_ptr, r0, _offset(rows, stride_br), ok, n0, N, stride_bn, TMA, BLOCK_K, BLOCK_N
+            desc=b_desc,
+            ptr=b_ptr,
+            row0=r0,
+            row_off=_offset(index=rows, stride=stride_br),
+            row_ok=ok,
+            c0=n0,
+            c_end=N,
+            stride_c=stride_bn,
+            TMA=TMA,
+            BLOCK_R=BLOCK_K,
+            BLOCK_C=BLOCK_N,
         )
         acc = tl.dot(a.T, b, acc, input_precision=PRECISION)
     if full < hi:
         rows = full + tl.arange(0, BLOCK_K)
         ok = rows < hi
         a = _load_rows(
-            a_ptr, a_ptr, full, _offset(rows, stride_ar), ok, m0, M, stride_am, False, BLOCK_K, BLOCK_M
+            desc=a_ptr,
+            ptr=a_ptr,
+            row0=full,
+            row_off=_offset(index=rows, stride=stride_ar),
+            row_ok=ok,
+            c0=m0,
+            c_end=M,
+            stride_c=stride_am,
+            TMA=False,
+            BLOCK_R=BLOCK_K,
+            BLOCK_C=BLOCK_M,
         )
         b = _load_rows(
-            b_ptr, b_ptr, full, _offset(rows, stride_br), ok, n0, N, stride_bn, False, BLOCK_K, BLOCK_N
+            desc=b_ptr,
+            ptr=b_ptr,
+            row0=full,
+            row_off=_offset(index=rows, stride=stride_br),
+            row_ok=ok,
+            c0=n0,
+            c_end=N,
+            stride_c=stride_bn,
+            TMA=False,
+            BLOCK_R=BLOCK_K,
+            BLOCK_C=BLOCK_N,
         )
         acc = tl.dot(a.T, b, acc, input_precision=PRECISION)
     return acc
@@ -606,13 +669,13 @@ def _reduce_rows(
 
 @triton.jit
 def _weight_grad_kernel(
-    a_desc,
-    a_ptr,
-    b_desc,
-    b_ptr,
-    out_ptr,
-    offsets_ptr,
-    order_ptr,
+    a_desc,  # TMA descriptor of a_ptr, box [BLOCK_K, BLOCK_M] (TMA)
+    a_ptr,  # [N_rows, M] sorted rows
+    b_desc,  # TMA descriptor of b_ptr, box [BLOCK_K, BLOCK_N] (TMA)
+    b_ptr,  # [N_rows, N] sorted rows
+    out_ptr,  # [n_split, n_local, M, N] out: dW (fp32 row-chunk partials if n_split > 1)
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
+    order_ptr,  # [E] int32 experts by descending row count
     n_experts,
     expert_base,
     n_local,
@@ -646,7 +709,7 @@ def _weight_grad_kernel(
     for tile in range(tl.program_id(0), n_local * n_split * per_expert, tl.num_programs(0)):
         index = tile // (n_split * per_expert)
         split = tile // per_expert % n_split
-        pid_m, pid_n = _swizzle(tile % per_expert, num_m, num_n, GROUP_M)
+        pid_m, pid_n = _swizzle(tile=tile % per_expert, num_m=num_m, num_n=num_n, GROUP_M=GROUP_M)
         expert = tl.sum(tl.where(mine & (position == index), order, 0), axis=0)
         start = tl.load(offsets_ptr + expert)
         end = tl.load(offsets_ptr + expert + 1)
@@ -657,41 +720,41 @@ def _weight_grad_kernel(
         n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _reduce_rows(
-            acc,
-            a_desc,
-            a_ptr,
-            b_desc,
-            b_ptr,
-            lo,
-            hi,
-            m0,
-            n0,
-            M,
-            N,
-            stride_ar,
-            stride_am,
-            stride_br,
-            stride_bn,
-            TMA,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
+            acc=acc,
+            a_desc=a_desc,
+            a_ptr=a_ptr,
+            b_desc=b_desc,
+            b_ptr=b_ptr,
+            lo=lo,
+            hi=hi,
+            m0=m0,
+            n0=n0,
+            M=M,
+            N=N,
+            stride_ar=stride_ar,
+            stride_am=stride_am,
+            stride_br=stride_br,
+            stride_bn=stride_bn,
+            TMA=TMA,
+            PRECISION=PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         ms = m0 + tl.arange(0, BLOCK_M)
         ns = n0 + tl.arange(0, BLOCK_N)
         out_ptrs = (
             out_ptr
-            + _offset(split, stride_os)
-            + _offset(expert - expert_base, stride_oe)
-            + _offset(ms, stride_om)[:, None]
+            + _offset(index=split, stride=stride_os)
+            + _offset(index=expert - expert_base, stride=stride_oe)
+            + _offset(index=ms, stride=stride_om)[:, None]
             + ns[None, :] * stride_on
         )
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & (ns < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Host-side launchers. ``cfg`` is a tuning.get_config() entry.
+# Host-side launchers. ``cfg`` is the GEMM's tuning.get_config().
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -745,47 +808,48 @@ def gate_up_fwd(
     n_experts: int,
     perm: Permutation,
     top_k: int,
+    *,
     save_preact: bool,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, F] in expert-sorted row order and, if ``save_preact``, [gate | up] [N, 2F] (else empty)."""
     n_rows, (two_f, H) = perm.sorted_slots.numel(), w_first.shape[1:]
     F = two_f // 2
     h = x.new_empty(n_rows, F)
     preact = x.new_empty(n_rows, two_f) if save_preact else x.new_empty(0, two_f)
-    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"])
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_N)
     if not tiles:
         return h, preact
     use_tma = tuning.current_device(x.device).tma
-    w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_N"], cfg["BLOCK_K"]], use_tma)
+    w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg.BLOCK_N, cfg.BLOCK_K], use_tma)
     _gate_up_fwd_kernel[persistent_grid(tiles, tuning.programs(cfg, x.device))](
-        x,
-        w1,
-        w2,
-        w_first,
-        w_second,
-        h,
-        preact,
-        perm.sorted_slots,
-        perm.offsets,
-        perm.expert_order,
-        n_experts,
-        n_first,
-        top_k,
-        H,
-        F,
-        x.stride(0),
-        x.stride(1),
-        w_first.stride(0),
-        w_first.stride(1),
-        w_first.stride(2),
-        h.stride(0),
-        preact.stride(0),
+        x_ptr=x,
+        w_desc1=w1,
+        w_desc2=w2,
+        w_ptr1=w_first,
+        w_ptr2=w_second,
+        h_ptr=h,
+        preact_ptr=preact,
+        sorted_slots_ptr=perm.sorted_slots,
+        offsets_ptr=perm.offsets,
+        order_ptr=perm.expert_order,
+        n_experts=n_experts,
+        n_first=n_first,
+        top_k=top_k,
+        H=H,
+        F=F,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        stride_we=w_first.stride(0),
+        stride_wn=w_first.stride(1),
+        stride_wk=w_first.stride(2),
+        stride_hr=h.stride(0),
+        stride_pr=preact.stride(0),
         SAVE_PREACT=save_preact,
         W_TMA=w_tma,
         PRECISION=_precision(x.dtype),
         BLOCK_E=_block_e(n_experts),
-        **tuning.launch_options(cfg, epilogue=True),
+        **cfg.launch_options(epilogue=True),
     )
     return h, preact
 
@@ -796,10 +860,11 @@ def grouped_gemm(
     w_second: torch.Tensor,
     n_first: int,
     n_experts: int,
+    *,
     transpose_w: bool,
     scale: torch.Tensor | None,
     perm: Permutation,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
     n_split: int = 1,
 ) -> torch.Tensor:
     """out[r] = scale[slot_r] · a[r] @ W_e^T (W_e without the transpose when ``transpose_w``), in sorted
@@ -811,59 +876,57 @@ def grouped_gemm(
             w_first.shape[2],
             w_first.stride(2),
             w_first.stride(1),
-            [cfg["BLOCK_K"], cfg["BLOCK_N"]],
+            [cfg.BLOCK_K, cfg.BLOCK_N],
         )
     else:
         N, stride_n, stride_k, w_block = (
             w_first.shape[1],
             w_first.stride(1),
             w_first.stride(2),
-            [cfg["BLOCK_N"], cfg["BLOCK_K"]],
+            [cfg.BLOCK_N, cfg.BLOCK_K],
         )
     if n_split > 1:
         out = torch.empty(n_split, n_rows, N, dtype=torch.float32, device=a.device)
     else:
         out = a.new_empty(1, n_rows, N)
-    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    tiles = (
-        row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) * n_split
-    )
+    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg.BLOCK_K) * cfg.BLOCK_K
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N) * n_split
     if tiles:
         use_tma = tuning.current_device(a.device).tma
-        a_op, a_tma = _row_operand(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
+        a_op, a_tma = _row_operand(a, [cfg.BLOCK_M, cfg.BLOCK_K], use_tma)
         w1, w2, w_tma = _weight_operand(w_first, w_second, w_block, use_tma)
         _grouped_gemm_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
-            a_op,
-            a,
-            w1,
-            w2,
-            w_first,
-            w_second,
-            a if scale is None else scale,
-            out,
-            perm.sorted_slots,
-            perm.offsets,
-            perm.expert_order,
-            n_experts,
-            n_first,
-            N,
-            K,
-            k_chunk,
-            n_split,
-            a.stride(0),
-            a.stride(1),
-            w_first.stride(0),
-            stride_n,
-            stride_k,
-            out.stride(0),
-            out.stride(1),
+            a_desc=a_op,
+            a_ptr=a,
+            w_desc1=w1,
+            w_desc2=w2,
+            w_ptr1=w_first,
+            w_ptr2=w_second,
+            scale_ptr=a if scale is None else scale,
+            out_ptr=out,
+            sorted_slots_ptr=perm.sorted_slots,
+            offsets_ptr=perm.offsets,
+            order_ptr=perm.expert_order,
+            n_experts=n_experts,
+            n_first=n_first,
+            N=N,
+            K=K,
+            k_chunk=k_chunk,
+            n_split=n_split,
+            stride_ar=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_we=w_first.stride(0),
+            stride_wn=stride_n,
+            stride_wk=stride_k,
+            stride_os=out.stride(0),
+            stride_or=out.stride(1),
             HAS_SCALE=scale is not None,
             A_TMA=a_tma,
             W_TMA=w_tma,
             K_MAJOR=not transpose_w,
             PRECISION=_precision(a.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg),
+            **cfg.launch_options(),
         )
     return out if n_split > 1 else out[0]
 
@@ -881,7 +944,7 @@ def act_bwd(
     need_dpreact: bool,
     need_dscale: bool,
     need_y1s: bool,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d[gate | up] [N, 2F], d(scale) per sorted row [N] fp32, y1s = s·h [N, F]), each None unless asked.
 
@@ -889,42 +952,42 @@ def act_bwd(
     d[gate | up] or d(scale) is asked for (y1s alone needs just the saved pre-activations)."""
     n_rows, two_f = preact.shape
     H, F = w_first.shape[1], w_first.shape[2]
-    num_n = triton.cdiv(F, cfg["BLOCK_N"])
+    num_n = triton.cdiv(F, cfg.BLOCK_N)
     dpreact = torch.empty_like(preact) if need_dpreact else preact.new_empty(0, two_f)
     y1s = preact.new_empty(n_rows, F) if need_y1s else preact.new_empty(0, F)
     part = torch.empty(n_rows, num_n if need_dscale else 0, dtype=torch.float32, device=preact.device)
-    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg["BLOCK_M"]) * num_n
+    tiles = row_tiles_upper_bound(n_rows, n_experts, cfg.BLOCK_M) * num_n
     if tiles:
         use_tma = tuning.current_device(preact.device).tma
-        a_op, a_tma = _row_operand(dy_sorted, [cfg["BLOCK_M"], cfg["BLOCK_K"]], use_tma)
-        w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        a_op, a_tma = _row_operand(dy_sorted, [cfg.BLOCK_M, cfg.BLOCK_K], use_tma)
+        w1, w2, w_tma = _weight_operand(w_first, w_second, [cfg.BLOCK_K, cfg.BLOCK_N], use_tma)
         _act_bwd_kernel[persistent_grid(tiles, tuning.programs(cfg, preact.device))](
-            a_op,
-            dy_sorted,
-            w1,
-            w2,
-            w_first,
-            w_second,
-            scale,
-            preact,
-            dpreact,
-            y1s,
-            part,
-            perm.sorted_slots,
-            perm.offsets,
-            perm.expert_order,
-            n_experts,
-            n_first,
-            H,
-            F,
-            dy_sorted.stride(0),
-            dy_sorted.stride(1),
-            w_first.stride(0),
-            w_first.stride(2),
-            w_first.stride(1),
-            preact.stride(0),
-            dpreact.stride(0),
-            y1s.stride(0),
+            a_desc=a_op,
+            a_ptr=dy_sorted,
+            w_desc1=w1,
+            w_desc2=w2,
+            w_ptr1=w_first,
+            w_ptr2=w_second,
+            scale_ptr=scale,
+            preact_ptr=preact,
+            dpreact_ptr=dpreact,
+            y1s_ptr=y1s,
+            dscale_part_ptr=part,
+            sorted_slots_ptr=perm.sorted_slots,
+            offsets_ptr=perm.offsets,
+            order_ptr=perm.expert_order,
+            n_experts=n_experts,
+            n_first=n_first,
+            H=H,
+            F=F,
+            stride_ar=dy_sorted.stride(0),
+            stride_ak=dy_sorted.stride(1),
+            stride_we=w_first.stride(0),
+            stride_wn=w_first.stride(2),
+            stride_wk=w_first.stride(1),
+            stride_pr=preact.stride(0),
+            stride_dr=dpreact.stride(0),
+            stride_yr=y1s.stride(0),
             NEED_G=need_dpreact or need_dscale,
             NEED_DSCALE=need_dscale,
             WRITE_DPREACT=need_dpreact,
@@ -933,7 +996,7 @@ def act_bwd(
             W_TMA=w_tma,
             PRECISION=_precision(preact.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg, epilogue=True),
+            **cfg.launch_options(epilogue=True),
         )
     return (
         dpreact if need_dpreact else None,
@@ -950,7 +1013,7 @@ def weight_grad(
     perm: Permutation,
     *,
     out_dtype: torch.dtype,
-    cfg: dict[str, Any],
+    cfg: tuning.TileConfig,
     n_split: int = 1,
 ) -> torch.Tensor:
     """dW[e - expert_base] = Σ_{sorted rows r of e} a[r]^T b[r] for experts [expert_base, + n_local):
@@ -959,38 +1022,38 @@ def weight_grad(
     n_experts = perm.offsets.numel() - 1
     shape = (n_split, n_local, M, N)
     out = torch.empty(shape, dtype=torch.float32 if n_split > 1 else out_dtype, device=a.device)
-    tiles = n_local * n_split * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = n_local * n_split * triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     if tiles:
         use_tma = tuning.current_device(a.device).tma and a.shape[0] > 0
-        a_op, a_tma = _row_operand(a, [cfg["BLOCK_K"], cfg["BLOCK_M"]], use_tma)
-        b_op, b_tma = _row_operand(b, [cfg["BLOCK_K"], cfg["BLOCK_N"]], use_tma)
+        a_op, a_tma = _row_operand(a, [cfg.BLOCK_K, cfg.BLOCK_M], use_tma)
+        b_op, b_tma = _row_operand(b, [cfg.BLOCK_K, cfg.BLOCK_N], use_tma)
         if a_tma != b_tma:
             a_op, b_op, a_tma = a, b, False
         _weight_grad_kernel[persistent_grid(tiles, tuning.programs(cfg, a.device))](
-            a_op,
-            a,
-            b_op,
-            b,
-            out,
-            perm.offsets,
-            perm.expert_order,
-            n_experts,
-            expert_base,
-            n_local,
-            M,
-            N,
-            n_split,
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            out.stride(3),
+            a_desc=a_op,
+            a_ptr=a,
+            b_desc=b_op,
+            b_ptr=b,
+            out_ptr=out,
+            offsets_ptr=perm.offsets,
+            order_ptr=perm.expert_order,
+            n_experts=n_experts,
+            expert_base=expert_base,
+            n_local=n_local,
+            M=M,
+            N=N,
+            n_split=n_split,
+            stride_ar=a.stride(0),
+            stride_am=a.stride(1),
+            stride_br=b.stride(0),
+            stride_bn=b.stride(1),
+            stride_os=out.stride(0),
+            stride_oe=out.stride(1),
+            stride_om=out.stride(2),
+            stride_on=out.stride(3),
             TMA=a_tma,
             PRECISION=_precision(a.dtype),
             BLOCK_E=_block_e(n_experts),
-            **tuning.launch_options(cfg),
+            **cfg.launch_options(),
         )
     return out.sum(dim=0).to(out_dtype) if n_split > 1 else out[0]

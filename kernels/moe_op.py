@@ -37,17 +37,32 @@ allocated only for the parts that require grad.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 
 from . import grouped_gemm as gg
-from .dispatch import RaggedGemm, input_grad_grouped_mm, use_grouped_mm, weight_grad_grouped_mm
+from .dispatch import input_grad_grouped_mm, use_grouped_mm, weight_grad_grouped_mm
 from .permutation import Permutation, permute
 from .reference import ExpertWeights, split_experts
 from .rows import combine_rows, gather_rows
-from .tuning import bucket, get_config, split_k
+from .tuning import Gemm, TileConfig, bucket, get_config, split_k
 
 Tensor = torch.Tensor
+
+
+class GradSlots(NamedTuple):
+    """One value per differentiable input of the op, in its argument order: whether its gradient is
+    needed (bool) or the gradient (Tensor). The custom op's schema carries them as a plain list/tuple.
+    (Any: a generic NamedTuple needs Python 3.11.)"""
+
+    hidden: Any
+    gate_up_first: Any
+    gate_up_second: Any
+    down_first: Any
+    down_second: Any
+    topk_weights: Any
 
 
 def _experts(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
@@ -57,8 +72,8 @@ def _experts(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor, int,
     return first, second, first.shape[0], first.shape[0] + second.shape[0]
 
 
-def _cfg(kernel: str, n_tokens: int, like: Tensor) -> dict:
-    return get_config(kernel, n_tokens, like.device, like.dtype)
+def _cfg(gemm: Gemm, n_tokens: int, like: Tensor) -> TileConfig:
+    return get_config(gemm, n_tokens, like.device, like.dtype)
 
 
 def forward(
@@ -78,14 +93,17 @@ def forward(
     d1, d2, _, _ = _experts(down_first, down_second)
     perm = permute(topk_ids, E)
     h, preact = gg.gate_up_fwd(
-        hidden, gu1, gu2, n_first, E, perm, k, save_preact, _cfg("gate_up_fwd", T, hidden)
+        hidden, gu1, gu2, n_first, E, perm, k, save_preact=save_preact, cfg=_cfg(Gemm.GATE_UP_FWD, T, hidden)
     )
-    cfg = _cfg("down_fwd", T, hidden)
+    cfg = _cfg(Gemm.DOWN_FWD, T, hidden)
     n_split = 1
     if bucket(T) == "decode":
-        tiles = min(E, T * k) * triton.cdiv(H, cfg["BLOCK_N"])
-        n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg["BLOCK_K"]), 2, cfg, hidden.device)
-    rows = gg.grouped_gemm(h, d1, d2, n_first, E, False, topk_weights.reshape(-1), perm, cfg, n_split)
+        tiles = min(E, T * k) * triton.cdiv(H, cfg.BLOCK_N)
+        n_split = split_k(tiles, triton.cdiv(h.shape[1], cfg.BLOCK_K), 2, cfg, hidden.device)
+    scale = topk_weights.reshape(-1)
+    rows = gg.grouped_gemm(
+        h, d1, d2, n_first, E, transpose_w=False, scale=scale, perm=perm, cfg=cfg, n_split=n_split
+    )
     y = combine_rows(rows, perm.slot_rows, T, k, hidden.dtype)
     return y, preact, *perm
 
@@ -113,10 +131,11 @@ def backward(
     gu1, gu2, n_first, E = _experts(gate_up_first, gate_up_second)
     d1, d2, _, _ = _experts(down_first, down_second)
     perm = Permutation(sorted_slots, slot_rows, offsets, expert_order)
-    need_x, need_w = needs[0], needs[5]
-    need_gu, need_down = needs[1] or needs[2], needs[3] or needs[4]
-    grads = [hidden.new_empty(0) for _ in range(6)]  # outputs must not alias each other
-    if not any(needs):
+    need = GradSlots(*needs)
+    need_gu = need.gate_up_first or need.gate_up_second
+    need_down = need.down_first or need.down_second
+    grads = GradSlots(*(hidden.new_empty(0) for _ in need))  # outputs must not alias each other
+    if not any(need):
         return tuple(grads)
     dy_sorted = gather_rows(grad_out, sorted_slots, offsets, k)
     dpreact, dscale, y1s = gg.act_bwd(
@@ -128,27 +147,33 @@ def backward(
         topk_weights.reshape(-1),
         preact,
         perm,
-        need_dpreact=need_x or need_gu,
-        need_dscale=need_w,
+        need_dpreact=need.hidden or need_gu,
+        need_dscale=need.topk_weights,
         need_y1s=need_down,
-        cfg=_cfg("act_bwd", T, hidden),
+        cfg=_cfg(Gemm.ACT_BWD, T, hidden),
     )
-    if need_x:
-        if gate_up_second is None and use_grouped_mm(RaggedGemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
+    if need.hidden:
+        if gate_up_second is None and use_grouped_mm(Gemm.INPUT_GRAD, (dpreact, gu1), n_rows, E):
             dx_rows = input_grad_grouped_mm(dpreact, gu1, offsets)
         else:
-            cfg = _cfg("input_grad", T, hidden)
-            dx_rows = gg.grouped_gemm(dpreact, gu1, gu2, n_first, E, True, None, perm, cfg)
-        grads[0] = combine_rows(dx_rows, slot_rows, T, k, hidden.dtype)
-    if need_w:
+            cfg = _cfg(Gemm.INPUT_GRAD, T, hidden)
+            dx_rows = gg.grouped_gemm(
+                dpreact, gu1, gu2, n_first, E, transpose_w=True, scale=None, perm=perm, cfg=cfg
+            )
+        grads = grads._replace(hidden=combine_rows(dx_rows, slot_rows, T, k, hidden.dtype))
+    if need.topk_weights:
         valid = slot_rows >= 0
         per_slot = torch.where(valid, dscale[slot_rows.clamp(min=0).long()], 0.0)
-        grads[5] = per_slot.view(T, k).to(topk_weights.dtype)
+        grads = grads._replace(topk_weights=per_slot.view(T, k).to(topk_weights.dtype))
     if need_gu:
         x_sorted = gather_rows(hidden, sorted_slots, offsets, k)
-        grads[1], grads[2] = _weight_grads(dpreact, x_sorted, perm, needs[1:3], (gu1, gu2), n_first, T)
+        parts = (need.gate_up_first, need.gate_up_second)
+        first, second = _weight_grads(dpreact, x_sorted, perm, parts, (gu1, gu2), n_first, T)
+        grads = grads._replace(gate_up_first=first, gate_up_second=second)
     if need_down:
-        grads[3], grads[4] = _weight_grads(dy_sorted, y1s, perm, needs[3:5], (d1, d2), n_first, T)
+        parts = (need.down_first, need.down_second)
+        first, second = _weight_grads(dy_sorted, y1s, perm, parts, (d1, d2), n_first, T)
+        grads = grads._replace(down_first=first, down_second=second)
     return tuple(grads)
 
 
@@ -156,7 +181,7 @@ def _weight_grads(
     a: Tensor,
     b: Tensor,
     perm: Permutation,
-    needs: list[bool],
+    needs: tuple[bool, bool],
     parts: tuple[Tensor, Tensor],
     n_first: int,
     n_tokens: int,
@@ -165,16 +190,16 @@ def _weight_grads(
     n_rows, E = a.shape[0], perm.offsets.numel() - 1
     whole = parts[0] is parts[1]
     out = [a.new_empty(0), a.new_empty(0)]
-    if whole and use_grouped_mm(RaggedGemm.WEIGHT_GRAD, (a, b), n_rows, E):
+    if whole and use_grouped_mm(Gemm.WEIGHT_GRAD, (a, b), n_rows, E):
         out[0] = weight_grad_grouped_mm(a, b, perm.offsets).to(parts[0].dtype)
         return out[0], out[1]
-    cfg = _cfg("weight_grad", n_tokens, a)
+    cfg = _cfg(Gemm.WEIGHT_GRAD, n_tokens, a)
     for i, (base, n_local) in enumerate(((0, n_first), (n_first, E - n_first))):
         if not needs[i] or n_local == 0:
             continue
-        tiles = n_local * triton.cdiv(a.shape[1], cfg["BLOCK_M"]) * triton.cdiv(b.shape[1], cfg["BLOCK_N"])
+        tiles = n_local * triton.cdiv(a.shape[1], cfg.BLOCK_M) * triton.cdiv(b.shape[1], cfg.BLOCK_N)
         rows_per_expert = triton.cdiv(n_rows, E)
-        n_split = split_k(tiles, triton.cdiv(rows_per_expert, cfg["BLOCK_K"]), 4, cfg, a.device)
+        n_split = split_k(tiles, triton.cdiv(rows_per_expert, cfg.BLOCK_K), 4, cfg, a.device)
         out[i] = gg.weight_grad(a, b, base, n_local, perm, out_dtype=parts[i].dtype, cfg=cfg, n_split=n_split)
     return out[0], out[1]
 
@@ -201,8 +226,8 @@ def _(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weigh
 
 @_moe_mlp_bwd.register_fake
 def _(grad_out, hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights, *rest):
-    needs = rest[-1]
-    like = (hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
+    needs = GradSlots(*rest[-1])
+    like = GradSlots(hidden, gate_up_first, gate_up_second, down_first, down_second, topk_weights)
     return tuple(
         torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip(like, needs, strict=True)
     )
@@ -215,7 +240,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, *_unused_grads):
-    needs = list(ctx.needs_input_grad[:6])
+    needs = list(ctx.needs_input_grad[: len(GradSlots._fields)])
     grads = torch.ops.pdmoe.moe_mlp_bwd(grad_out, *ctx.saved_tensors, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
 

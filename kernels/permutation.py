@@ -43,7 +43,12 @@ class Permutation(NamedTuple):
 
 
 @triton.jit
-def _valid_ids(ids_ptr, offs, n_slots, n_experts):
+def _valid_ids(
+    ids_ptr,  # [T·k] int expert id of every slot
+    offs,
+    n_slots,
+    n_experts,
+):
     """The block's expert ids as int32, -1 where the slot is past the end or its id outside [0, E)."""
     ids = tl.load(ids_ptr + offs, mask=offs < n_slots, other=-1)
     valid = (offs < n_slots) & (ids >= 0) & (ids < n_experts)  # compared before any narrowing cast
@@ -51,19 +56,28 @@ def _valid_ids(ids_ptr, offs, n_slots, n_experts):
 
 
 @triton.jit
-def _histogram_kernel(ids_ptr, counts_ptr, n_slots, n_experts, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _histogram_kernel(
+    ids_ptr,  # [T·k] int expert id of every slot
+    counts_ptr,  # [n_blocks, BLOCK_E] int32 out: slots per (block, expert)
+    n_slots,
+    n_experts,
+    BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     block = tl.program_id(0)
-    ids = _valid_ids(ids_ptr, block * BLOCK + tl.arange(0, BLOCK), n_slots, n_experts)
+    ids = _valid_ids(
+        ids_ptr=ids_ptr, offs=block * BLOCK + tl.arange(0, BLOCK), n_slots=n_slots, n_experts=n_experts
+    )
     counts = tl.histogram(tl.maximum(ids, 0), BLOCK_E, mask=ids >= 0)
     tl.store(counts_ptr + block * BLOCK_E + tl.arange(0, BLOCK_E), counts)
 
 
 @triton.jit
 def _scan_kernel(
-    counts_ptr,
-    block_rows_ptr,
-    offsets_ptr,
-    order_ptr,
+    counts_ptr,  # [n_blocks, BLOCK_E] int32 slots per (block, expert)
+    block_rows_ptr,  # [n_blocks, BLOCK_E] int32 out: first sorted row of every (block, expert)
+    offsets_ptr,  # [E+1] int32 out: first sorted row of every expert
+    order_ptr,  # [E] int32 out: experts by descending row count
     n_blocks,
     n_experts,
     CHUNK: tl.constexpr,
@@ -94,10 +108,10 @@ def _scan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    ids_ptr,
-    block_rows_ptr,
-    sorted_slots_ptr,
-    slot_rows_ptr,
+    ids_ptr,  # [T·k] int expert id of every slot
+    block_rows_ptr,  # [n_blocks, BLOCK_E] int32 first sorted row of every (block, expert)
+    sorted_slots_ptr,  # [T·k] int32 out: slot of every sorted row
+    slot_rows_ptr,  # [T·k] int32 out: sorted row of every slot, -1 for a dropped slot
     n_slots,
     n_experts,
     BLOCK: tl.constexpr,
@@ -106,7 +120,7 @@ def _scatter_kernel(
     block = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
     offs = block * BLOCK + lane
-    ids = _valid_ids(ids_ptr, offs, n_slots, n_experts)
+    ids = _valid_ids(ids_ptr=ids_ptr, offs=offs, n_slots=n_slots, n_experts=n_experts)
     earlier_same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
     rank = tl.sum(earlier_same.to(tl.int32), axis=1)
     valid = ids >= 0
@@ -131,13 +145,29 @@ def permute(topk_ids: torch.Tensor, n_experts: int) -> Permutation:
     counts = torch.empty(n_blocks, block_e, dtype=torch.int32, device=device)
     block_rows = torch.empty_like(counts)
     if n_blocks:
-        _histogram_kernel[(n_blocks,)](ids, counts, n_slots, n_experts, BLOCK=BLOCK, BLOCK_E=block_e)
+        _histogram_kernel[(n_blocks,)](
+            ids_ptr=ids, counts_ptr=counts, n_slots=n_slots, n_experts=n_experts, BLOCK=BLOCK, BLOCK_E=block_e
+        )
     _scan_kernel[(1,)](
-        counts, block_rows, offsets, order, n_blocks, n_experts, CHUNK=SCAN_CHUNK, BLOCK_E=block_e
+        counts_ptr=counts,
+        block_rows_ptr=block_rows,
+        offsets_ptr=offsets,
+        order_ptr=order,
+        n_blocks=n_blocks,
+        n_experts=n_experts,
+        CHUNK=SCAN_CHUNK,
+        BLOCK_E=block_e,
     )
     if n_blocks:
         _scatter_kernel[(n_blocks,)](
-            ids, block_rows, sorted_slots, slot_rows, n_slots, n_experts, BLOCK=BLOCK, BLOCK_E=block_e
+            ids_ptr=ids,
+            block_rows_ptr=block_rows,
+            sorted_slots_ptr=sorted_slots,
+            slot_rows_ptr=slot_rows,
+            n_slots=n_slots,
+            n_experts=n_experts,
+            BLOCK=BLOCK,
+            BLOCK_E=block_e,
         )
     return Permutation(sorted_slots, slot_rows, offsets, order)
 

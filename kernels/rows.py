@@ -1,6 +1,6 @@
 """Moving rows between token order and expert-sorted order (memory-bound copies around the GEMMs).
 
-* ``gather_rows``: src[t] [T, H] → dst[r] = src[token of row r] [N, H] for the valid sorted rows, so
+* ``gather_rows``: src[t] [T, H] → dst[r] = src[token of row r] [N_rows = T·k, H] for the valid rows, so
   the backward GEMMs that reduce over tokens read a contiguous operand (a gathered operand inside a
   K-loop would cap its prefetch depth).
 * ``combine_rows``: out[t] = Σ_j Σ_s rows[s, slot_rows[t·k + j]] — the k expert outputs of a token (and,
@@ -22,10 +22,10 @@ BLOCK_COLS = 256
 
 @triton.jit
 def _gather_rows_kernel(
-    src_ptr,
-    dst_ptr,
-    sorted_slots_ptr,
-    offsets_ptr,
+    src_ptr,  # [T, H] token rows
+    dst_ptr,  # [N_rows, H] out: contiguous sorted rows
+    sorted_slots_ptr,  # [N_rows] int32 slot (t·k + j) of every sorted row
+    offsets_ptr,  # [E+1] int32 first sorted row of every expert
     n_experts,
     top_k,
     n_cols,
@@ -40,16 +40,20 @@ def _gather_rows_kernel(
     tokens = tl.load(sorted_slots_ptr + rows, mask=ok, other=0) // top_k
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = ok[:, None] & (cols < n_cols)[None, :]
-    src_ptrs = src_ptr + _offset(tokens, stride_src_row)[:, None] + _offset(cols, stride_src_col)[None, :]
+    src_ptrs = (
+        src_ptr
+        + _offset(index=tokens, stride=stride_src_row)[:, None]
+        + _offset(index=cols, stride=stride_src_col)[None, :]
+    )
     values = tl.load(src_ptrs, mask=mask)
-    tl.store(dst_ptr + _offset(rows, stride_dst)[:, None] + cols[None, :], values, mask=mask)
+    tl.store(dst_ptr + _offset(index=rows, stride=stride_dst)[:, None] + cols[None, :], values, mask=mask)
 
 
 @triton.jit
 def _combine_rows_kernel(
-    rows_ptr,
-    slot_rows_ptr,
-    out_ptr,
+    rows_ptr,  # [S, N_rows, H] sorted rows (S split-K partial sums; contiguous last dimension)
+    slot_rows_ptr,  # [T·k] int32 sorted row of every slot, -1 for a dropped slot
+    out_ptr,  # [T, H] out: every token's k rows added
     n_tokens,
     top_k,
     n_split,
@@ -65,12 +69,14 @@ def _combine_rows_kernel(
     col_ok = cols < n_cols
     acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     for j in range(0, top_k):
-        row = tl.load(slot_rows_ptr + _offset(tokens, top_k) + j, mask=tokens < n_tokens, other=-1)
+        row = tl.load(
+            slot_rows_ptr + _offset(index=tokens, stride=top_k) + j, mask=tokens < n_tokens, other=-1
+        )
         mask = (row >= 0)[:, None] & col_ok[None, :]
-        ptrs = rows_ptr + _offset(row, stride_row)[:, None] + cols[None, :]
+        ptrs = rows_ptr + _offset(index=row, stride=stride_row)[:, None] + cols[None, :]
         for s in range(0, n_split):
-            acc += tl.load(ptrs + _offset(s, stride_split), mask=mask, other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + _offset(tokens, stride_out)[:, None] + cols[None, :]
+            acc += tl.load(ptrs + _offset(index=s, stride=stride_split), mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + _offset(index=tokens, stride=stride_out)[:, None] + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(tokens < n_tokens)[:, None] & col_ok[None, :])
 
 
@@ -83,16 +89,16 @@ def gather_rows(
     if n_rows and n_cols:
         grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(n_cols, BLOCK_COLS))
         _gather_rows_kernel[grid](
-            src,
-            dst,
-            sorted_slots,
-            offsets,
-            offsets.numel() - 1,
-            top_k,
-            n_cols,
-            src.stride(0),
-            src.stride(1),
-            dst.stride(0),
+            src_ptr=src,
+            dst_ptr=dst,
+            sorted_slots_ptr=sorted_slots,
+            offsets_ptr=offsets,
+            n_experts=offsets.numel() - 1,
+            top_k=top_k,
+            n_cols=n_cols,
+            stride_src_row=src.stride(0),
+            stride_src_col=src.stride(1),
+            stride_dst=dst.stride(0),
             BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_COLS=BLOCK_COLS,
         )
@@ -110,16 +116,16 @@ def combine_rows(
     if n_tokens and n_cols:
         grid = (triton.cdiv(n_tokens, BLOCK_ROWS), triton.cdiv(n_cols, BLOCK_COLS))
         _combine_rows_kernel[grid](
-            parts,
-            slot_rows,
-            out,
-            n_tokens,
-            top_k,
-            n_split,
-            n_cols,
-            parts.stride(0),
-            parts.stride(1),
-            out.stride(0),
+            rows_ptr=parts,
+            slot_rows_ptr=slot_rows,
+            out_ptr=out,
+            n_tokens=n_tokens,
+            top_k=top_k,
+            n_split=n_split,
+            n_cols=n_cols,
+            stride_split=parts.stride(0),
+            stride_row=parts.stride(1),
+            stride_out=out.stride(0),
             BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_COLS=BLOCK_COLS,
         )

@@ -132,8 +132,8 @@ def _capturing(device_name: str, scenario: dict):
         return True  # skip compiling and launching
 
     def programs(cfg, device):
-        scenario["ctas"] = cfg["ctas_per_sm"]  # read by the hook of the launch that follows
-        return HOPPER_SMS * cfg["ctas_per_sm"]
+        scenario["ctas"] = cfg.ctas_per_sm  # read by the hook of the launch that follows
+        return HOPPER_SMS * cfg.ctas_per_sm
 
     saved = knobs.runtime.jit_cache_hook, tuning.current_device, tuning.programs
     knobs.runtime.jit_cache_hook = hook

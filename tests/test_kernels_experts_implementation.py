@@ -34,7 +34,9 @@ def kernel_calls(monkeypatch) -> list[int]:
     """One entry per forward call of the Triton kernels."""
     calls: list[int] = []
     gate_up_fwd = moe_op.gg.gate_up_fwd
-    monkeypatch.setattr(moe_op.gg, "gate_up_fwd", lambda *args: calls.append(1) or gate_up_fwd(*args))
+    monkeypatch.setattr(
+        moe_op.gg, "gate_up_fwd", lambda *args, **kwargs: calls.append(1) or gate_up_fwd(*args, **kwargs)
+    )
     return calls
 
 

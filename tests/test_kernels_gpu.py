@@ -12,6 +12,7 @@ import pdmoe.kernels.grouped_gemm as gg
 import pdmoe.kernels.moe_op as moe_op
 from pdmoe.kernels import dispatch, moe_mlp, moe_mlp_reference
 from pdmoe.kernels.testing import random_moe_inputs, random_routing, tiny_transformers_moes
+from pdmoe.kernels.tuning import Gemm
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -54,8 +55,8 @@ def test_matches_reference(dtype, T, H, F, E, k):
 def test_own_kernels_at_training_size(monkeypatch, tma):
     """Every GEMM on pdmoe's kernels (no grouped_mm dispatch) in the large-T tables, with the TMA and
     the pointer operand paths."""
-    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, dispatch.RaggedGemm.WEIGHT_GRAD, None)
-    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, dispatch.RaggedGemm.INPUT_GRAD, None)
+    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, Gemm.WEIGHT_GRAD, None)
+    monkeypatch.setitem(dispatch.GROUPED_MM_RULES, Gemm.INPUT_GRAD, None)
     if not tma:
         monkeypatch.setattr(gg, "_tma_ok", lambda t: False)
     check(random_moe_inputs(1500, 256, 192, 8, 2, dtype=torch.bfloat16, device=CUDA, seed=3), torch.bfloat16)
@@ -76,7 +77,7 @@ def test_grouped_mm_with_an_empty_expert():
     ids = random_routing(4096, 3, 2, generator=torch.Generator().manual_seed(5))  # expert 3 gets nothing
     inputs = random_moe_inputs(4096, 512, 256, 4, 2, dtype=torch.bfloat16, device=CUDA, topk_ids=ids)
     rows = ids.numel()
-    used = dispatch.use_grouped_mm(dispatch.RaggedGemm.WEIGHT_GRAD, (inputs[0], inputs[0]), rows, 4)
+    used = dispatch.use_grouped_mm(Gemm.WEIGHT_GRAD, (inputs[0], inputs[0]), rows, 4)
     if torch.cuda.get_device_capability() >= (9, 0):
         assert used
     _, _, g_gate_up, g_down, _ = check(inputs, torch.bfloat16)

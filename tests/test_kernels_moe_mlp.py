@@ -139,8 +139,8 @@ def test_inference_saves_nothing(monkeypatch):
     saved = []
     gate_up_fwd = mm.gg.gate_up_fwd
 
-    def spy(*args):
-        h, preact = gate_up_fwd(*args)
+    def spy(*args, **kwargs):
+        h, preact = gate_up_fwd(*args, **kwargs)
         saved.append(preact.numel())
         return h, preact
 
@@ -153,10 +153,16 @@ def test_inference_saves_nothing(monkeypatch):
 
 
 @triton.jit
-def _offset_probe(rows_ptr, out_ptr, stride, n, BLOCK: tl.constexpr):
+def _offset_probe(
+    rows_ptr,  # [n] int32 row indices
+    out_ptr,  # [n] int64 out: _offset(row, stride)
+    stride,
+    n,
+    BLOCK: tl.constexpr,
+):
     i = tl.arange(0, BLOCK)
     rows = tl.load(rows_ptr + i, mask=i < n, other=0)
-    tl.store(out_ptr + i, _offset(rows, stride), mask=i < n)
+    tl.store(out_ptr + i, _offset(index=rows, stride=stride), mask=i < n)
 
 
 def test_offsets_are_64_bit():
@@ -167,7 +173,7 @@ def test_offsets_are_64_bit():
     rows = torch.tensor([0, 1, 2**20 + 3, 2**31 - 1, 3 * 2**20], dtype=torch.int32)
     stride = 14336  # T·k rows of down-projection width: row 2^20 already starts past 2^33
     out = torch.empty(5, dtype=torch.int64)
-    _offset_probe[(1,)](rows, out, stride, 5, BLOCK=8)
+    _offset_probe[(1,)](rows_ptr=rows, out_ptr=out, stride=stride, n=5, BLOCK=8)
     assert out.tolist() == [r * stride for r in rows.tolist()]
     assert max(out.tolist()) > 2**31
 
@@ -238,8 +244,8 @@ def test_shipped_hopper_tiles(monkeypatch, T, bucket_tokens):
     128-row tiles spanning several experts' rows), run in the interpreter."""
     from pdmoe.kernels.tuning import config_for
 
-    def hopper(kernel, n_tokens, device, dtype):
-        return config_for("NVIDIA H100 80GB HBM3", kernel, bucket_tokens or n_tokens, dtype)
+    def hopper(gemm, n_tokens, device, dtype):
+        return config_for("NVIDIA H100 80GB HBM3", gemm, bucket_tokens or n_tokens, dtype)
 
     monkeypatch.setattr(mm, "get_config", hopper)
     check(*random_moe_inputs(T, 40, 24, 4, 2, seed=16 + T))
@@ -292,16 +298,15 @@ def test_torch_grouped_mm_dispatch(monkeypatch):
 
     monkeypatch.setattr(mm, "use_grouped_mm", always)
     check(*random_moe_inputs(29, 24, 20, 4, 2, seed=21))
-    assert set(picked) == set(dispatch.RaggedGemm)
+    assert set(picked) == set(dispatch.GROUPED_MM_RULES)  # every rule is consulted
 
 
 def test_grouped_mm_rule_needs_cuda_bf16_and_enough_rows():
     a = torch.randn(4096, 64, dtype=torch.bfloat16)
-    assert not dispatch.use_grouped_mm(dispatch.RaggedGemm.WEIGHT_GRAD, (a, a), 4096, 8)  # on the CPU
-    assert set(dispatch.GROUPED_MM_RULES) == set(dispatch.RaggedGemm)
+    assert not dispatch.use_grouped_mm(tuning.Gemm.WEIGHT_GRAD, (a, a), 4096, 8)  # on the CPU
 
 
 def test_interpreter_grid_loops_over_tiles():
     """The interpreter's persistent grid has fewer programs than tiles, so the tile loop is exercised."""
-    cfg = tuning.get_config("gate_up_fwd", 40, torch.device("cpu"), torch.float32)
+    cfg = tuning.get_config(tuning.Gemm.GATE_UP_FWD, 40, torch.device("cpu"), torch.float32)
     assert tuning.programs(cfg, torch.device("cpu")) == 2

@@ -27,7 +27,7 @@ def test_pdmoe_experts_match_eager(name, tmp_path, monkeypatch):
 
     calls = []
     gate_up_fwd = moe_op.gg.gate_up_fwd
-    monkeypatch.setattr(moe_op.gg, "gate_up_fwd", lambda *a: calls.append(1) or gate_up_fwd(*a))
+    monkeypatch.setattr(moe_op.gg, "gate_up_fwd", lambda *a, **kw: calls.append(1) or gate_up_fwd(*a, **kw))
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     out_eager, out_fused = eager(ids, labels=ids), fused(ids, labels=ids)
     assert len(calls) == config.num_hidden_layers
