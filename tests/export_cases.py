@@ -44,6 +44,7 @@ CASES = {
     "mistral-all": ExportCase("mistral", "all", "mixtral", {"sliding_window": 8}),
     "qwen3-all": ExportCase("qwen3", "all", "qwen3_moe"),
     "qwen3-partial": ExportCase("qwen3", "0,2", "qwen3_moe"),
+    "qwen3-attention-bias": ExportCase("qwen3", "all", "qwen3_moe", {"attention_bias": True}),
     "qwen2-all": ExportCase(
         "qwen2", "all", "qwen2_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
     ),

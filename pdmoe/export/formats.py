@@ -175,16 +175,30 @@ def _llama_cpp_window(config: dict[str, Any]) -> str | None:
     return None
 
 
+def _vllm_output_bias(config: dict[str, Any]) -> str | None:
+    if config.get("attention_bias"):
+        return "its Qwen3-MoE has no o_proj bias and drops the checkpoint's without a word"
+    return None
+
+
+def _llama_cpp_output_bias(config: dict[str, Any]) -> str | None:
+    return "its Qwen3-MoE has no o_proj bias (refuses to load one)" if config.get("attention_bias") else None
+
+
 Reason = Callable[[dict[str, Any]], str | None]
 # Where a target that transformers 5 runs exactly is known not to run exactly in a serving stack,
-# and why; each found by running that stack on exports (README's compatibility matrix).
+# and why; each found by running that stack on exports, or for vLLM by bench/clients/vllm_static.py
+# (README's compatibility matrix).
 NOT_EXACT_IN: dict[NativeFormat, dict[ServingStack, tuple[Reason, ...]]] = {
     NativeFormat.MIXTRAL: {ServingStack.LLAMA_CPP: (_llama_cpp_window,)},
     NativeFormat.QWEN2_MOE: {
         ServingStack.TRANSFORMERS_4: (_transformers_4_window,),
         ServingStack.LLAMA_CPP: (_llama_cpp_dense_layers, _llama_cpp_renormalisation, _llama_cpp_window),
     },
-    NativeFormat.QWEN3_MOE: {ServingStack.LLAMA_CPP: (_llama_cpp_dense_layers, _llama_cpp_window)},
+    NativeFormat.QWEN3_MOE: {
+        ServingStack.VLLM: (_vllm_output_bias,),
+        ServingStack.LLAMA_CPP: (_llama_cpp_dense_layers, _llama_cpp_window, _llama_cpp_output_bias),
+    },
 }
 
 
@@ -210,13 +224,15 @@ def choose_format(config: dict[str, Any], requested: NativeFormat) -> NativeForm
     if requested is NativeFormat.AUTO:
         if exact:
             return exact[0]
-        reasons = [
-            f"{target.value}: {_not_exact(config, target)}"
-            for target in _TARGETS
-            if config["base_model_type"] in _SOURCES[target]
-        ]
+        candidates = [target for target in _TARGETS if config["base_model_type"] in _SOURCES[target]]
+        reasons = {target: _not_exact(config, target) for target in candidates}
+        shown = (
+            [next(iter(reasons.values()))]
+            if len(set(reasons.values())) == 1
+            else [f"{target.value}: {reason}" for target, reason in reasons.items()]
+        )
         raise UsageError(
-            f"no native MoE class computes this model exactly ({'; '.join(reasons)}); use it through pdmoe"
+            f"no native MoE class computes this model exactly ({'; '.join(shown)}); use it through pdmoe"
         )
     reason = _not_exact(config, requested)
     if reason is None:

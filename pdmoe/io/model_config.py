@@ -92,6 +92,8 @@ def structure_problems(
     size = _structure(config, path)
     hidden, ffn, vocab = size["hidden_size"], size["intermediate_size"], size["vocab_size"]
     problems = _moe_field_problems(config)
+    if problems:  # the shapes below would only repeat them
+        return problems
     experts = config.get("num_experts")
     expected: dict[DenseProjection | MoETensor, tuple[Any, ...]] = {
         DenseProjection.GATE: (ffn, hidden),
