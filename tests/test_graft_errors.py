@@ -123,7 +123,7 @@ def test_cpt_config_of_another_family(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="CPT does not match BASE") as info:
         graft(base, instruct, cpt, tmp_path / "out")
     assert "config model_type: 'llama' in BASE, 'qwen3' in CPT" in str(info.value)
-    assert "config moe_layers [0] in CPT, but its tensors have MoE layers [0, 1]" in str(info.value)
+    assert "CPT's config: moe_layers is [0], but the tensors have MoE layers [0, 1]" in str(info.value)
 
 
 def test_both_instruct_and_cpt_add_tokens(tmp_path: Path) -> None:

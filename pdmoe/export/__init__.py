@@ -1,12 +1,14 @@
 """``pdmoe export``: a pdmoe MoE as a native transformers checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 The export loads in stock transformers, without pdmoe, and in serving stacks that know those
-classes. No tensor is recomputed (``formats`` says why none needs to be):
+classes (README's compatibility matrix says which run it exactly, checked how). No tensor is
+recomputed (``formats`` says why none needs to be; a Qwen2-MoE export adds a shared expert that
+adds 0 and, for a Llama/Mistral source, zero q/k/v biases):
 
 * ``per-expert`` layout (default): every shard gets a new header naming the hub's per-expert
   tensors, and its data bytes are copied unchanged by the kernel (``copy_file_range``: a reflink
   on copy-on-write file systems, an in-kernel copy elsewhere). What transformers' ``save_pretrained``
-  writes, and what vLLM, SGLang, llama.cpp's converter and transformers 4.x read.
+  writes, and what vLLM, llama.cpp's converter and transformers 4.x read.
 * ``fused`` layout: the shards are hard links to the input's (no extra disk space; copies where
   the file system cannot link), only ``config.json`` differs. For transformers >= 5, which keeps
   experts fused in memory. Every pdmoe writer replaces files by renaming, so a later pdmoe command
@@ -30,10 +32,12 @@ from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.export.formats import (
     ExpertLayout,
     NativeFormat,
+    ServingStack,
     choose_format,
     native_config,
     per_expert_names,
-    zero_width_shared_expert,
+    qwen2_moe_extras,
+    stacks_not_exact,
 )
 from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import Staged, write_json, write_text_atomic
@@ -55,23 +59,28 @@ class ExportReport:
     layout: ExpertLayout
     tensors: int
     linked_shards: int
+    not_exact_in: dict[ServingStack, str]
 
     def summary(self) -> str:
         how = f"{self.linked_shards} shard(s) hard-linked" if self.linked_shards else "data copied unchanged"
+        caveats = "".join(f"; not exact in {stack.value}: {why}" for stack, why in self.not_exact_in.items())
         return (
             f"exported {self.out_dir} as {self.format.value} ({self.layout.value} experts, "
-            f"{self.tensors} tensors, {how}); load it with transformers' AutoModelForCausalLM, no pdmoe needed"
+            f"{self.tensors} tensors, {how}); load it with transformers' AutoModelForCausalLM, "
+            f"no pdmoe needed{caveats}"
         )
 
 
 def _normalised_config(reader: CheckpointReader) -> dict:
-    """The pdmoe config with every field the dense family derives (head_dim, layer_types, RoPE)."""
+    """The pdmoe config with every field the dense family derives (head_dim, layer_types, RoPE),
+    after the checks graft makes: every size (experts included) agrees with the tensors."""
     raw = reader.config
     if raw.get("model_type") != "pdmoe":
         raise UsageError(
             f"{reader.directory} is a {raw.get('model_type')!r} model, not a pdmoe MoE; "
             "pdmoe export takes the output of pdmoe upcycle, cpt or graft"
         )
+    reader.check_config()
     from pdmoe.config import MoEConfig
 
     return MoEConfig(**{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
@@ -83,9 +92,7 @@ def check_export(
     """The format ``model`` would be exported to, or the UsageError saying why it has none (reads the config only)."""
     with CheckpointReader(resolve_model(model)) as reader:
         config = _normalised_config(reader)
-    target = choose_format(config, NativeFormat(format))
-    native_config(config, target)
-    return target
+    return choose_format(config, NativeFormat(format))
 
 
 def _copy_range(source: int, offset: int, count: int, target) -> None:
@@ -144,7 +151,7 @@ def export(
         config = _normalised_config(reader)
         target = choose_format(config, NativeFormat(format))
         native = native_config(config, target)
-        extras = zero_width_shared_expert(config) if target is NativeFormat.QWEN2_MOE else {}
+        extras = qwen2_moe_extras(config) if target is NativeFormat.QWEN2_MOE else {}
         dtype = next(reader.meta(name).dtype for name in reader if reader.meta(name).dtype.is_floating_point)
         shards = sorted(reader.shards.items())
         names = shard_file_names(len(shards) + bool(extras))
@@ -172,10 +179,10 @@ def export(
                 _rewrite_shard(header, out_dir / name, renamed, order)
                 weight_map |= dict.fromkeys((meta.name for meta in renamed), name)
             if extras:
-                entries = [TensorMeta(key, dtype, shape) for key, shape in extras.items()]
+                entries = [TensorMeta(key, dtype, shape) for key, (shape, _) in extras.items()]
                 with ShardWriter(out_dir / names[-1], entries, None) as writer:
                     for meta in entries:
-                        writer.write(meta.name, torch.zeros(meta.shape, dtype=dtype))
+                        writer.write(meta.name, torch.full(meta.shape, extras[meta.name][1], dtype=dtype))
                 weight_map |= dict.fromkeys(extras, names[-1])
             if len(names) > 1:
                 total = (
@@ -186,4 +193,4 @@ def export(
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 write_text_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
             folder.finish()
-    return ExportReport(out_dir, target, layout, len(weight_map), linked)
+    return ExportReport(out_dir, target, layout, len(weight_map), linked, stacks_not_exact(config, target))

@@ -9,8 +9,10 @@ from pdmoe.export.formats import ExpertLayout, NativeFormat
 _DESCRIPTION = """\
 Write a pdmoe MoE (from upcycle, cpt or graft) as a native transformers checkpoint that loads
 without pdmoe: Llama/Mistral with every layer MoE -> Mixtral; Qwen3 -> Qwen3-MoE; Qwen2, or
-Llama/Mistral with dense layers -> Qwen2-MoE (zero-width shared expert). Logits are identical
-to pdmoe's in float32. Models without an exact native form are refused with the reason."""
+Llama/Mistral with dense layers -> Qwen2-MoE (a shared expert that adds exactly 0). Logits are
+identical to pdmoe's in float32. A format that is not exact for the model is refused with the
+reason and one that is; auto takes the exact one the most serving stacks run exactly, and says
+which stacks do not (README: "Compatibility")."""
 
 
 def add_layout_argument(parser: argparse.ArgumentParser, flag: str = "--layout") -> None:
@@ -19,7 +21,7 @@ def add_layout_argument(parser: argparse.ArgumentParser, flag: str = "--layout")
         flag,
         choices=[layout.value for layout in ExpertLayout],
         default=ExpertLayout.PER_EXPERT.value,
-        help="per-expert: one tensor per expert, as the hub's Mixtral/Qwen MoE checkpoints (what vLLM, SGLang, "
+        help="per-expert: one tensor per expert, as the hub's Mixtral/Qwen MoE checkpoints (what vLLM, "
         "llama.cpp and transformers 4.x read; data copied unchanged); fused: pdmoe's fused tensors hard-linked, "
         "no extra disk (transformers >= 5). Default: %(default)s",
     )

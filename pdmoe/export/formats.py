@@ -8,14 +8,20 @@ the tensor names. Each target below computes what pdmoe computes, to the last bi
 * Mixtral: Llama or Mistral with every layer MoE and renormalised top-k (RoPE scaling, tied
   embeddings and Mistral's sliding window carry over).
 * Qwen3-MoE: Qwen3; dense layers through ``mlp_only_layers``.
-* Qwen2-MoE: Qwen2 (q/k/v biases), or Llama/Mistral with some dense layers (``qkv_bias=False``);
-  its shared expert gets width 0, so it adds exactly 0.
+* Qwen2-MoE: Qwen2, or Llama/Mistral (then with explicit zero q/k/v biases: every Qwen2-MoE
+  implementation but transformers 5's builds them). Its shared expert, which every implementation
+  adds, gets a nonzero width with all-zero weights and an all-ones gate, so it adds exactly 0 and
+  stays finite everywhere (a zero width reads as "unset" in llama.cpp and vLLM; an all-zero gate
+  gives NaN in llama.cpp, whose sigmoid is silu(x)/x).
 
-Anything else has no exact target and is refused with the reason, never approximated.
+Anything else has no exact target and is refused with the reason, never approximated. Where
+several targets are exact in transformers, ``--format auto`` takes the one the most serving stacks
+also run exactly (``NOT_EXACT_IN`` lists what each target loses where).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -37,11 +43,22 @@ class ExpertLayout(Enum):
     FUSED = "fused"  # pdmoe's [E, 2F, H] / [E, H, F] tensors, unchanged: transformers >= 5 only
 
 
+class ServingStack(Enum):
+    """Programs that run an export, beyond the transformers 5 it is written for."""
+
+    TRANSFORMERS_4 = "transformers 4.x"
+    VLLM = "vLLM"
+    SGLANG = "SGLang"
+    LLAMA_CPP = "llama.cpp"
+
+
 ARCHITECTURES = {
     NativeFormat.MIXTRAL: "MixtralForCausalLM",
     NativeFormat.QWEN2_MOE: "Qwen2MoeForCausalLM",
     NativeFormat.QWEN3_MOE: "Qwen3MoeForCausalLM",
 }
+# Preference among targets that are equally served: the family's own MoE class first.
+_TARGETS = (NativeFormat.MIXTRAL, NativeFormat.QWEN3_MOE, NativeFormat.QWEN2_MOE)
 # Dense fields every target reads with the dense family's meaning.
 _SHARED_FIELDS = (
     "vocab_size",
@@ -75,61 +92,171 @@ _WHY_NOT = {
     "llama": "Llama/Mistral attention has no q/k norms",
     "mistral": "Llama/Mistral attention has no q/k norms",
 }
-
-
-def choose_format(config: dict[str, Any], requested: NativeFormat) -> NativeFormat:
-    """The target for a (normalised) pdmoe config: ``requested``, or for AUTO the family's own MoE class."""
-    family = config["base_model_type"]
-    if requested is NativeFormat.AUTO:
-        if family == "qwen3":
-            return NativeFormat.QWEN3_MOE
-        if family == "qwen2":
-            return NativeFormat.QWEN2_MOE
-        all_moe = sorted(config["moe_layers"]) == list(range(config["num_hidden_layers"]))
-        return NativeFormat.MIXTRAL if all_moe and config.get("norm_topk_prob") else NativeFormat.QWEN2_MOE
-    if family not in _SOURCES[requested]:
-        raise UsageError(
-            f"a {family} MoE has no exact {requested.value} form ({_WHY_NOT[family]}); use --format auto"
-        )
-    return requested
+# The shared expert's width in a Qwen2-MoE export: nonzero, and divisible by every tensor-parallel
+# degree and by GGUF's 256-value quantisation blocks, so no stack splits or packs it unevenly.
+SHARED_EXPERT_WIDTH = 256
+_ATTENTION_BIASES = ("q_proj", "k_proj", "v_proj")
 
 
 def _dense_layers(config: dict[str, Any]) -> list[int]:
     return sorted(set(range(config["num_hidden_layers"])) - set(config["moe_layers"]))
 
 
-def _check_exact(config: dict[str, Any], target: NativeFormat) -> None:
+def _not_exact(config: dict[str, Any], target: NativeFormat) -> str | None:
+    """Why ``target`` cannot compute what the pdmoe model computes in transformers, or None."""
     family = config["base_model_type"]
     if family in ("llama", "mistral") and config.get("attention_bias"):
-        raise UsageError(
-            "no native MoE class has Llama's attention biases (attention_bias=true, o_proj included); "
-            "this model can only be used through pdmoe"
-        )
+        return "no native MoE class has Llama's attention biases (attention_bias=true, o_proj included)"
+    if family not in _SOURCES[target]:
+        return f"a {family} MoE has no exact {target.value} form ({_WHY_NOT[family]})"
     if target is NativeFormat.MIXTRAL:
         if _dense_layers(config):
-            raise UsageError(
-                f"Mixtral has no dense layers, but layers {_dense_layers(config)} are dense; "
-                "use --format qwen2_moe (or auto)"
-            )
+            return f"Mixtral has no dense layers, but layers {_dense_layers(config)} are dense"
         if not config.get("norm_topk_prob"):
-            raise UsageError(
+            return (
                 "Mixtral always renormalises the top-k routing weights and this model does not "
-                "(norm_topk_prob=false); use --format qwen2_moe"
+                "(norm_topk_prob=false)"
             )
-    if target is NativeFormat.QWEN3_MOE and config.get("use_sliding_window"):
-        types = set(config.get("layer_types") or [])
-        if types != {"sliding_attention"}:
-            raise UsageError(
-                "Qwen3-MoE applies its sliding window to every layer, this Qwen3 only to some "
-                "(max_window_layers); it has no exact native form"
+    if target is NativeFormat.QWEN2_MOE:
+        head_size = config["hidden_size"] // config["num_attention_heads"]
+        if config.get("head_dim", head_size) != head_size:
+            return (
+                f"Qwen2-MoE's head size is hidden_size / num_attention_heads ({head_size}) in vLLM and "
+                f"llama.cpp, and this model's head_dim is {config['head_dim']}"
             )
+    windowed = set(config.get("layer_types") or [])
+    if (
+        target is NativeFormat.QWEN3_MOE
+        and config.get("use_sliding_window")
+        and windowed != {"sliding_attention"}
+    ):
+        return (
+            "Qwen3-MoE applies its sliding window to every layer, this Qwen3 only to some (max_window_layers)"
+        )
+    return None
+
+
+def _qwen2_moe_layer_types(config: dict[str, Any]) -> list[str]:
+    if config["base_model_type"] == "qwen2":
+        return config["layer_types"]
+    # Llama has no window; Mistral's applies to every layer.
+    window = config.get("sliding_window")
+    return ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"]
+
+
+def _first_windowed_layer(layer_types: list[str]) -> int:
+    return next((i for i, kind in enumerate(layer_types) if kind == "sliding_attention"), len(layer_types))
+
+
+def _transformers_4_window(config: dict[str, Any]) -> str | None:
+    layer_types = _qwen2_moe_layer_types(config)
+    if len(set(layer_types)) > 1:
+        return (
+            "its Qwen2-MoE applies the sliding window to every layer, this model only from layer "
+            f"{_first_windowed_layer(layer_types)} on"
+        )
+    return None
+
+
+def _llama_cpp_dense_layers(config: dict[str, Any]) -> str | None:
+    return "its Qwen MoEs have no dense FFN layers" if _dense_layers(config) else None
+
+
+def _llama_cpp_renormalisation(config: dict[str, Any]) -> str | None:
+    if config.get("norm_topk_prob"):
+        return "its Qwen2-MoE never renormalises the top-k routing weights, and this model does"
+    return None
+
+
+def _llama_cpp_window(config: dict[str, Any]) -> str | None:
+    windowed = config["base_model_type"] == "mistral" or config.get("use_sliding_window")
+    if windowed and config.get("sliding_window"):
+        return f"it applies no sliding window (this model's: {config['sliding_window']} tokens)"
+    return None
+
+
+def _vllm_output_bias(config: dict[str, Any]) -> str | None:
+    if config.get("attention_bias"):
+        return "its Qwen3-MoE has no o_proj bias and drops the checkpoint's without a word"
+    return None
+
+
+def _llama_cpp_output_bias(config: dict[str, Any]) -> str | None:
+    return "its Qwen3-MoE has no o_proj bias (refuses to load one)" if config.get("attention_bias") else None
+
+
+Reason = Callable[[dict[str, Any]], str | None]
+# Where a target that transformers 5 runs exactly is known not to run exactly in a serving stack,
+# and why; each found by running that stack on exports, or for vLLM by bench/clients/vllm_static.py
+# (README's compatibility matrix).
+NOT_EXACT_IN: dict[NativeFormat, dict[ServingStack, tuple[Reason, ...]]] = {
+    NativeFormat.MIXTRAL: {ServingStack.LLAMA_CPP: (_llama_cpp_window,)},
+    NativeFormat.QWEN2_MOE: {
+        ServingStack.TRANSFORMERS_4: (_transformers_4_window,),
+        ServingStack.LLAMA_CPP: (_llama_cpp_dense_layers, _llama_cpp_renormalisation, _llama_cpp_window),
+    },
+    NativeFormat.QWEN3_MOE: {
+        ServingStack.VLLM: (_vllm_output_bias,),
+        ServingStack.LLAMA_CPP: (_llama_cpp_dense_layers, _llama_cpp_window, _llama_cpp_output_bias),
+    },
+}
+
+
+def stacks_not_exact(config: dict[str, Any], target: NativeFormat) -> dict[ServingStack, str]:
+    """The serving stacks known not to run ``target`` exactly for this model, with the reason."""
+    found = {
+        stack: [reason for why in reasons if (reason := why(config)) is not None]
+        for stack, reasons in NOT_EXACT_IN[target].items()
+    }
+    return {stack: "; ".join(reasons) for stack, reasons in found.items() if reasons}
+
+
+def _exact_targets(config: dict[str, Any]) -> list[NativeFormat]:
+    """The exact targets, the best served first."""
+    exact = [target for target in _TARGETS if _not_exact(config, target) is None]
+    return sorted(exact, key=lambda target: len(stacks_not_exact(config, target)))
+
+
+def choose_format(config: dict[str, Any], requested: NativeFormat) -> NativeFormat:
+    """The target for a (normalised) pdmoe config: ``requested`` when exact, for AUTO the exact one
+    the most serving stacks run exactly; else a UsageError with the reason and what works instead."""
+    exact = _exact_targets(config)
+    if requested is NativeFormat.AUTO:
+        if exact:
+            return exact[0]
+        candidates = [target for target in _TARGETS if config["base_model_type"] in _SOURCES[target]]
+        reasons = {target: _not_exact(config, target) for target in candidates}
+        shown = (
+            [next(iter(reasons.values()))]
+            if len(set(reasons.values())) == 1
+            else [f"{target.value}: {reason}" for target, reason in reasons.items()]
+        )
+        raise UsageError(
+            f"no native MoE class computes this model exactly ({'; '.join(shown)}); use it through pdmoe"
+        )
+    reason = _not_exact(config, requested)
+    if reason is None:
+        return requested
+    instead = f"use --format {exact[0].value} (or auto)" if exact else "no native format is exact for it"
+    raise UsageError(f"{reason}; {instead}")
+
+
+def _transformers_4_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE as transformers 4.x reads it (``rope_theta``, ``rope_scaling``); transformers 5 reads
+    ``rope_parameters``, which says the same, and builds the very same model from both."""
+    rope = dict(config.get("rope_parameters") or {})
+    fields: dict[str, Any] = {}
+    if "rope_theta" in rope:
+        fields["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = rope
+    return fields
 
 
 def native_config(config: dict[str, Any], target: NativeFormat) -> dict[str, Any]:
-    """The ``config.json`` of ``target`` for a normalised pdmoe config (``MoEConfig.to_dict()``)."""
-    _check_exact(config, target)
-    family = config["base_model_type"]
+    """The ``config.json`` of ``target`` (from ``choose_format``) for a normalised pdmoe config."""
     native = {name: config[name] for name in _SHARED_FIELDS if name in config}
+    native |= _transformers_4_fields(config)
     native |= {
         "model_type": target.value,
         "architectures": [ARCHITECTURES[target]],
@@ -159,35 +286,44 @@ def native_config(config: dict[str, Any], target: NativeFormat) -> dict[str, Any
             "use_sliding_window": bool(config.get("use_sliding_window")),
             "sliding_window": config.get("sliding_window"),
         }
-    if family == "qwen2":
-        layer_types = config["layer_types"]
-    else:  # Llama has no window; Mistral's applies to every layer
-        window = config.get("sliding_window")
-        layer_types = ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"]
+    layer_types = _qwen2_moe_layer_types(config)
     return native | {
-        "qkv_bias": family == "qwen2",
-        "shared_expert_intermediate_size": 0,
+        "qkv_bias": True,  # Qwen2's own, or the zero biases of ``qwen2_moe_extras``
+        "shared_expert_intermediate_size": SHARED_EXPERT_WIDTH,
         "layer_types": layer_types,
         "use_sliding_window": "sliding_attention" in layer_types,
         "sliding_window": config.get("sliding_window"),
-        "max_window_layers": config.get("max_window_layers", config["num_hidden_layers"]),
+        # transformers 4.x and vLLM read the window's layers from here: the first one that has it.
+        "max_window_layers": _first_windowed_layer(layer_types),
     }
 
 
-def zero_width_shared_expert(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Qwen2-MoE's shared expert of width 0 in every MoE layer (name -> shape; all zeros):
-    its MLP adds exactly 0, whatever its sigmoid gate says."""
-    hidden = config["hidden_size"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in sorted(config["moe_layers"]):
-        prefix = f"{LAYERS_PREFIX}.{layer}.mlp"
-        shapes |= {
-            f"{prefix}.shared_expert.gate_proj.weight": (0, hidden),
-            f"{prefix}.shared_expert.up_proj.weight": (0, hidden),
-            f"{prefix}.shared_expert.down_proj.weight": (hidden, 0),
-            f"{prefix}.shared_expert_gate.weight": (1, hidden),
-        }
-    return shapes
+def qwen2_moe_extras(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], float]]:
+    """The tensors a Qwen2-MoE export adds (name -> (shape, fill value)): in every MoE layer a shared
+    expert with zero MLP weights and an all-ones gate (its output is sigmoid(sum x) * 0 = 0), and
+    for a Llama/Mistral source zero q/k/v biases."""
+    hidden, width = config["hidden_size"], SHARED_EXPERT_WIDTH
+    head_size = hidden // config["num_attention_heads"]  # ``choose_format`` refuses any other head_dim
+    extras: dict[str, tuple[tuple[int, ...], float]] = {}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"{LAYERS_PREFIX}.{layer}"
+        if config["base_model_type"] != "qwen2":
+            heads = {"q_proj": config["num_attention_heads"]} | dict.fromkeys(
+                ("k_proj", "v_proj"), config["num_key_value_heads"]
+            )
+            for projection in _ATTENTION_BIASES:
+                extras[f"{prefix}.self_attn.{projection}.bias"] = (
+                    (heads[projection] * head_size,),
+                    0.0,
+                )
+        if layer in config["moe_layers"]:
+            extras |= {
+                f"{prefix}.mlp.shared_expert.gate_proj.weight": ((width, hidden), 0.0),
+                f"{prefix}.mlp.shared_expert.up_proj.weight": ((width, hidden), 0.0),
+                f"{prefix}.mlp.shared_expert.down_proj.weight": ((hidden, width), 0.0),
+                f"{prefix}.mlp.shared_expert_gate.weight": ((1, hidden), 1.0),
+            }
+    return extras
 
 
 def per_expert_names(

@@ -39,7 +39,7 @@ import torch
 
 from pdmoe.errors import CheckpointError
 from pdmoe.graft.merging import MergeSpec
-from pdmoe.io.model_config import without_remote_code
+from pdmoe.io.model_config import moe_layers_problem, without_remote_code
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta
 from pdmoe.io.writer import plan_shards, shard_file_names
@@ -386,10 +386,8 @@ def build_plan(
     original = cpt_config.get("original_experts", [0]) if moe else []
     if not isinstance(original, list) or sorted(original) != list(range(len(original))):
         builder.problems.append(f"config original_experts {original!r} in CPT, expected experts 0..n-1")
-    if "moe_layers" in cpt_config and sorted(cpt_config["moe_layers"]) != layers:
-        builder.problems.append(
-            f"config moe_layers {cpt_config['moe_layers']} in CPT, but its tensors have MoE layers {layers}"
-        )
+    if problem := moe_layers_problem(cpt_config, layers):
+        builder.problems.append(f"CPT's config: {problem}")
     if builder.problems:
         raise _mismatch_error(
             "CPT does not match BASE",

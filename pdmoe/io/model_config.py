@@ -25,6 +25,8 @@ REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines", "trust_remote_code")
 _PDMOE_ARCHITECTURES = ("MoEForCausalLM",)
 # Integer fields every supported family defines, and that the tensors must agree with.
 STRUCTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+# Integer fields of a pdmoe MoE config (checked when present).
+MOE_COUNT_FIELDS = ("num_experts", "num_experts_per_tok")
 _SHOWN_PROBLEMS = 5
 
 
@@ -89,6 +91,9 @@ def structure_problems(
     """Where the config's sizes disagree with the tensor shapes (``name, shape`` pairs)."""
     size = _structure(config, path)
     hidden, ffn, vocab = size["hidden_size"], size["intermediate_size"], size["vocab_size"]
+    problems = _moe_field_problems(config)
+    if problems:  # the shapes below would only repeat them
+        return problems
     experts = config.get("num_experts")
     expected: dict[DenseProjection | MoETensor, tuple[Any, ...]] = {
         DenseProjection.GATE: (ffn, hidden),
@@ -98,10 +103,13 @@ def structure_problems(
         MoETensor.GATE_UP: (experts, 2 * ffn, hidden),
         MoETensor.DOWN: (experts, hidden, ffn),
     }
-    problems, layers = [], set()
+    layers: set[int] = set()
+    moe_layers: set[int] = set()
     for name, shape in tensors:
         if (layer := layer_index(name)) is not None:
             layers.add(layer)
+            if match_moe(name) is not None:
+                moe_layers.add(layer)
         if name.endswith(EMBED_TOKENS) and shape != (vocab, hidden):
             problems.append(f"{name} is {list(shape)}, but vocab_size x hidden_size is [{vocab}, {hidden}]")
         match = match_dense(name) or match_moe(name)
@@ -112,6 +120,31 @@ def structure_problems(
             f"num_hidden_layers is {size['num_hidden_layers']}, but the tensors have layers "
             f"{min(layers)}..{max(layers)} ({len(layers)} of them)"
         )
+    if problem := moe_layers_problem(config, moe_layers):
+        problems.append(problem)
+    return problems
+
+
+def moe_layers_problem(config: Mapping[str, Any], found: Iterable[int]) -> str | None:
+    """How the config's ``moe_layers`` disagrees with the layers that have MoE tensors, or None."""
+    declared, found = config.get("moe_layers"), sorted(found)
+    if isinstance(declared, list) and sorted(declared) != found:
+        return f"moe_layers is {declared}, but the tensors have MoE layers {found}"
+    return None
+
+
+def _moe_field_problems(config: Mapping[str, Any]) -> list[str]:
+    """Wrongly typed MoE fields of a pdmoe config (a string "4" would fail late, or never)."""
+    problems = [
+        f"{field} is {config[field]!r}, not a positive integer"
+        for field in MOE_COUNT_FIELDS
+        if field in config and (type(config[field]) is not int or config[field] <= 0)
+    ]
+    layers = config.get("moe_layers")
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        problems.append(f"moe_layers is {layers!r}, not a list of layer numbers")
+    if "norm_topk_prob" in config and type(config["norm_topk_prob"]) is not bool:
+        problems.append(f"norm_topk_prob is {config['norm_topk_prob']!r}, not true or false")
     return problems
 
 
