@@ -1,6 +1,8 @@
 """The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
+Options, data files, the model and ``--out`` are checked before torch, transformers and
+accelerate load (``pdmoe.preflight``): the training and evaluation modules are imported after.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pdmoe.io.atomic import write_text_atomic
-from pdmoe.io.outputs import check_writable
+from pdmoe.io.outputs import Command, check_output, check_writable
+from pdmoe.preflight import check_models
 
-from .data import DATA_FORMATS, corpus_spec
-from .evaluate import evaluate_model, save_heatmap
-from .freezing import PARTS, Stage
-from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
+from .data import DATA_FORMATS, CorpusSpec, corpus_spec
+from .settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -213,10 +214,37 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _corpus(args: argparse.Namespace, paths: list, langs: list[str] | None) -> CorpusSpec:
+    """The corpus of ``paths``: the files exist and are not empty, the languages are declared."""
+    return corpus_spec(
+        paths,
+        langs,
+        args.original_langs,
+        args.new_langs,
+        args.data_format,
+        args.text_field,
+        args.lang_field,
+    )
+
+
 def run_cpt(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    for paths, langs in ((config.data, config.langs), (config.eval_data, config.eval_langs)):
+        if paths:
+            _corpus(args, paths, langs)
+    (model,) = check_models([config.model], moe=True)
+    check_output(
+        config.out,
+        Command.CPT,
+        inputs=(model, *config.data, *config.eval_data),
+        overwrite=config.overwrite,
+        resume=config.resume is not None,
+    )
     from accelerate import PartialState
 
-    out = train(train_config_from_args(args))
+    from .trainer import train
+
+    out = train(config)
     if PartialState().is_main_process:
         print(f"pdmoe cpt: wrote {out}")
     return 0
@@ -226,15 +254,10 @@ def run_eval(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             check_writable(path, option)  # before the evaluation, not after it
-    corpus = corpus_spec(
-        args.data,
-        args.langs,
-        args.original_langs,
-        args.new_langs,
-        args.data_format,
-        args.text_field,
-        args.lang_field,
-    )
+    corpus = _corpus(args, args.data, args.langs)
+    check_models([args.model])
+    from .evaluate import evaluate_model, save_heatmap
+
     result = evaluate_model(
         args.model,
         corpus,
@@ -269,10 +292,14 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
+        description="Per-language perplexity (exp of the mean next-token loss, without the router's "
+        "loss) of a dense or MoE checkpoint, and each MoE layer's share of tokens per expert per language.",
     )
     parser.add_argument(
-        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+        "--model",
+        required=True,
+        type=Path,
+        help="dense or MoE checkpoint (a dense one gives the baseline): folder or hub id ORG/NAME[@REV]",
     )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")

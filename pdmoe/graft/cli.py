@@ -7,9 +7,10 @@ from pathlib import Path
 
 from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
-from pdmoe.graft import graft
-from pdmoe.graft.merging import MergeMethod
-from pdmoe.options import DTYPES
+from pdmoe.graft.methods import MergeMethod
+from pdmoe.io.outputs import Command, check_output
+from pdmoe.options import DTYPE_NAMES
+from pdmoe.preflight import check_models
 
 _DESCRIPTION = """\
 Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).
@@ -59,7 +60,10 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: each CPT tensor's own)"
+        "--dtype",
+        choices=sorted(DTYPE_NAMES),
+        default=None,
+        help="output dtype (default: each CPT tensor's own)",
     )
     parser.add_argument(
         "--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
@@ -90,7 +94,11 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_graft_command(args: argparse.Namespace) -> int:
+    inputs = check_models([args.base, args.instruct, args.cpt])
+    if not args.dry_run:
+        check_output(args.out, Command.GRAFT, inputs=inputs, overwrite=args.overwrite, resume=args.resume)
     from pdmoe.export import check_export, export
+    from pdmoe.graft import graft
 
     if args.export:
         check_export(args.cpt, args.export)

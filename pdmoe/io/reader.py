@@ -15,15 +15,13 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
-from pdmoe.io.model_config import check_config_matches_tensors, read_config
+from pdmoe.io.model_config import INDEX_FILE, SINGLE_FILE, check_config_matches_tensors, read_config
 from pdmoe.io.outputs import refuse_unfinished
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
 from pdmoe.io.strict_json import json_type, read_json_object
 
 # Elements per block when a tensor is streamed (16 MiB of fp32): bounds memory, amortises calls.
 BLOCK_ELEMENTS = 4 * 2**20
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
