@@ -78,9 +78,11 @@ def synthetic_config(layers: int, moe: bool) -> dict:
         "vocab_size": VOCAB,
         "tie_word_embeddings": True,
         "dtype": "bfloat16",
+        "architectures": ["Qwen2ForCausalLM"],
     }
     if moe:
         config |= {
+            "architectures": ["MoEForCausalLM"],
             "model_type": "pdmoe",
             "base_model_type": "qwen2",
             "num_experts": EXPERTS,

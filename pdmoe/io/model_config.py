@@ -25,8 +25,16 @@ INDEX_FILE = "model.safetensors.index.json"
 # Fields through which a config or tokenizer config makes transformers import code from the checkpoint.
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines", "trust_remote_code")
 MOE_MODEL_TYPE = "pdmoe"  # the model_type of pdmoe's MoE checkpoints (``MoEConfig``)
-# pdmoe's own model class, registered with transformers' Auto classes on ``import pdmoe``.
-_PDMOE_ARCHITECTURES = ("MoEForCausalLM",)
+# Architectures known without asking transformers (importing it takes a second): pdmoe's own
+# class (registered with transformers' Auto classes on ``import pdmoe``) and transformers' causal
+# LMs of the dense families pdmoe supports (the tests check that transformers defines them).
+KNOWN_ARCHITECTURES = (
+    "MoEForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 # Integer fields every supported family defines, and that the tensors must agree with.
 STRUCTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 _SHOWN_PROBLEMS = 5
@@ -73,7 +81,7 @@ def without_remote_code(settings: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(architectures, list):
         names = [name for name in architectures if isinstance(name, str)]
         defined = _transformers_names(names)
-        known = [name for name in names if name in _PDMOE_ARCHITECTURES or name in defined]
+        known = [name for name in names if name in KNOWN_ARCHITECTURES or name in defined]
         if known:
             clean["architectures"] = known
         else:
@@ -82,13 +90,15 @@ def without_remote_code(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _transformers_names(names: list[str]) -> set[str]:
-    """Which of ``names`` transformers defines, by the index of its lazy top-level module: asking
-    the module itself (``hasattr``) would import the model's modeling code (seconds, ~190 MiB)."""
-    if all(name in _PDMOE_ARCHITECTURES for name in names):
-        return set()  # pdmoe's own outputs: no need to import transformers at all
-    import transformers  # here: it takes a second, and only writers of configs need it
+    """Which of ``names`` (not ``KNOWN_ARCHITECTURES``) transformers defines, by the index of its
+    lazy top-level module: asking the module (``hasattr``) would import the model's modeling code
+    (seconds, ~190 MiB)."""
+    unknown = set(names).difference(KNOWN_ARCHITECTURES)
+    if not unknown:
+        return set()
+    import transformers  # here: it takes a second, and only writers of unusual configs need it
 
-    return set(names) & set(transformers.__all__)
+    return unknown & set(transformers.__all__)
 
 
 def _structure(config: Mapping[str, Any], path: Path) -> dict[str, int]:
