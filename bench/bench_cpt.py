@@ -16,12 +16,13 @@ pdmoe's median step time as a ratio to transformers'. Reported, not asserted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from harness import CUDA, DEVICE, MODEL_SIZES, Row, interleaved, record, sync
+from harness import CUDA, DEVICE, MODEL_SIZES, Row, interleaved, record, scratch, sync
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pdmoe.cpt.freezing import apply_trainable
@@ -35,10 +36,10 @@ SIZES = {**MODEL_SIZES, "num_hidden_layers": 8} if CUDA else MODEL_SIZES
 
 
 @pytest.fixture(scope="module")
-def upcycled(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench-cpt")
-    dense = build_tiny_dense(root / "dense", "qwen3", **SIZES)
-    return upcycle(dense, root / "moe", num_experts=NUM_EXPERTS, top_k=TOP_K)
+def upcycled(tmp_path_factory) -> Iterator[Path]:
+    with scratch(tmp_path_factory, "bench-cpt") as root:
+        dense = build_tiny_dense(root / "dense", "qwen3", **SIZES)
+        yield upcycle(dense, root / "moe", num_experts=NUM_EXPERTS, top_k=TOP_K)
 
 
 def _transformers_twin(moe_config) -> torch.nn.Module:

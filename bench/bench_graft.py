@@ -1,66 +1,67 @@
-"""Graft throughput and peak memory on ~1 GiB synthetic checkpoints, next to a plain copy.
+"""The graft's wall time and peak memory on ~1 GiB synthetic checkpoints, next to its physical floor.
 
-What is measured is the command users run, ``pdmoe graft``, in a process of its own: its peak RSS
-(VmHWM, start-up included; nothing of pytest's memory counts) and its throughput, (bytes read +
-bytes written) / s of the graft itself: the three inputs' files read once plus the output written.
-The baseline is a plain copy of the same three inputs (read + written), fsynced like the graft's
-shards. Graft and copy alternate, three rounds each, and their medians are compared.
+What is measured is the command users run, ``pdmoe graft``, in a process of its own: its wall time
+(start-up and imports included) and peak RSS (VmHWM; nothing of pytest's memory counts). Its
+floor is what no graft can avoid: a process that imports torch, then an fsync'd copy of the bytes
+the graft writes (its output's files). Graft and floor alternate, three rounds each, and their
+medians are compared, so load on the shared machine hits both alike.
 
 Shapes are those of a Qwen2.5-0.5B-like model (bf16, vocabulary 151936 x 896, the largest tensor
 being the embeddings, as in real LLMs): dense, 24 layers; MoE, 8 layers of 4 experts, upcycled
-from an 8-layer dense model. Targets: >= 40 % of copy throughput, asserted only at half that: the
-graft computes on one core while a copy waits for the disk or the page cache, so their ratio moves
-with the machine's load and its disk (copies measured here from 51 to 1300 MiB/s); peak RSS
-< 2 x largest tensor + 256 MiB, and <= 400 MiB for the dense graft (asserted as is: memory does not
-move with load). The merging baselines (``--method ties|dare``) are measured against the
-task-arithmetic graft of the same inputs: peak RSS at most 128 MiB above it (their temporaries are
-about ten arrays of 2**20 elements), and their time as a ratio, reported.
+from an 8-layer dense model. Targets: the dense graft within 1.15x its floor (asserted at
+``LOAD_SLACK`` times that: the graft computes while the floor mostly waits for the disk, so load
+slows the graft more), the MoE graft's ratio reported; peak RSS <= 400 MiB dense and <= 450 MiB
+MoE (asserted as is: memory does not move with load). The merging baselines
+(``--method ties|dare``) are measured against the task-arithmetic graft of the same inputs: peak
+RSS at most 128 MiB above it (their temporaries are about ten arrays of 2**20 elements), and their
+time as a ratio, reported. Every input and output is removed at the end.
 """
 
 from __future__ import annotations
 
-import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import (
+    REPOSITORY,
     MiB,
     Row,
     copy_inputs,
     interleaved,
     peak_memory,
     record,
+    scratch,
     synthetic_checkpoint,
-    synthetic_layout,
-    tensor_bytes,
 )
 
 LAYERS = {"dense": 24, "moe": 8}
 SHARD_SIZE = "300MB"
 ROUNDS = 3
-THROUGHPUT_TARGET, LOAD_MARGIN = 0.4, 0.5
-DENSE_RSS_TARGET = 400 * MiB
+WALL_TARGET = {"dense": 1.15, "moe": None}  # x the floor; None: reported
+LOAD_SLACK = 1.5
+RSS_TARGET = {"dense": 400 * MiB, "moe": 450 * MiB}
 MERGE_RSS_ABOVE_GRAFT = 128 * MiB
 MERGE_OPTIONS = {"ties": ["--density", "0.2"], "dare": ["--density", "0.5", "--seed", "0"]}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path]]:
-    root = tmp_path_factory.mktemp("bench-graft")
-    dense_base = synthetic_checkpoint(root / "dense-base", LAYERS["dense"], False, 0)
-    moe_base = synthetic_checkpoint(root / "moe-base", LAYERS["moe"], False, 3)
-    return {
-        "dense": (
-            dense_base,
-            synthetic_checkpoint(root / "dense-instruct", LAYERS["dense"], False, 1),
-            synthetic_checkpoint(root / "dense-cpt", LAYERS["dense"], False, 2),
-        ),
-        "moe": (
-            moe_base,
-            synthetic_checkpoint(root / "moe-instruct", LAYERS["moe"], False, 4),
-            synthetic_checkpoint(root / "moe-cpt", LAYERS["moe"], True, 5),
-        ),
-    }
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path, Path]]]:
+    with scratch(tmp_path_factory, "bench-graft") as root:
+        yield {
+            "dense": (
+                synthetic_checkpoint(root / "dense-base", LAYERS["dense"], False, 0),
+                synthetic_checkpoint(root / "dense-instruct", LAYERS["dense"], False, 1),
+                synthetic_checkpoint(root / "dense-cpt", LAYERS["dense"], False, 2),
+            ),
+            "moe": (
+                synthetic_checkpoint(root / "moe-base", LAYERS["moe"], False, 3),
+                synthetic_checkpoint(root / "moe-instruct", LAYERS["moe"], False, 4),
+                synthetic_checkpoint(root / "moe-cpt", LAYERS["moe"], True, 5),
+            ),
+        }
 
 
 def _graft_command(inputs: tuple[Path, Path, Path], out: Path, *options: str) -> list[str]:
@@ -73,50 +74,41 @@ def _run_graft(command: list[str]) -> dict[str, float]:
     return peak_memory("from pdmoe.cli import main", "main(sys.argv[2:])", *command)
 
 
+def _floor(out: Path, folder: Path) -> None:
+    """What a graft writing ``out`` cannot avoid: importing torch, and writing (fsync'd) its bytes."""
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, cwd=REPOSITORY)
+    copy_inputs((out,), folder)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_graft_throughput_and_memory(checkpoints, tmp_path: Path, kind: str) -> None:
-    inputs = checkpoints[kind]
+def test_graft_wall_time_and_memory(checkpoints, tmp_path: Path, kind: str) -> None:
     out = tmp_path / "out"
-    command = _graft_command(inputs, out)
+    command = _graft_command(checkpoints[kind], out)
     runs: list[dict[str, float]] = []
-    copied: list[int] = []
     seconds = interleaved(
         {
             "graft": lambda: runs.append(_run_graft(command)),
-            "copy": lambda: copied.append(copy_inputs(inputs, tmp_path / "copy")),
+            "floor": lambda: _floor(out, tmp_path / "copy"),
         },
         ROUNDS,
     )
-    moved = sum(tensor_bytes(d) for d in inputs) + tensor_bytes(out)
-    rates = {
-        "graft": tuple(moved / run["seconds"] / MiB for run in runs),
-        "copy": tuple(size / time / MiB for size, time in zip(copied, seconds["copy"], strict=True)),
-    }
-    peaks = tuple(run["peak_rss"] / MiB for run in runs)
-    largest = max(
-        meta.nbytes
-        for d in inputs
-        for meta in synthetic_layout(LAYERS[kind], d.name.endswith("cpt") and kind == "moe")
-    )
-    target_rss = min(2 * largest + 256 * MiB, DENSE_RSS_TARGET if kind == "dense" else float("inf"))
     group = f"graft {kind} ~1 GiB bf16"
-    throughput = record(
+    target = WALL_TARGET[kind]
+    wall = record(
         Row(
             group,
-            "pdmoe graft MiB/s",
-            rates["graft"],
-            "copy",
-            rates["copy"],
-            "MiB/s",
-            f">= {THROUGHPUT_TARGET}x",
+            "pdmoe graft wall",
+            tuple(seconds["graft"]),
+            "import torch + fsync'd copy of OUT",
+            tuple(seconds["floor"]),
+            target=f"<= {target}x" if target else "",
         )
     )
-    record(Row(group, "pdmoe graft peak RSS", peaks, unit="MiB", target=f"<= {target_rss / MiB:.0f} MiB"))
-    assert throughput.ratio >= THROUGHPUT_TARGET * LOAD_MARGIN, (
-        throughput.ratio,
-        statistics.median(rates["graft"]),
-    )
-    assert max(peaks) <= target_rss / MiB, peaks
+    peaks = tuple(run["peak_rss"] / MiB for run in runs)
+    rss_target = RSS_TARGET[kind] / MiB
+    record(Row(group, "pdmoe graft peak RSS", peaks, unit="MiB", target=f"<= {rss_target:.0f} MiB"))
+    assert target is None or wall.ratio <= target * LOAD_SLACK, wall.ratio
+    assert max(peaks) <= rss_target, peaks
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_OPTIONS))

@@ -7,11 +7,12 @@ CPU they are tiny so the suite stays usable. Reported, not asserted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from harness import CUDA, DEVICE, MODEL_SIZES, Row, interleaved, record, sync
+from harness import CUDA, DEVICE, MODEL_SIZES, Row, interleaved, record, scratch, sync
 from transformers import AutoModelForCausalLM
 
 from pdmoe.tiny import build_tiny_dense
@@ -22,10 +23,10 @@ BATCH, SEQ = (8, 1024) if CUDA else (2, 128)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bench-model")
-    dense = build_tiny_dense(root / "dense", "llama", **MODEL_SIZES)
-    return {"dense": dense, "moe": upcycle(dense, root / "moe", num_experts=4, top_k=2)}
+def checkpoints(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    with scratch(tmp_path_factory, "bench-model") as root:
+        dense = build_tiny_dense(root / "dense", "llama", **MODEL_SIZES)
+        yield {"dense": dense, "moe": upcycle(dense, root / "moe", num_experts=4, top_k=2)}
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])

@@ -10,6 +10,7 @@ the model size (the embeddings, the largest tensor, stream through in blocks).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from harness import (
     interleaved,
     peak_memory,
     record,
+    scratch,
     synthetic_checkpoint,
     tensor_bytes,
 )
@@ -34,8 +36,9 @@ LAYERS = 8
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_checkpoint(tmp_path_factory.mktemp("bench-upcycle") / "dense", LAYERS, False, 0)
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with scratch(tmp_path_factory, "bench-upcycle") as root:
+        yield synthetic_checkpoint(root / "dense", LAYERS, False, 0)
 
 
 def test_upcycle_throughput_and_memory(dense: Path, tmp_path: Path) -> None:

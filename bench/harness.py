@@ -7,6 +7,7 @@ benchmarks share ``benchmark/scripts/utils.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,10 +15,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from pdmoe.io.safetensors_format import TensorMeta
@@ -76,9 +78,11 @@ def synthetic_config(layers: int, moe: bool) -> dict:
         "vocab_size": VOCAB,
         "tie_word_embeddings": True,
         "dtype": "bfloat16",
+        "architectures": ["Qwen2ForCausalLM"],
     }
     if moe:
         config |= {
+            "architectures": ["MoEForCausalLM"],
             "model_type": "pdmoe",
             "base_model_type": "qwen2",
             "num_experts": EXPERTS,
@@ -135,24 +139,35 @@ def synthetic_checkpoint(directory: Path, layers: int, moe: bool, seed: int) -> 
     return directory
 
 
+@contextlib.contextmanager
+def scratch(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder for a benchmark's inputs, removed when the benchmark is done with it, passed or
+    failed: they are GBs, and pytest keeps its last three sessions' temporary folders."""
+    root = factory.mktemp(name)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def tensor_bytes(directory: Path) -> int:
     """Bytes of a checkpoint's safetensors files."""
     return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
 
 
-def copy_inputs(inputs: tuple[Path, ...], scratch: Path) -> int:
-    """Copy the inputs' safetensors files into ``scratch``, fsynced, then delete the copies: the I/O
+def copy_inputs(inputs: tuple[Path, ...], folder: Path) -> int:
+    """Copy the inputs' safetensors files into ``folder``, fsynced, then delete the copies: the I/O
     floor of a command that reads them and writes as much. Returns the bytes read + written."""
-    scratch.mkdir()
+    folder.mkdir()
     copied = 0
     for directory in inputs:
         for path in directory.glob("*.safetensors"):
-            target = scratch / f"{directory.name}-{path.name}"
+            target = folder / f"{directory.name}-{path.name}"
             shutil.copyfile(path, target)
             with target.open("rb+") as handle:
                 os.fsync(handle.fileno())
             copied += path.stat().st_size
-    shutil.rmtree(scratch)
+    shutil.rmtree(folder)
     return 2 * copied
 
 

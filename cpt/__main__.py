@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pdmoe.cli import run_command
+from pdmoe.cli import CommandParser, run_command
 
 from .cli import add_cpt_arguments, run_cpt
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pdmoe.cpt", description="Continued pre-training of an upcycled MoE."
     )
     add_cpt_arguments(parser)

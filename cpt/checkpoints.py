@@ -13,45 +13,41 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.errors import CheckpointError
 from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.hf_loading import load_causal_lm
 from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
-from pdmoe.io.model_config import read_config
+from pdmoe.io.model_config import read_config, require_moe
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.layout import FROZEN_PREFIX
 from pdmoe.modeling import MoEForCausalLM
-from pdmoe.options import DTYPES
+from pdmoe.options import DTYPE_NAMES, parse_dtype
 
 from .collective import together
 
 
-def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of an upcycled MoE, checked against its tensors (safetensors headers read
-    strictly, pickles and remote code refused), or an error saying what the directory is instead."""
+def read_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint, checked against its tensors (safetensors headers read
+    strictly, pickles and remote code refused)."""
     with CheckpointReader(model_dir) as reader:
-        config = reader.config
-        _refuse_dense(config, model_dir)
-        reader.check_config()
-    return config
+        return reader.check_config()
+
+
+def read_moe_config(model_dir: str | Path) -> dict[str, Any]:
+    """``read_model_config`` of an upcycled MoE, or an error saying what the directory is instead."""
+    with CheckpointReader(model_dir) as reader:
+        require_moe(reader.config, model_dir)
+        return reader.check_config()
 
 
 def read_moe_config_only(model_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an upcycled MoE, without looking at its tensors (a memory plan needs
     no weights: the folder may hold config.json alone)."""
     config = read_config(model_dir)
-    _refuse_dense(config, model_dir)
+    require_moe(config, model_dir)
     return config
-
-
-def _refuse_dense(config: dict[str, Any], model_dir: str | Path) -> None:
-    if config.get("model_type") != "pdmoe":
-        raise UsageError(
-            f"{model_dir} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
-            f"run `pdmoe upcycle --model {model_dir} --out MOE_DIR` first and train MOE_DIR"
-        )
 
 
 def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
@@ -62,9 +58,11 @@ def load_moe_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     """The dtype the input checkpoint was saved in (the final checkpoint is saved the same way)."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if name not in DTYPES:
-        raise CheckpointError(f"config.json names dtype {name!r}; pdmoe checkpoints are {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise CheckpointError(
+            f"config.json names dtype {name!r}; pdmoe checkpoints are {', '.join(DTYPE_NAMES)}"
+        )
+    return parse_dtype(name)
 
 
 def save_final_model(

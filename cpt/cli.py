@@ -1,6 +1,8 @@
 """The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
+Options, data files, the model and ``--out`` are checked before torch, transformers and
+accelerate load (``pdmoe.preflight``): the training and evaluation modules are imported after.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import write_text_atomic
-from pdmoe.io.outputs import Output, check_outputs
+from pdmoe.io.outputs import Command, Output, check_output, check_outputs
+from pdmoe.preflight import check_models
 
-from .data import DATA_FORMATS, corpus_spec
-from .evaluate import evaluate_model, heatmap_format, save_heatmap
-from .freezing import PARTS, Stage
-from .trainer import DEFAULT_SEQ_LEN, TrainConfig, train
+from .data import DATA_FORMATS, CorpusSpec, corpus_spec
+from .settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -233,37 +233,59 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run_cpt(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    if args.dry_run:
-        from .trainer import dry_run
-
-        if int(os.environ.get("RANK", "0")) == 0:  # one report per launch
-            print(dry_run(train_config_from_args(args), args.num_processes))
-        return 0
-    out = train(train_config_from_args(args))
-    if PartialState().is_main_process:
-        print(f"pdmoe cpt: wrote {out}")
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    corpus = corpus_spec(
-        args.data,
-        args.langs,
+def _corpus(args: argparse.Namespace, paths: list, langs: list[str] | None) -> CorpusSpec:
+    """The corpus of ``paths``: the files exist and are not empty, the languages are declared."""
+    return corpus_spec(
+        paths,
+        langs,
         args.original_langs,
         args.new_langs,
         args.data_format,
         args.text_field,
         args.lang_field,
     )
-    model = resolve_model(args.model)
+
+
+def run_cpt(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    if args.dry_run:  # config.json alone: no weights, no data, nothing written
+        check_models([config.model], moe=True)
+        from .trainer import dry_run
+
+        if int(os.environ.get("RANK", "0")) == 0:  # one report per launch
+            print(dry_run(config, args.num_processes))
+        return 0
+    for paths, langs in ((config.data, config.langs), (config.eval_data, config.eval_langs)):
+        if paths:
+            _corpus(args, paths, langs)
+    (model,) = check_models([config.model], moe=True)
+    check_output(
+        config.out,
+        Command.CPT,
+        inputs=(model, *config.data, *config.eval_data),
+        overwrite=config.overwrite,
+        resume=config.resume is not None,
+    )
+    from accelerate import PartialState
+
+    from .trainer import train
+
+    out = train(config)
+    if PartialState().is_main_process:
+        print(f"pdmoe cpt: wrote {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    corpus = _corpus(args, args.data, args.langs)
+    (model,) = check_models([args.model])
     outputs = [
         Output(path, option) for option, path in (("--json", args.json), ("--plot", args.plot)) if path
     ]
     # every output before the evaluation, not after it: clear of the model and the data, writable
     check_outputs(outputs, inputs=(model, *(file.path for file in corpus.files)), overwrite=args.overwrite)
+    from .evaluate import evaluate_model, heatmap_format, save_heatmap
+
     if args.plot:
         heatmap_format(args.plot)  # refuses an extension matplotlib cannot write
     result = evaluate_model(
@@ -300,10 +322,14 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        description="Per-language perplexity and each MoE layer's share of tokens per expert per language.",
+        description="Per-language perplexity (exp of the mean next-token loss, without the router's "
+        "loss) of a dense or MoE checkpoint, and each MoE layer's share of tokens per expert per language.",
     )
     parser.add_argument(
-        "--model", required=True, type=Path, help="MoE checkpoint: folder or hub id ORG/NAME[@REV]"
+        "--model",
+        required=True,
+        type=Path,
+        help="dense or MoE checkpoint (a dense one gives the baseline): folder or hub id ORG/NAME[@REV]",
     )
     _add_data_arguments(parser)
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")

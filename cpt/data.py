@@ -21,12 +21,15 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pdmoe.errors import DataError, UsageError
 from pdmoe.io.atomic import Staged
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_FORMATS = ("auto", "jsonl", "text")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -480,6 +483,8 @@ class PackedSequences:
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids [B, L] int64, language ids [B, L] int64) of the sequences ``indices``."""
+        import torch  # here: the command line checks data files with this module before torch loads
+
         length = self.seq_len
         tokens = np.stack([self.cache.tokens[i * length : (i + 1) * length] for i in indices])
         langs = np.stack([self.cache.langs[i * length : (i + 1) * length] for i in indices])

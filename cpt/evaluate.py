@@ -1,6 +1,9 @@
-"""Per-language perplexity and routing statistics of an MoE (``pdmoe eval``, and the trainer's eval).
+"""Per-language perplexity and routing statistics of a model (``pdmoe eval``, the trainer's eval
+and ``pdmoe demo``: one definition everywhere).
 
-Perplexity of a language is exp(mean next-token NLL) over the target tokens of that language.
+Perplexity of a language is exp(mean next-token NLL) over the target tokens of that language: the
+language-model loss alone, never the router's load-balancing loss that an MoE's ``loss`` adds, so
+an upcycled MoE and its dense model have the same perplexity. Dense models have no routing.
 A layer's expert share for a language is the fraction of that language's (token, top-k slot)
 routing choices that went to each expert: the numbers that show whether original-language text
 still goes to expert 0 (the dense FFN) after CPT and the review stage.
@@ -12,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +23,16 @@ import torch.nn.functional as F
 from pdmoe.errors import UsageError
 from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import Staged
-from pdmoe.io.hf_loading import load_tokenizer
-from pdmoe.modeling import MoEForCausalLM
+from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
+from pdmoe.io.model_config import MOE_MODEL_TYPE
 
-from .checkpoints import checkpoint_dtype, load_moe_model, read_moe_config
+from .checkpoints import checkpoint_dtype, load_moe_model, read_model_config
 from .data import CorpusSpec, PackedSequences, TokenCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+PERPLEXITY_DEFINITION = "exp(mean next-token loss over the predicted tokens); no router loss"
 
 
 def expert_token_counts(
@@ -118,10 +127,14 @@ class EvalResult:
         shares = expert_shares(self.expert_counts) * 100
         ppl = self.perplexity()
         lang_width = max(8, *(len(lang) for lang in self.languages))
-        lines = [f"{'language':<{lang_width}}  {'tokens':>10}  {'perplexity':>12}"]
+        lines = [
+            f"{'language':<{lang_width}}  {'tokens':>10}  {'perplexity':>12}   ({PERPLEXITY_DEFINITION})"
+        ]
         for i, lang in enumerate(self.languages):
             value = f"{ppl[lang]:12.3f}" if lang in ppl else f"{'-':>12}"
             lines.append(f"{lang:<{lang_width}}  {int(self.target_tokens[i]):>10}  {value}")
+        if not self.moe_layers:
+            return "\n".join([*lines, "", "(a dense model: no routing)"])
         num_experts = self.expert_counts.shape[-1]
         header = "  ".join(f"{'e' + str(e):>6}" for e in range(num_experts))
         lines += ["", f"{'layer':>5}  {'language':<{lang_width}}  {header}   (% of routed token slots)"]
@@ -136,29 +149,31 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluation_sums(
-    model: MoEForCausalLM,
+    model: PreTrainedModel,
     sequences: PackedSequences,
     indices: Sequence[int],
     batch_size: int,
     device: torch.device,
 ) -> EvalResult:
-    """Evaluate ``model`` (unwrapped or wrapped; in eval mode) on the sequences ``indices``."""
+    """Evaluate ``model`` (MoE or dense, unwrapped or wrapped; in eval mode) on the sequences ``indices``."""
     config = getattr(model, "module", model).config
+    moe = config.model_type == MOE_MODEL_TYPE
+    moe_layers = list(config.moe_layers) if moe else []
     languages = sequences.cache.languages
     num_langs = len(languages)
     nll_sum = torch.zeros(num_langs, dtype=torch.float64, device=device)
     targets = torch.zeros(num_langs, dtype=torch.int64, device=device)
-    counts = torch.zeros(
-        len(config.moe_layers), num_langs, config.num_experts, dtype=torch.int64, device=device
-    )
+    num_experts = config.num_experts if moe else 0
+    counts = torch.zeros(len(moe_layers), num_langs, num_experts, dtype=torch.int64, device=device)
     for start in range(0, len(indices), batch_size):
         input_ids, langs = (t.to(device) for t in sequences.batch(indices[start : start + batch_size]))
-        out = model(input_ids=input_ids, output_router_logits=True)
+        out = model(input_ids=input_ids, **({"output_router_logits": True} if moe else {}))
         batch_nll, batch_targets = per_language_nll(out.logits, input_ids, langs, num_langs)
         nll_sum += batch_nll
         targets += batch_targets
-        counts += expert_token_counts(out.router_logits, langs, num_langs, config.num_experts_per_tok)
-    return EvalResult(languages, list(config.moe_layers), nll_sum, targets, counts)
+        if moe:
+            counts += expert_token_counts(out.router_logits, langs, num_langs, config.num_experts_per_tok)
+    return EvalResult(languages, moe_layers, nll_sum, targets, counts)
 
 
 def heatmap_format(path: str | Path) -> str | None:
@@ -228,12 +243,13 @@ def evaluate_model(
     max_sequences: int | None = 256,
     cache_dir: str | Path | None = None,
 ) -> EvalResult:
-    """``pdmoe eval``: ``max_sequences`` packed sequences spread over ``corpus`` (all when None).
+    """``pdmoe eval``: ``max_sequences`` packed sequences spread over ``corpus`` (all when None), of
+    an MoE or of a dense model (the baseline an MoE is compared with).
 
     Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
     """
     model_dir = resolve_model(model_dir)
-    config = read_moe_config(model_dir)
+    config = read_model_config(model_dir)
     max_positions = config.get("max_position_embeddings") or 1024
     seq_len = min(1024, max_positions) if seq_len is None else seq_len
     if seq_len > max_positions:
@@ -244,7 +260,11 @@ def evaluate_model(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     sequences = PackedSequences(TokenCache.build(corpus, load_tokenizer(model_dir), cache_dir), seq_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_moe_model(model_dir, checkpoint_dtype(config) if device.type == "cuda" else torch.float32)
+    dtype = checkpoint_dtype(config) if device.type == "cuda" else torch.float32
+    if config["model_type"] == MOE_MODEL_TYPE:
+        model = load_moe_model(model_dir, dtype)
+    else:
+        model = load_causal_lm(model_dir, dtype=dtype)
     model.to(device).eval()
     count = len(sequences) if max_sequences is None else max_sequences
     result = evaluation_sums(model, sequences, spread_indices(len(sequences), count), batch_size, device)

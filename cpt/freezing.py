@@ -15,7 +15,6 @@ state (``MoEForCausalLM.freeze_original_experts``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 
 from torch import nn
 
@@ -23,24 +22,8 @@ from pdmoe.errors import UsageError
 from pdmoe.layout import MLPKeys, MoETensor, is_trainable_expert_parameter
 from pdmoe.modeling import MoEForCausalLM
 
+from .settings import PARTS, Part, Stage
 
-class Stage(str, Enum):
-    """What a run is for: CPT of the new experts, or the router-only review."""
-
-    CPT = "cpt"
-    REVIEW = "review"
-
-
-class Part(str, Enum):
-    """A group of parameters that trains or stays frozen as a whole."""
-
-    ROUTERS = "routers"
-    NEW_EXPERTS = "new_experts"
-    ORIGINAL_EXPERTS = "original_experts"
-    NON_MOE = "non_moe"
-
-
-PARTS = tuple(part.value for part in Part)
 STAGE_PARTS: dict[Stage, tuple[Part, ...]] = {
     Stage.CPT: (Part.ROUTERS, Part.NEW_EXPERTS),
     Stage.REVIEW: (Part.ROUTERS,),

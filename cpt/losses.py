@@ -7,15 +7,13 @@ Convention: the loss is −log p_0, whose gradient with respect to the router lo
 MoE-LPR's code applies cross-entropy to the router *probabilities* (a second softmax), whose
 gradient is (diag(p) − p pᵀ)(softmax(p) − e_0): about p_0 times as large, i.e. 4x weaker than
 −log p_0 at uniform routing over 4 experts, 5x at p_0 = 0.2, 19x at p_0 = 0.05 (it fades exactly
-where original-language tokens have left expert 0). ``DEFAULT_LPR_COEF`` = 0.02 matches MoE-LPR's
+where original-language tokens have left expert 0). The default coefficient 0.02 (``settings.DEFAULT_LPR_COEF``) matches MoE-LPR's
 0.1 at p_0 ≈ 0.2 and pulls harder where p_0 is smaller.
 """
 
 from __future__ import annotations
 
 import torch
-
-DEFAULT_LPR_COEF = 0.02
 
 
 def language_prior_loss(

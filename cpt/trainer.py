@@ -54,7 +54,7 @@ from .data import (
 )
 from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
-from .losses import DEFAULT_LPR_COEF, language_prior_loss
+from .losses import language_prior_loss
 from .memory_plan import (
     DEFAULT_GPU_MEMORY,
     GB,
@@ -66,6 +66,7 @@ from .memory_plan import (
     meta_model,
     plan_memory,
 )
+from .settings import DEFAULT_SEQ_LEN, TrainConfig, describe_parts
 from .sharding import shard_model
 from .training_checkpoint import (
     TrainerState,
@@ -77,7 +78,6 @@ from .training_checkpoint import (
 )
 
 METRICS_FILE = "metrics.jsonl"
-DEFAULT_SEQ_LEN = 1024  # the method's; shorter when the model's maximum is
 # Settings that do not change the trajectory, so a resumed run may change them.
 _FREE_SETTINGS = (
     "out",
@@ -95,53 +95,6 @@ _FREE_SETTINGS = (
     "gradient_checkpointing",
     "gpu_memory",
 )
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow METHOD.md.
-
-    ``seq_len=None`` is ``DEFAULT_SEQ_LEN``, or the model's maximum when that is smaller.
-    """
-
-    model: str | Path
-    data: list[str | Path]
-    out: str | Path
-    stage: Stage | str = Stage.CPT
-    original_langs: list[str] = field(default_factory=list)
-    new_langs: list[str] = field(default_factory=list)
-    langs: list[str] | None = None
-    data_format: str = "auto"
-    text_field: str = "text"
-    lang_field: str = "lang"
-    cache_dir: str | Path | None = None
-    seq_len: int | None = None
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    lr: float = 5e-5
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    bf16: str = "auto"
-    gradient_checkpointing: bool = False
-    aux_loss_coef: float | None = None
-    lpr_coef: float = DEFAULT_LPR_COEF
-    trainable: str | None = None
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | Path | None = None
-    eval_data: list[str | Path] = field(default_factory=list)
-    eval_langs: list[str] | None = None
-    eval_every: int = 0
-    eval_max_sequences: int = 64
-    log_every: int = 10
-    overwrite: bool = False
-    progress: bool = True
-    gpu_memory: str | int | None = None  # e.g. "80GB"; None: the GPU's own (no check off GPUs)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -548,7 +501,8 @@ def _setup_training(
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     accelerator.print(
-        f"pdmoe cpt: stage {parse_stage(config.stage).value}, training {','.join(parts)}: {trainable:,} of {total:,} parameters"
+        f"pdmoe cpt: stage {parse_stage(config.stage).value} trains {describe_parts(parts)}: "
+        f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.1f} %)"
     )
     if accelerator.is_fsdp2:
         model = shard_model(accelerator, model)  # accelerate keeps an FSDP module as it is

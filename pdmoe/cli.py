@@ -1,4 +1,8 @@
-"""The ``pdmoe`` command: one subcommand per pipeline step, each registered by its own package."""
+"""The ``pdmoe`` command: one subcommand per pipeline step, each registered by its own package.
+
+Parsing and the checks of paths (``pdmoe.preflight``) need no torch: a command imports its heavy
+modules only once its options and paths are known to be good, so errors come in a blink.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,24 @@ import importlib
 import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pdmoe.errors import PdmoeError, from_os_error
-from pdmoe.options import DTYPES
+from pdmoe.io.outputs import Command, check_output
+from pdmoe.options import DTYPE_NAMES
+from pdmoe.preflight import check_models
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every pdmoe parser: no abbreviated options (``--num-exp 3`` is refused, not read as
+    ``--num-experts 3``: a later option could make the abbreviation mean another one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
+    check_output(args.out, Command.UPCYCLE, inputs=check_models([args.model]), overwrite=args.overwrite)
     from pdmoe.upcycle import upcycle
 
     out = upcycle(
@@ -58,7 +74,7 @@ def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router init (default 0)")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: keep the input's)"
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="output dtype (default: keep the input's)"
     )
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -103,12 +119,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``pdmoe`` parser: every command listed, the full options of ``command`` (of all when None)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="pdmoe",
         description="Language expansion without re-alignment: upcycle -> cpt -> graft (see README.md).",
     )
     parser.add_argument("--version", action="version", version=f"pdmoe {version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (summary, target) in COMMANDS.items():
         if command is None or name == command:
             module, function = target.split(":")
@@ -134,11 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command(argv)
     parser = build_parser(command if command in COMMANDS else "")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the usage of the command given, not the top level's
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     return run_command(args.command, lambda: args.func(args))
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``command``, or ``parser`` itself when there is none."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
 
 
 def run_command(command: str, run: Callable[[], int | None]) -> int:

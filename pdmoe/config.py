@@ -15,6 +15,7 @@ import transformers
 from transformers import AutoConfig, PreTrainedConfig
 
 from pdmoe.errors import UsageError
+from pdmoe.io.model_config import MOE_MODEL_TYPE
 
 # The dense families and their config classes, by name: transformers' config classes import much
 # of its modeling code, which commands that only read and write config.json (upcycle) do not need.
@@ -105,7 +106,7 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
 class MoEConfig(PreTrainedConfig):
     """Config of an upcycled MoE: the dense family's fields plus the MoE fields below."""
 
-    model_type = "pdmoe"
+    model_type = MOE_MODEL_TYPE
 
     base_model_type: str = "llama"
     num_experts: int = 4

@@ -10,18 +10,20 @@ language, the invariants, and commands to try next on the models it made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pdmoe.io import CheckpointReader, Command, claim_output
-from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
+from pdmoe.io.outputs import Command, check_output
 from pdmoe.layout import MoETensor, match_moe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # A stand-in "new language" corpus: short Swahili sentences, repeated into a learnable text.
 NEW_LANGUAGE_TEXT = (
@@ -45,6 +47,9 @@ HELD_OUT = {
         "The teacher teaches mathematics and languages to thirty pupils.",
     ),
 }
+# Held-out perplexity is `pdmoe eval`'s, on sequences of this many tokens (the suggested eval
+# command passes it too, so it prints the demo's numbers).
+EVAL_SEQ_LEN = 64
 MODELS = ("base", "instruct", "moe", "cpt", "final")
 MODEL_LABELS = {
     "base": "dense base",
@@ -79,6 +84,8 @@ class DemoReport:
         )
 
     def render(self) -> str:
+        from pdmoe.cpt.evaluate import PERPLEXITY_DEFINITION
+
         steps = ", ".join(f"{name} {secs:.1f}s" for name, secs in self.seconds.items())
         verdict = "all checks passed" if self.ok else "SOME CHECKS FAILED"
         table = [f"  {'model':<17} {'ppl sw (new)':>13} {'ppl en (original)':>18}"]
@@ -91,7 +98,8 @@ class DemoReport:
             [
                 f"pdmoe demo in {out} ({steps})",
                 "",
-                "Perplexity on held-out text (random tiny models: only the changes mean something):",
+                f"Perplexity on held-out text, as pdmoe eval computes it: {PERPLEXITY_DEFINITION}",
+                "(random tiny models: only the changes mean something)",
                 *table,
                 "",
                 f"  upcycled MoE vs dense logits, max |diff|:   {self.dense_vs_upcycled_max_diff:.2e}  (invariant 1: <= 1e-5)",
@@ -102,7 +110,8 @@ class DemoReport:
                 f"  {verdict}",
                 "",
                 "Next, on the models the demo made:",
-                f"  pdmoe eval --model {out}/final --data {out}/data/heldout.jsonl --original-langs en --new-langs sw",
+                f"  pdmoe eval --model {out}/final --data {out}/data/heldout.jsonl --original-langs en --new-langs sw "
+                f"--seq-len {EVAL_SEQ_LEN}",
                 f"  pdmoe export --model {out}/final --out {out}/final-native   # a Qwen2-MoE/Mixtral that plain transformers loads",
                 f"  pdmoe cpt --model {out}/moe --data {out}/data/new_language.jsonl --new-langs sw --out {out}/cpt-2 "
                 "--seq-len 64 --max-steps 50 --lr 1e-2",
@@ -127,20 +136,35 @@ def _write_held_out(path: Path) -> Path:
     return path
 
 
-def _perplexity(model, tokenizer, sentences: tuple[str, ...]) -> float:
-    """exp(mean next-token NLL) over the sentences, each scored on its own."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for sentence in sentences:
-            ids = tokenizer(sentence, return_tensors="pt").input_ids
-            loss = model(ids, labels=ids).loss if ids.shape[1] > 1 else None
-            if loss is not None:
-                total += loss.item() * (ids.shape[1] - 1)
-                count += ids.shape[1] - 1
-    return math.exp(total / count)
+def _decode_whole_characters(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """``ids`` decoded without a trailing replacement character: a byte-level token may end in the
+    middle of a UTF-8 character, whose remaining bytes were not generated (up to 3)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, min(3, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+    return text
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers' "Loading weights" / "Writing model shards" bars off: one line per demo step."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _max_logit_diff(dense: Path, moe: Path) -> float:
+    import torch
+
+    from pdmoe.io.hf_loading import load_causal_lm
 
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -151,6 +175,10 @@ def _max_logit_diff(dense: Path, moe: Path) -> float:
 
 def _check_graft(report: DemoReport, instruct: Path, cpt: Path, final: Path) -> None:
     """Invariant 2: shared tensors and expert 0 equal INSTRUCT's; routers keep CPT's values."""
+    import torch
+
+    from pdmoe.io.reader import CheckpointReader
+
     with (
         CheckpointReader(instruct) as dense,
         CheckpointReader(final) as grafted,
@@ -178,13 +206,19 @@ def _say(message: str) -> None:
 
 def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family: str = "llama") -> DemoReport:
     """Run every pipeline step under ``out`` and check METHOD.md's two invariants on the way."""
+    check_output(out, Command.DEMO, overwrite=overwrite)  # before the imports below (seconds)
+    with _no_loading_bars():
+        return _run_steps(Path(out), steps, overwrite, family)
 
-    from pdmoe.cpt import TrainConfig, train
+
+def _run_steps(out: Path, steps: int, overwrite: bool, family: str) -> DemoReport:
+    from pdmoe.cpt import TrainConfig, corpus_spec, evaluate_model, train
     from pdmoe.graft import graft
+    from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
+    from pdmoe.io.outputs import claim_output
     from pdmoe.tiny import build_tiny_dense, perturb_checkpoint
     from pdmoe.upcycle import upcycle
 
-    out = Path(out)
     folder = claim_output(out, Command.DEMO, overwrite=overwrite, settings={"steps": steps, "family": family})
     report = DemoReport(out=out)
     clock = time.perf_counter()
@@ -234,15 +268,17 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     final = graft(base, instruct, cpt, out / "final").out_dir
     _check_graft(report, instruct, cpt, final)
     lap("graft")
-    _say(f"[5/6] perplexity of every model on held-out text ({held_out})")
-    tokenizer = load_tokenizer(final)
+    _say(f"[5/6] perplexity of every model on held-out text ({held_out}), as pdmoe eval computes it")
+    held_out_corpus = corpus_spec([held_out], None, ["en"], ["sw"])
     for name in MODELS:
-        model = load_causal_lm(out / name).eval()
-        report.perplexity[name] = {
-            lang: _perplexity(model, tokenizer, text) for lang, text in HELD_OUT.items()
-        }
+        result = evaluate_model(
+            out / name, held_out_corpus, seq_len=EVAL_SEQ_LEN, cache_dir=out / "token-cache"
+        )
+        report.perplexity[name] = result.perplexity()
     lap("perplexity")
-    _say("[6/6] generating from the grafted model")  # `model` is the last one scored: final
+    _say("[6/6] generating from the grafted model")
+    tokenizer = load_tokenizer(final)
+    model = load_causal_lm(final).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Habari"}],
         add_generation_prompt=True,
@@ -252,7 +288,7 @@ def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family:
     generated = model.generate(
         **prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
-    report.sample = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    report.sample = _decode_whole_characters(tokenizer, generated[0, prompt["input_ids"].shape[1] :].tolist())
     lap("generate")
     folder.finish()
     return report

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from pdmoe.errors import CheckpointError
-from pdmoe.io.reader import INDEX_FILE, SINGLE_FILE, check_model_folder
+from pdmoe.io.model_config import INDEX_FILE, SINGLE_FILE, check_model_folder
 from pdmoe.io.side_files import SIDE_FILES
 
 CONFIG_FILE = "config.json"

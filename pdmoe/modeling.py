@@ -7,8 +7,9 @@ model behaves exactly like the dense one wherever the MoE does not differ.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -32,6 +33,11 @@ DENSE_MODELS: dict[str, type[PreTrainedModel]] = {
     "qwen2": Qwen2Model,
     "qwen3": Qwen3Model,
 }
+# The KV cache's keyword (forward argument and output field): ``cache`` since transformers 5.24,
+# ``past_key_values`` before (now deprecated). The cache travels in ``**kwargs`` under whichever
+# name this transformers uses, so no call pdmoe makes ever warns.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -47,7 +53,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARGUMENT]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -128,7 +134,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -136,13 +141,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoECausalLMOutput:
+        """``kwargs`` carries the KV cache (``CACHE_ARGUMENT``) and transformers' attention options."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -164,7 +169,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,

@@ -2,23 +2,27 @@
 
 Each is checked where the Python API receives it, so ``pdmoe CMD`` and a direct call refuse the
 same values with the same message (a NaN, an infinity, a size or seed that would overflow).
+No torch at import: the command line builds its parsers from here before torch loads.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from pdmoe.errors import UsageError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+if TYPE_CHECKING:
+    import torch
+
+# Dtype names as options and config.json spell them -> the name of the torch dtype.
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 _SIZE_UNITS = {
     "KIB": 2**10,
@@ -34,11 +38,13 @@ _SIZE_UNITS = {
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """A dtype by name (``bf16``, ``float32``, ...) or as is; None means "keep the input's"."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+    import torch
+
+    if dtype is None or (isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPE_NAMES):
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise UsageError(f"unsupported output dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
+        return getattr(torch, DTYPE_NAMES[dtype.lower()])
+    raise UsageError(f"unsupported output dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
 
 
 def parse_size(text: str | int, what: str = "shard size") -> int:

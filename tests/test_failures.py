@@ -126,7 +126,7 @@ def test_unreadable_data_file(tmp_path: Path, models, capsys, monkeypatch) -> No
 def test_eval_json_to_an_unwritable_path_is_refused_before_evaluating(
     tmp_path: Path, models, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setattr("pdmoe.cpt.cli.evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
+    monkeypatch.setattr("pdmoe.cpt.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
     (tmp_path / "fr.txt").write_text("bonjour\n")
     common = [
         "eval",

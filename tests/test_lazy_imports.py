@@ -3,6 +3,7 @@ still makes pdmoe's models loadable through transformers' Auto classes and exper
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,62 @@ def test_help_upcycle_graft_and_export_stay_light(models) -> None:
         str(root),
     )
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_usage_and_path_errors_come_before_torch(models, tmp_path) -> None:
+    """Mistyped options, abbreviations, missing paths, a dense model where an MoE is needed and an
+    unusable --out are refused (exit 2, one line, the subcommand's usage for options) before torch,
+    transformers or accelerate load: in a blink, not after seconds of imports."""
+    base, data = str(models["base"]), tmp_path / "text.jsonl"
+    data.write_text('{"text": "hello", "lang": "en"}\n')
+    not_empty = tmp_path / "not-empty"
+    not_empty.mkdir()
+    (not_empty / "mine.txt").write_text("a user's file")
+    cases = {
+        "usage: pdmoe upcycle": ["upcycle", "--model", base, "--out", "x", "--bogus"],
+        "--num-exp": ["upcycle", "--model", base, "--out", "x", "--num-exp", "3"],
+        "usage: pdmoe graft": ["graft", "--bas", base],
+        "usage: pdmoe cpt": ["cpt", "--modle", base, "--data", str(data), "--out", "x"],
+        "usage: pdmoe eval": ["eval", "--model", base, "--data", str(data), "--nope"],
+        "usage: pdmoe export": ["export", "--model", base, "--out", "x", "--formt", "auto"],
+        "does not exist": ["upcycle", "--model", str(tmp_path / "missing"), "--out", "x"],
+        "not an upcycled MoE": [
+            "cpt",
+            "--model",
+            base,
+            "--data",
+            str(data),
+            "--new-langs",
+            "en",
+            "--out",
+            "x",
+        ],
+        "data file": ["eval", "--model", base, "--data", str(tmp_path / "no.jsonl"), "--new-langs", "en"],
+        "is not empty": ["graft", "--base", base, "--instruct", base, "--cpt", base, "--out", str(not_empty)],
+        "has no config.json": ["export", "--model", str(tmp_path), "--out", "y"],
+    }
+    out = _python(
+        """
+        import contextlib, io, json, sys
+        from pdmoe.cli import main
+        results = {}
+        for expected, argv in json.loads(sys.argv[1]).items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    code = main(argv)
+                except SystemExit as exit:
+                    code = exit.code
+            results[expected] = [code, err.getvalue()]
+        heavy = ("torch", "transformers", "accelerate")
+        print(json.dumps([results, sorted(name for name in heavy if name in sys.modules)]))
+        """,
+        json.dumps(cases),
+    )
+    results, heavy = json.loads(out.strip().splitlines()[-1])
+    assert heavy == []
+    for expected, (code, err) in results.items():
+        assert code == 2 and expected in err and "Traceback" not in err, (expected, err)
 
 
 def test_import_pdmoe_registers_with_transformers(models) -> None:

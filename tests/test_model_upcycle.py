@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import pdmoe
+from pdmoe.modeling import CACHE_FIELD
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
@@ -92,6 +93,8 @@ def test_greedy_generation_equals_dense(dense_dirs, moe_dirs, family):
     prompt = _tokens(seed=1, batch=1, length=5)
     kwargs = {"max_new_tokens": 12, "do_sample": False, "use_cache": True, "pad_token_id": 256}
     assert torch.equal(dense.generate(prompt, **kwargs), moe.generate(prompt, **kwargs))
+    with torch.no_grad():  # generation reuses the KV cache the forward returns
+        assert getattr(moe(prompt, use_cache=True), CACHE_FIELD).get_seq_length() == prompt.shape[1]
 
 
 def test_checkpoint_follows_the_on_disk_contract(dense_dirs, moe_dirs):

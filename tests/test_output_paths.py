@@ -184,7 +184,7 @@ def test_graft_out_dot_exports_beside_it(tmp_path, models, capsys, monkeypatch) 
 
 @pytest.fixture()
 def no_evaluation(monkeypatch) -> None:
-    monkeypatch.setattr("pdmoe.cpt.cli.evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
+    monkeypatch.setattr("pdmoe.cpt.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
 
 
 def test_eval_json_never_replaces_its_data_or_a_model_file(tmp_path, models, capsys, no_evaluation) -> None:

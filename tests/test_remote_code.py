@@ -184,3 +184,17 @@ def test_every_transformers_load_in_pdmoe_refuses_remote_code() -> None:
     ]
     assert unsafe == []
     assert _from_pretrained_calls(REPOSITORY / "pdmoe" / "io" / "hf_loading.py")  # the scan sees calls
+
+
+def test_architectures_known_without_transformers_are_transformers_or_pdmoe_classes() -> None:
+    """``without_remote_code`` trusts these names without importing transformers: each must be a
+    class transformers defines (a dense family pdmoe supports) or pdmoe's own."""
+    import transformers
+
+    from pdmoe.config import DENSE_CONFIGS
+    from pdmoe.io.model_config import KNOWN_ARCHITECTURES, without_remote_code
+
+    assert set(KNOWN_ARCHITECTURES) - set(transformers.__all__) == {"MoEForCausalLM"}
+    assert len(KNOWN_ARCHITECTURES) == len(DENSE_CONFIGS) + 1
+    kept = without_remote_code({"architectures": ["MixtralForCausalLM", "EvilForCausalLM"]})
+    assert kept["architectures"] == ["MixtralForCausalLM"]  # asked of transformers' index

@@ -25,7 +25,7 @@ import torch
 
 from pdmoe.cpt import TrainConfig, train
 from pdmoe.graft import graft
-from pdmoe.graft.merging import MergeMethod
+from pdmoe.graft.methods import MergeMethod
 from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 from pdmoe.upcycle import upcycle
 

@@ -16,6 +16,8 @@ adds 0 and, for a Llama/Mistral source, zero q/k/v biases):
 
 The output is written like every pdmoe output: shards appear under their names only when whole,
 the index comes last, and a failed export leaves no folder that looks complete.
+torch and the checkpoint readers load when an export runs: the command line parses and checks
+its options with this package (``cli``, ``formats``) before they load.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.export.formats import (
@@ -41,11 +42,13 @@ from pdmoe.export.formats import (
 )
 from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import Staged, write_json, write_text_atomic
+from pdmoe.io.model_config import INDEX_FILE
 from pdmoe.io.outputs import Command, claim_output, ensure_free_space
-from pdmoe.io.reader import INDEX_FILE, CheckpointReader
-from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, encode_header
 from pdmoe.io.side_files import copy_side_files
-from pdmoe.io.writer import ShardWriter, shard_file_names
+
+if TYPE_CHECKING:
+    from pdmoe.io.reader import CheckpointReader
+    from pdmoe.io.safetensors_format import ShardHeader, TensorMeta
 
 __all__ = ["ExpertLayout", "ExportReport", "NativeFormat", "check_export", "export"]
 
@@ -90,6 +93,8 @@ def check_export(
     model: str | os.PathLike[str], format: str | NativeFormat = NativeFormat.AUTO
 ) -> NativeFormat:
     """The format ``model`` would be exported to, or the UsageError saying why it has none (reads the config only)."""
+    from pdmoe.io.reader import CheckpointReader
+
     with CheckpointReader(resolve_model(model)) as reader:
         config = _normalised_config(reader)
     return choose_format(config, NativeFormat(format))
@@ -111,6 +116,8 @@ def _copy_range(source: int, offset: int, count: int, target) -> None:
 
 def _rewrite_shard(source: ShardHeader, target: Path, names: list[TensorMeta], order: list[str]) -> None:
     """``target``: a new header for ``names`` and ``source``'s data bytes, tensor by tensor in ``order``."""
+    from pdmoe.io.safetensors_format import encode_header
+
     with Staged(target) as staged, staged.open("wb", buffering=0) as handle:
         handle.write(encode_header(names, {k: v for k, v in source.metadata.items() if k != "format"}))
         fd = os.open(source.path, os.O_RDONLY)
@@ -146,6 +153,12 @@ def export(
     overwrite: bool = False,
 ) -> ExportReport:
     """Write the pdmoe MoE ``model`` (folder or hub id) to ``out`` as a native transformers checkpoint."""
+    import torch
+
+    from pdmoe.io.reader import CheckpointReader
+    from pdmoe.io.safetensors_format import TensorMeta
+    from pdmoe.io.writer import ShardWriter, shard_file_names
+
     model_dir, out_dir, layout = resolve_model(model), Path(out), ExpertLayout(layout)
     with CheckpointReader(model_dir) as reader:
         config = _normalised_config(reader)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pdmoe.export.formats import ExpertLayout, NativeFormat
+from pdmoe.io.outputs import Command, check_output
+from pdmoe.preflight import check_models
 
 _DESCRIPTION = """\
 Write a pdmoe MoE (from upcycle, cpt or graft) as a native transformers checkpoint that loads
@@ -50,6 +52,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_export_command(args: argparse.Namespace) -> int:
+    inputs = check_models([args.model])
+    check_output(args.out, Command.EXPORT, inputs=inputs, overwrite=args.overwrite)
     from pdmoe.export import export
 
     report = export(args.model, args.out, format=args.format, layout=args.layout, overwrite=args.overwrite)

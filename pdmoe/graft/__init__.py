@@ -11,20 +11,31 @@ the side files, resume and the ``graft.json`` manifest.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pdmoe.graft.merging import MergeMethod, MergeSpec, check_weights
-from pdmoe.graft.planner import GraftPlan, build_plan
-from pdmoe.graft.runner import GraftOptions, GraftReport, execute
+from pdmoe.graft.methods import MergeMethod, MergeSpec, check_weights
 from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, claim_output
-from pdmoe.io.reader import CheckpointReader
 from pdmoe.options import check_number, parse_dtype, parse_size
 
+if TYPE_CHECKING:
+    import torch
+
+    from pdmoe.graft.planner import GraftPlan
+    from pdmoe.graft.runner import GraftReport
+
 __all__ = ["GraftPlan", "GraftReport", "MergeMethod", "graft"]
+# Loaded on first use: ``pdmoe graft`` checks its options and paths before torch loads.
+_LAZY = {"GraftPlan": "pdmoe.graft.planner", "GraftReport": "pdmoe.graft.runner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pdmoe.graft' has no attribute {name!r}")
 
 
 def graft(
@@ -62,6 +73,10 @@ def graft(
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)
+    from pdmoe.graft.planner import build_plan
+    from pdmoe.graft.runner import GraftOptions, GraftReport, execute
+    from pdmoe.io.reader import CheckpointReader
+
     with CheckpointReader(base) as b, CheckpointReader(instruct) as i, CheckpointReader(cpt) as c:
         plan = build_plan(
             b,

@@ -9,11 +9,10 @@ from pathlib import Path
 from pdmoe.errors import UsageError
 from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
-from pdmoe.graft import graft
-from pdmoe.graft.merging import MergeMethod
-from pdmoe.hub import resolve_model
+from pdmoe.graft.methods import MergeMethod
 from pdmoe.io.outputs import Command, Output, check_outputs
-from pdmoe.options import DTYPES
+from pdmoe.options import DTYPE_NAMES
+from pdmoe.preflight import check_models
 
 _DESCRIPTION = """\
 Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).
@@ -63,7 +62,10 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: each CPT tensor's own)"
+        "--dtype",
+        choices=sorted(DTYPE_NAMES),
+        default=None,
+        help="output dtype (default: each CPT tensor's own)",
     )
     parser.add_argument(
         "--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
@@ -102,23 +104,20 @@ def export_out(args: argparse.Namespace) -> Path:
 
 
 def run_graft_command(args: argparse.Namespace) -> int:
-    from pdmoe.export import check_export, export
-
     if args.export_out is not None and not args.export:
         raise UsageError("--export-out names where --export writes; pass --export FORMAT too, or drop it")
+    inputs = check_models([args.base, args.instruct, args.cpt])
+    if not args.dry_run:
+        outputs = [Output(args.out, "--out", Command.GRAFT)]
+        if args.export:
+            outputs.append(Output(export_out(args), "--export-out", Command.EXPORT))
+        # every output before the graft starts, clear of the inputs and of each other
+        check_outputs(outputs, inputs=inputs, overwrite=args.overwrite, resume=args.resume)
+    from pdmoe.export import check_export, export
+    from pdmoe.graft import graft
+
     if args.export:
         check_export(args.cpt, args.export)
-    if args.export and not args.dry_run:
-        inputs = [resolve_model(path) for path in (args.base, args.instruct, args.cpt)]
-        check_outputs(  # both outputs before the graft starts, clear of the inputs and of each other
-            [
-                Output(args.out, "--out", Command.GRAFT),
-                Output(export_out(args), "--export-out", Command.EXPORT),
-            ],
-            inputs=inputs,
-            overwrite=args.overwrite,
-            resume=args.resume,
-        )
     report = graft(
         args.base,
         args.instruct,

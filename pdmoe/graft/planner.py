@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
-from pdmoe.graft.merging import MergeSpec
+from pdmoe.graft.methods import MergeSpec
 from pdmoe.io.model_config import moe_layers_problem, without_remote_code
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.safetensors_format import TensorMeta

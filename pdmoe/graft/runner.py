@@ -34,7 +34,7 @@ from pdmoe.finite import all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.merge_stream import MergedTensor
-from pdmoe.graft.merging import MergeMethod, MergeSpec
+from pdmoe.graft.methods import MergeMethod, MergeSpec
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded

@@ -14,15 +14,27 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pdmoe.errors import CheckpointError
+from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.strict_json import read_json_object
 from pdmoe.layout import EMBED_TOKENS, DenseProjection, MoETensor, layer_index, match_dense, match_moe
 
 CONFIG_FILE = "config.json"
+# The weights: one file, or shards listed by an index.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 # Fields through which a config or tokenizer config makes transformers import code from the checkpoint.
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines", "trust_remote_code")
-# pdmoe's own model class, registered with transformers' Auto classes on ``import pdmoe``.
-_PDMOE_ARCHITECTURES = ("MoEForCausalLM",)
+MOE_MODEL_TYPE = "pdmoe"  # the model_type of pdmoe's MoE checkpoints (``MoEConfig``)
+# Architectures known without asking transformers (importing it takes a second): pdmoe's own
+# class (registered with transformers' Auto classes on ``import pdmoe``) and transformers' causal
+# LMs of the dense families pdmoe supports (the tests check that transformers defines them).
+KNOWN_ARCHITECTURES = (
+    "MoEForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 # Integer fields every supported family defines, and that the tensors must agree with.
 STRUCTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 # Integer fields of a pdmoe MoE config (checked when present).
@@ -41,8 +53,20 @@ def refuse_remote_code(settings: Mapping[str, Any], source: Path) -> None:
         )
 
 
+def check_model_folder(path: Path) -> None:
+    """A CheckpointError, naming what ``path`` is instead, unless it is a folder."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise CheckpointError(
+            f"{path} is a file, not a model folder; give the checkpoint folder (the one holding config.json)"
+        )
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory: a JSON object without remote code, with a model_type."""
+    check_model_folder(Path(directory))
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}; is it a Hugging Face checkpoint directory?")
@@ -53,25 +77,42 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def require_moe(config: Mapping[str, Any], directory: str | Path) -> None:
+    """A UsageError, with the command that makes one, when ``config`` is not an upcycled MoE's."""
+    if config.get("model_type") != MOE_MODEL_TYPE:
+        raise UsageError(
+            f"{directory} is a dense {config.get('model_type')!r} model, not an upcycled MoE; "
+            f"run `pdmoe upcycle --model {directory} --out MOE_DIR` first and train MOE_DIR"
+        )
+
+
 def without_remote_code(settings: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a config (or tokenizer config) with no field that would make transformers run code:
     no ``auto_map`` / ``trust_remote_code`` / ``custom_pipelines``, and only architectures that
     transformers or pdmoe define."""
-    import transformers  # here: importing it is slow, and only writers of configs need it
-
     clean = {key: value for key, value in settings.items() if key not in REMOTE_CODE_KEYS}
     architectures = clean.get("architectures")
     if isinstance(architectures, list):
-        known = [
-            name
-            for name in architectures
-            if isinstance(name, str) and (name in _PDMOE_ARCHITECTURES or hasattr(transformers, name))
-        ]
+        names = [name for name in architectures if isinstance(name, str)]
+        defined = _transformers_names(names)
+        known = [name for name in names if name in KNOWN_ARCHITECTURES or name in defined]
         if known:
             clean["architectures"] = known
         else:
             del clean["architectures"]
     return clean
+
+
+def _transformers_names(names: list[str]) -> set[str]:
+    """Which of ``names`` (not ``KNOWN_ARCHITECTURES``) transformers defines, by the index of its
+    lazy top-level module: asking the module (``hasattr``) would import the model's modeling code
+    (seconds, ~190 MiB)."""
+    unknown = set(names).difference(KNOWN_ARCHITECTURES)
+    if not unknown:
+        return set()
+    import transformers  # here: it takes a second, and only writers of unusual configs need it
+
+    return unknown & set(transformers.__all__)
 
 
 def _structure(config: Mapping[str, Any], path: Path) -> dict[str, int]:

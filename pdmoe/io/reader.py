@@ -15,27 +15,20 @@ from typing import Any
 import torch
 
 from pdmoe.errors import CheckpointError
-from pdmoe.io.model_config import check_config_matches_tensors, read_config
+from pdmoe.io.model_config import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    check_config_matches_tensors,
+    check_model_folder,
+    read_config,
+)
 from pdmoe.io.outputs import refuse_unfinished
 from pdmoe.io.safetensors_format import ShardHeader, TensorMeta, read_header
 from pdmoe.io.strict_json import json_type, read_json_object
 
 # Elements per block when a tensor is streamed (16 MiB of fp32): bounds memory, amortises calls.
 BLOCK_ELEMENTS = 4 * 2**20
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def check_model_folder(path: Path) -> None:
-    """A CheckpointError, naming what ``path`` is instead, unless it is a folder."""
-    if path.is_dir():
-        return
-    if path.exists():
-        raise CheckpointError(
-            f"{path} is a file, not a model folder; give the checkpoint folder (the one holding config.json)"
-        )
-    raise CheckpointError(f"checkpoint directory {path} does not exist")
 
 
 class CheckpointReader:
