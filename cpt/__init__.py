@@ -1,4 +1,4 @@
-"""Continued pre-training of an upcycled MoE (METHOD.md steps 2 and 3) and its evaluation.
+"""Continued pre-training of an upcycled MoE (docs/method.md steps 2 and 3) and its evaluation.
 
 ``train(TrainConfig(...))`` is ``pdmoe cpt``; ``evaluate_model`` is ``pdmoe eval``. The names
 below load on first access, so the command line parses ``pdmoe cpt`` / ``pdmoe eval`` options

@@ -68,7 +68,7 @@ def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
 def save_final_model(
     accelerator: Accelerator, model: torch.nn.Module, model_dir: Path, out_dir: Path, dtype: torch.dtype
 ) -> None:
-    """Save the trained MoE in METHOD.md's format (fused expert tensors) into ``out_dir``.
+    """Save the trained MoE in docs/method.md's format (fused expert tensors) into ``out_dir``.
 
     Every process joins the state-dict gather (FSDP); the main process writes a hidden directory
     and moves its files into ``out_dir`` with ``config.json`` last, so a finished-looking

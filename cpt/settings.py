@@ -45,7 +45,7 @@ def describe_parts(parts: tuple[Part, ...]) -> str:
 
 @dataclass
 class TrainConfig:
-    """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow METHOD.md.
+    """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow docs/method.md.
 
     ``seq_len=None`` is ``DEFAULT_SEQ_LEN``, or the model's maximum when that is smaller.
     """

@@ -1,7 +1,7 @@
 """Expert-MLP kernels of pdmoe: a plain-PyTorch reference and fused Triton kernels.
 
 ``moe_mlp`` (Triton; CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``) and ``moe_mlp_reference``
-(PyTorch, any device) compute METHOD.md's expert computation with the same signature. Importing this
+(PyTorch, any device) compute docs/method.md's expert computation with the same signature. Importing this
 package also registers the kernels as the transformers experts implementation ``"pdmoe"``. Without
 Triton installed, the import still works and only calling ``moe_mlp`` fails.
 

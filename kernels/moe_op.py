@@ -1,4 +1,4 @@
-"""``moe_mlp``: the expert computation of METHOD.md on fused Triton kernels, differentiable.
+"""``moe_mlp``: the expert computation of docs/method.md on fused Triton kernels, differentiable.
 
 (The module is ``moe_op`` rather than ``moe_mlp`` so the package attribute does not shadow it.)
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the expert computation (METHOD.md, "Contract: the expert computation").
+"""Plain-PyTorch reference of the expert computation (docs/method.md, "Contract: the expert computation").
 
     y_t = Σ_j w_tj · down_{ids_tj}( silu(gate_{ids_tj} x_t) ⊙ up_{ids_tj} x_t )
 
@@ -63,7 +63,7 @@ def moe_mlp_reference(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Expert MLP of METHOD.md in plain PyTorch: hidden [T, H] -> [T, H] in ``hidden.dtype``.
+    """Expert MLP of docs/method.md in plain PyTorch: hidden [T, H] -> [T, H] in ``hidden.dtype``.
 
     ``gate_up_proj`` is [E, 2F, H] (gate rows first), ``down_proj`` [E, H, F], ``topk_weights`` [T, k],
     ``topk_ids`` [T, k] (int32/int64). Synchronises with the host (it asks which experts got tokens),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from pdmoe.errors import PdmoeError, from_os_error
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.options import DTYPE_NAMES
 from pdmoe.preflight import check_models
+from pdmoe.version import pdmoe_version
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -123,7 +123,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="pdmoe",
         description="Language expansion without re-alignment: upcycle -> cpt -> graft (see README.md).",
     )
-    parser.add_argument("--version", action="version", version=f"pdmoe {version()}")
+    parser.add_argument("--version", action="version", version=f"pdmoe {pdmoe_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (summary, target) in COMMANDS.items():
         if command is None or name == command:
@@ -132,13 +132,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:
             subparsers.add_parser(name, help=summary)
     return parser
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("pdmoe")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _command(argv: Sequence[str]) -> str | None:

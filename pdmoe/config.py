@@ -1,6 +1,6 @@
 """`MoEConfig`: a dense family's config, unchanged, plus the fields of the upcycled MoE.
 
-Every field of the dense config stays at the top level of ``config.json`` (METHOD.md's on-disk
+Every field of the dense config stays at the top level of ``config.json`` (docs/method.md's on-disk
 contract), so the dense family's own modules (attention, norms, rotary embeddings) read the very
 same object they would read in the dense model.
 """

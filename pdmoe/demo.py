@@ -205,7 +205,7 @@ def _say(message: str) -> None:
 
 
 def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family: str = "llama") -> DemoReport:
-    """Run every pipeline step under ``out`` and check METHOD.md's two invariants on the way."""
+    """Run every pipeline step under ``out`` and check docs/method.md's two invariants on the way."""
     check_output(out, Command.DEMO, overwrite=overwrite)  # before the imports below (seconds)
     with _no_loading_bars():
         return _run_steps(Path(out), steps, overwrite, family)

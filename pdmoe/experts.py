@@ -1,6 +1,6 @@
 """The experts of an MoE layer in the fused layout, and the choice of their implementation.
 
-Weights are stored as on disk (METHOD.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
+Weights are stored as on disk (docs/method.md): ``gate_up_proj`` [E, 2F, H] and ``down_proj`` [E, H, F].
 For CPT the original experts can be frozen without copying anything each step: the storage is
 split once into a frozen Parameter without gradient (experts 0..n-1) and a trainable Parameter (the
 rest), each owning only its own experts' memory, and the expert function receives the pair. Both

@@ -1,7 +1,7 @@
 """The tensor names of dense and MoE checkpoints, as data: the one place that spells them.
 
 A decoder layer's MLP lives under a prefix (``model.layers.3.mlp``). In a dense checkpoint it holds
-three projections; in pdmoe's MoE checkpoint (METHOD.md's on-disk contract, transformers' fused
+three projections; in pdmoe's MoE checkpoint (docs/method.md's on-disk contract, transformers' fused
 expert layout) a router and two fused expert tensors:
 
     {mlp}.gate_proj.weight  [F, H]        {mlp}.gate.weight               [E, H]      router

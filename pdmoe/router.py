@@ -12,7 +12,7 @@ class TopKRouter(nn.Module):
 
     Softmax runs in float32 whatever the model dtype, so routing decisions do not flip with the
     precision; with renormalisation the k weights sum to 1, which makes identical experts compute
-    exactly what the dense FFN computes (METHOD.md's first invariant).
+    exactly what the dense FFN computes (docs/method.md's first invariant).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Upcycle a dense checkpoint into the MoE checkpoint of METHOD.md, streaming tensor by tensor.
+"""Upcycle a dense checkpoint into the MoE checkpoint of docs/method.md, streaming tensor by tensor.
 
 The plan (every output tensor's name, dtype and shape, and its shard) is made from headers alone;
 then each dense tensor is read, turned into its MoE form and written straight into its shard.

@@ -1,7 +1,7 @@
 """Checkpoints for the graft tests, and the independent recomputation the outputs are judged by.
 
 The ``test_graft_*`` modules import these helpers from the ``tests`` package. The reference loads whole state dicts with ``safetensors.torch.load_file`` and
-computes in float64, written from METHOD.md, not from the implementation.
+computes in float64, written from docs/method.md, not from the implementation.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def perturb(
 def synthetic_upcycle(
     dense: dict[str, torch.Tensor], experts: int = 4, layers: tuple[int, ...] = (0, 1)
 ) -> dict:
-    """The MoE layout of METHOD.md made by hand: E copies of each chosen layer's FFN, random routers."""
+    """The MoE layout of docs/method.md made by hand: E copies of each chosen layer's FFN, random routers."""
     out = {}
     for name, tensor in dense.items():
         parts = name.split(".")
@@ -141,7 +141,7 @@ def synthetic_upcycle(
 
 
 def fake_cpt(moe: dict[str, torch.Tensor], *, seed: int = 7) -> dict[str, torch.Tensor]:
-    """CPT as METHOD.md trains it: only experts 1..E-1 and the routers move."""
+    """CPT as docs/method.md trains it: only experts 1..E-1 and the routers move."""
     out = perturb(moe, seed=seed, only=(".mlp.gate.weight", ".experts."))
     for name, tensor in out.items():
         if ".experts." in name:
@@ -231,7 +231,7 @@ def reference_graft(
     dtype: torch.dtype | None = None,
     work: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
-    """The graft of METHOD.md step 4, recomputed from whole state dicts."""
+    """The graft of docs/method.md step 4, recomputed from whole state dicts."""
     base, instruct, cpt = load_dir(base_dir), load_dir(instruct_dir), load_dir(cpt_dir)
 
     def delta(name: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pdmoe.kernels.testing import random_moe_inputs
 
 
 def naive(x, gate_up, down, w, ids):
-    """METHOD.md's formula, one token and one slot at a time."""
+    """docs/method.md's formula, one token and one slot at a time."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):

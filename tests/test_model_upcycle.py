@@ -1,4 +1,4 @@
-"""The upcycled MoE computes what the dense model computes, and its checkpoint follows METHOD.md."""
+"""The upcycled MoE computes what the dense model computes, and its checkpoint follows docs/method.md."""
 
 from __future__ import annotations
 

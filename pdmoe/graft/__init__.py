@@ -1,6 +1,6 @@
 """``pdmoe graft``: add the post-training delta, expanded to the MoE shape, to the CPT model.
 
-    out = CPT + ALPHA * (INSTRUCT - BASE)        (METHOD.md, step 4; ``--method task-arithmetic``)
+    out = CPT + ALPHA * (INSTRUCT - BASE)        (docs/method.md, step 4; ``--method task-arithmetic``)
 
 or, as data-free merging baselines, TIES or DARE of the two task vectors CPT − BASE and
 ALPHA-weighted INSTRUCT − BASE (``merging``). The plan (``planner``) is built and checked from

@@ -2,7 +2,7 @@
 
 ``out = round_to_output_dtype(cpt + alpha * (instruct - base))``, computed in float32, with one
 rounding at the end. float32 is exact for the difference of two bf16 / fp16 tensors, so where CPT
-froze a tensor (cpt == base) the sum gives back INSTRUCT's value bit for bit (METHOD.md's second
+froze a tensor (cpt == base) the sum gives back INSTRUCT's value bit for bit (docs/method.md's second
 invariant). Float32 inputs need float64 for that same guarantee, so they are computed in float64.
 """
 

@@ -38,7 +38,7 @@ from pdmoe.graft.methods import MergeMethod, MergeSpec
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
-from pdmoe.io.outputs import OutputFolder, ensure_free_space, pdmoe_version
+from pdmoe.io.outputs import OutputFolder, ensure_free_space
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
     CHAT_TEMPLATE_FILES,
@@ -49,6 +49,7 @@ from pdmoe.io.side_files import (
 )
 from pdmoe.io.strict_json import read_json_object
 from pdmoe.io.writer import CheckpointWriter
+from pdmoe.version import pdmoe_version
 
 MANIFEST = "graft.json"
 RUN_STAMPS = ".graft-inputs.json"

@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import importlib.metadata
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from typing import Any
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.atomic import write_text_atomic
 from pdmoe.io.strict_json import read_json_object
+from pdmoe.version import pdmoe_version
 
 MARKER = "pdmoe-output.json"
 LOCK = ".pdmoe.lock"
@@ -79,13 +79,6 @@ class OutputState(Enum):
 
     WRITING = "writing"
     COMPLETE = "complete"
-
-
-def pdmoe_version() -> str:
-    try:
-        return importlib.metadata.version("pdmoe")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 @dataclass(frozen=True)
