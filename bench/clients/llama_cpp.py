@@ -143,7 +143,7 @@ def convert(build: Build, folder: Path, gguf: Path) -> str | None:
 def transformers_logits(folder: Path, tokens: list[int]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0]
 

@@ -51,7 +51,7 @@ def logits(out: Path, tokens_file: Path, folders: list[str]) -> None:
     found, report = {}, {"transformers": transformers.__version__}
     for folder in folders:
         model, info = AutoModelForCausalLM.from_pretrained(
-            folder, torch_dtype=torch.float32, output_loading_info=True
+            folder, torch_dtype=torch.float32, output_loading_info=True, trust_remote_code=False
         )
         with torch.no_grad():
             found[folder] = model.eval()(tokens).logits.contiguous()

@@ -244,7 +244,7 @@ def vllm_name(model: VllmModel, name: str) -> tuple[str, Any]:
 def check_export(model: VllmModel, folder: Path, moe: Path) -> list[str]:
     """Every problem vLLM would have with the export in ``folder`` of the pdmoe MoE ``moe``."""
     config = json.loads((folder / "config.json").read_text())
-    ours = MoEConfig.from_pretrained(moe)
+    ours = MoEConfig.from_pretrained(moe, trust_remote_code=False)
     problems: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
