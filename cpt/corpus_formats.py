@@ -314,6 +314,9 @@ def _parquet_documents(
                 f"({_one_line(error)}); "
                 "check or download the file again"
             ) from None
+        # Arrow's allocator keeps what a row group's pages used: measured on reading alone, 67 MiB
+        # of working set for a 17 MB corpus without this, 37 MiB with it.
+        arrow.default_memory_pool().release_unused()
 
 
 @dataclass(frozen=True)

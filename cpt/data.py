@@ -33,7 +33,7 @@ from .corpus_formats import COMPRESSIONS, FORMATS, compression_of, detect_format
 
 DATA_FORMATS = ("auto", *FORMATS)
 _TOKENIZE_CHUNK_DOCS = 1024
-_TOKENIZE_CHUNK_CHARS = 2**22
+_TOKENIZE_CHUNK_CHARS = 2**20
 _READ_AHEAD_BATCHES = 2
 _CACHE_VERSION = 2  # 2: documents longer than corpus_formats.MAX_PIECE_CHARS are tokenised in pieces
 
