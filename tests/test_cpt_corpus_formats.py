@@ -226,3 +226,21 @@ def test_reader_errors_reach_the_build_and_stop_the_reader(tmp_path, tokenizer, 
     with pytest.raises(DataError, match=r"line 6 has no string field 'text'"):
         _build(tmp_path, tokenizer, _write(tmp_path / "late.jsonl", rows))
     assert not [t for t in threading.enumerate() if t.name == "pdmoe-corpus-reader"]
+
+
+def test_cache_ids_are_the_tokenizers_own_whatever_its_backend_settings(tmp_path):
+    """The cache encodes through a copy of the Rust backend: the ids of ``tokenizer(text)``, even when
+    the tokenizer file asks for truncation and padding, and the caller's tokenizer is left as it was."""
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    tokenizer.backend_tokenizer.enable_padding(length=64)
+    settings = tokenizer.backend_tokenizer.to_str()
+    texts = ["a text longer than four tokens", "with </s> inside", "é"]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    cache = _build(tmp_path, tokenizer, path)
+    assert tokenizer.backend_tokenizer.to_str() == settings
+    expected = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        expected += [*ids, tokenizer.eos_token_id]
+    assert cache.tokens.tolist() == expected and len(expected) > 3 * 5

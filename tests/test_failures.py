@@ -197,14 +197,19 @@ def test_very_long_document_reaches_the_tokenizer_in_pieces(tmp_path: Path, monk
     (tmp_path / "long.txt").write_text(f"short one\n\n{words}\n\nlast\n")
     tokenizer = byte_tokenizer()
     seen: list[int] = []
-    call = type(tokenizer).__call__
+    batch_encoder = data._batch_encoder
 
-    def recording(self, texts, **kwargs):
-        seen.append(max(len(text) for text in texts))
-        seen.append(sum(len(text) for text in texts))
-        return call(self, texts, **kwargs)
+    def recording(tokenizer):
+        encode = batch_encoder(tokenizer)
 
-    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+        def recorded(texts):
+            seen.append(max(len(text) for text in texts))
+            seen.append(sum(len(text) for text in texts))
+            return encode(texts)
+
+        return recorded
+
+    monkeypatch.setattr(data, "_batch_encoder", recording)
     cache = TokenCache.build(
         corpus_spec([tmp_path / "long.txt"], ["fr"], [], ["fr"]), tokenizer, tmp_path / "c"
     )
