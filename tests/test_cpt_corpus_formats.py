@@ -244,3 +244,27 @@ def test_cache_ids_are_the_tokenizers_own_whatever_its_backend_settings(tmp_path
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         expected += [*ids, tokenizer.eos_token_id]
     assert cache.tokens.tolist() == expected and len(expected) > 3 * 5
+
+
+def test_the_command_line_reports_a_damaged_file_in_one_line(tmp_path, capsys):
+    from pdmoe.cli import main
+    from pdmoe.tiny import build_tiny_dense
+    from pdmoe.upcycle import upcycle
+
+    moe = upcycle(build_tiny_dense(tmp_path / "dense"), tmp_path / "moe", num_experts=2, top_k=1)
+    path = _truncated(_write(tmp_path / "cut.jsonl.zst", _many_rows()), 0.5)
+    args = [
+        "eval",
+        "--model",
+        str(moe),
+        "--data",
+        str(path),
+        "--new-langs",
+        "fr",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    capsys.readouterr()  # the progress bars of building the model
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pdmoe eval: error: ") and "cut.jsonl.zst is damaged" in err and "\n" not in err
