@@ -12,7 +12,8 @@ build from a corpus (3000 documents, 8.5 M characters) and from one four times l
 zstd-compressed and the Parquet file; target: the larger within 12 MiB of the smaller (bounded:
 reading streams, tokenising goes in bounded batches; holding the larger corpus's text would cost 25
 MiB more). Smaller corpora would not do: allocators (Arrow's above all) reach their steady size only
-after a few MiB of text, measured 81, 105 and 109 MiB for Parquet at 1500, 6000 and 12 000 documents.
+after a few MiB of text (Parquet, measured while developing this: 81 MiB at 1500 documents, 104 at
+3000, 112 at 24 000).
 """
 
 from __future__ import annotations
