@@ -31,8 +31,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="JSONL files (.jsonl/.json/.ndjson: one object per line) or plain-text files "
-        "(documents separated by blank lines)",
+        help="JSONL files (.jsonl/.json/.ndjson: one object per line), Parquet files (.parquet) or plain-text "
+        "files (documents separated by blank lines); JSONL and text may be compressed (.gz, .zst)",
     )
     parser.add_argument(
         "--lang",
@@ -54,13 +54,17 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-format",
         choices=DATA_FORMATS,
         default=_DEFAULTS["data_format"],
-        help="format of every --data file; auto: JSONL by extension, else plain text (default: %(default)s)",
+        help="format of every --data file; auto: by extension (after .gz/.zst), else plain text (default: %(default)s)",
     )
     parser.add_argument(
-        "--text-field", default=_DEFAULTS["text_field"], help="JSONL text field (default: %(default)s)"
+        "--text-field",
+        default=_DEFAULTS["text_field"],
+        help="JSONL text field, Parquet text column (default: %(default)s)",
     )
     parser.add_argument(
-        "--lang-field", default=_DEFAULTS["lang_field"], help="JSONL language field (default: %(default)s)"
+        "--lang-field",
+        default=_DEFAULTS["lang_field"],
+        help="JSONL language field, Parquet language column (default: %(default)s)",
     )
     parser.add_argument(
         "--cache-dir",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pdmoe.cli import main
-from pdmoe.cpt import data
+from pdmoe.cpt import corpus_formats, data
 from pdmoe.cpt.data import DataError, TokenCache, cache_key, corpus_spec
 from pdmoe.graft import graft
 from pdmoe.io.outputs import MARKER, OutputState, read_marker
@@ -171,7 +171,7 @@ def write_bytes(path: Path, chunks: list[bytes]) -> Path:
 def test_non_utf8_data_reports_byte_and_line(
     tmp_path: Path, monkeypatch, read_bytes: int, suffix: str
 ) -> None:
-    monkeypatch.setattr(data, "_READ_BYTES", read_bytes)
+    monkeypatch.setattr(corpus_formats, "_READ_BYTES", read_bytes)
     lines = [b'{"text": "h\xc3\xa9llo w\xc3\xb6rld"}\n'] * 3 + [b'{"text": "bad \xff here"}\n']
     path = write_bytes(tmp_path / f"data{suffix}", lines)
     position = len(b"".join(lines[:3])) + len(b'{"text": "bad ')
@@ -191,20 +191,25 @@ def test_truncated_utf8_at_the_end_of_a_file(tmp_path: Path) -> None:
 
 def test_very_long_document_reaches_the_tokenizer_in_pieces(tmp_path: Path, monkeypatch) -> None:
     """A single-line document far longer than a tokenizer call may hold: bounded pieces, same tokens."""
-    monkeypatch.setattr(data, "_MAX_PIECE_CHARS", 64)
+    monkeypatch.setattr(corpus_formats, "MAX_PIECE_CHARS", 64)
     monkeypatch.setattr(data, "_TOKENIZE_CHUNK_CHARS", 200)
     words = " ".join(f"w{i}" for i in range(3000))
     (tmp_path / "long.txt").write_text(f"short one\n\n{words}\n\nlast\n")
     tokenizer = byte_tokenizer()
     seen: list[int] = []
-    call = type(tokenizer).__call__
+    batch_encoder = data._batch_encoder
 
-    def recording(self, texts, **kwargs):
-        seen.append(max(len(text) for text in texts))
-        seen.append(sum(len(text) for text in texts))
-        return call(self, texts, **kwargs)
+    def recording(tokenizer):
+        encode = batch_encoder(tokenizer)
 
-    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+        def recorded(texts):
+            seen.append(max(len(text) for text in texts))
+            seen.append(sum(len(text) for text in texts))
+            return encode(texts)
+
+        return recorded
+
+    monkeypatch.setattr(data, "_batch_encoder", recording)
     cache = TokenCache.build(
         corpus_spec([tmp_path / "long.txt"], ["fr"], [], ["fr"]), tokenizer, tmp_path / "c"
     )
@@ -217,7 +222,7 @@ def test_very_long_document_reaches_the_tokenizer_in_pieces(tmp_path: Path, monk
 
 
 def test_jsonl_line_longer_than_the_limit(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "_MAX_JSONL_LINE_CHARS", 100)
+    monkeypatch.setattr(corpus_formats, "MAX_JSONL_LINE_CHARS", 100)
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x" * 300}) + "\n")
     with pytest.raises(
