@@ -116,7 +116,7 @@ def _spec(path: Path):
 
 
 def test_cache_build_tokens_per_second_against_batch_encoding(workspace: Path, tmp_path: Path) -> None:
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(workspace / "tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workspace / "tokenizer", trust_remote_code=False)
     documents = synthetic_documents(THROUGHPUT_DOCUMENTS)
     files = {suffix: write_corpus(documents, tmp_path / f"corpus{suffix}") for suffix in SUFFIXES}
     counted: dict[str, int] = {}
@@ -154,7 +154,7 @@ def test_cache_build_tokens_per_second_against_batch_encoding(workspace: Path, t
 
 _BUILD = (
     "TokenCache.build(corpus_spec([sys.argv[2]], ['fr'], [], ['fr']), "
-    "PreTrainedTokenizerFast.from_pretrained(sys.argv[3]), sys.argv[4])"
+    "PreTrainedTokenizerFast.from_pretrained(sys.argv[3], trust_remote_code=False), sys.argv[4])"
 )
 
 

@@ -195,6 +195,10 @@ def check_config_matches_tensors(
     """A CheckpointError listing the first disagreements between ``config.json`` and the tensors."""
     path = Path(directory) / CONFIG_FILE
     problems = structure_problems(config, tensors, path)
+    if len(problems) == 1:  # one line, as every expected failure
+        raise CheckpointError(
+            f"{path} does not describe the tensors of {directory}: {problems[0]}; fix config.json or re-download"
+        )
     if problems:
         shown = "\n  ".join(problems[:_SHOWN_PROBLEMS])
         more = (
