@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdmoe.errors import PdmoeError, from_os_error
+from pdmoe.families import FAMILY_TITLES
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.options import DTYPE_NAMES
 from pdmoe.preflight import check_models
@@ -51,7 +52,7 @@ def _run_upcycle(args: argparse.Namespace) -> int:
 def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "upcycle",
-        description="Stream a dense Llama/Mistral/Qwen2/Qwen3 safetensors checkpoint into the MoE format.",
+        description=f"Stream a dense {FAMILY_TITLES} safetensors checkpoint into the MoE format.",
     )
     parser.add_argument(
         "--model",

@@ -11,20 +11,12 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
-import transformers
 from transformers import AutoConfig, PreTrainedConfig
 
 from pdmoe.errors import UsageError
+from pdmoe.families import DEFAULT_FAMILY, get_family
 from pdmoe.io.model_config import MOE_MODEL_TYPE
 
-# The dense families and their config classes, by name: transformers' config classes import much
-# of its modeling code, which commands that only read and write config.json (upcycle) do not need.
-DENSE_CONFIGS: dict[str, str] = {
-    "llama": "LlamaConfig",
-    "mistral": "MistralConfig",
-    "qwen2": "Qwen2Config",
-    "qwen3": "Qwen3Config",
-}
 # The fields an MoE config adds to the dense one (besides ``base_model_type``).
 MOE_FIELDS = (
     "num_experts",
@@ -65,21 +57,6 @@ def experts_impl_name(key: str | None) -> str:
     return {value: name for name, value in EXPERTS_IMPLS.items()}[experts_implementation(key)]
 
 
-def check_family_name(model_type: str | None) -> str:
-    """``model_type`` when pdmoe supports that dense family, else a UsageError naming the supported ones."""
-    if model_type not in DENSE_CONFIGS:
-        raise UsageError(
-            f"unsupported architecture {model_type!r}; pdmoe upcycles these dense families: "
-            f"{', '.join(sorted(DENSE_CONFIGS))}"
-        )
-    return model_type
-
-
-def check_supported_family(model_type: str | None) -> type[PreTrainedConfig]:
-    """The dense config class of a supported family, or a UsageError naming the supported ones."""
-    return getattr(transformers, DENSE_CONFIGS[check_family_name(model_type)])
-
-
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     """Which layers become MoE: None/'all', a list or '0,2,5', or 'every:N' (layers 0, N, 2N, ...)."""
     if spec is None or spec == "all":
@@ -108,7 +85,7 @@ class MoEConfig(PreTrainedConfig):
 
     model_type = MOE_MODEL_TYPE
 
-    base_model_type: str = "llama"
+    base_model_type: str = DEFAULT_FAMILY
     num_experts: int = 4
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
@@ -118,7 +95,7 @@ class MoEConfig(PreTrainedConfig):
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
-        dense_class = check_supported_family(self.base_model_type)
+        dense_class = get_family(self.base_model_type).dense_config_class()
         dense = dense_class(**kwargs)
         own = {field.name for field in dataclasses.fields(PreTrainedConfig)}
         # Every dense field, with what the dense config derives (head_dim, layer_types, rope_parameters):
@@ -193,7 +170,7 @@ def moe_config_dict(dense: dict[str, Any], **moe_fields: Any) -> dict[str, Any]:
     config = {
         **fields,
         "model_type": MoEConfig.model_type,
-        "base_model_type": check_family_name(dense.get("model_type")),
+        "base_model_type": get_family(dense.get("model_type")).model_type,
         "architectures": ["MoEForCausalLM"],
         **defaults,
         **moe_fields,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pdmoe.families import DEFAULT_FAMILY, FAMILIES
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.layout import MoETensor, match_moe
 
@@ -204,7 +205,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_demo(out: str | Path, steps: int = 150, overwrite: bool = False, family: str = "llama") -> DemoReport:
+def run_demo(
+    out: str | Path, steps: int = 150, overwrite: bool = False, family: str = DEFAULT_FAMILY
+) -> DemoReport:
     """Run every pipeline step under ``out`` and check docs/method.md's two invariants on the way."""
     check_output(out, Command.DEMO, overwrite=overwrite)  # before the imports below (seconds)
     with _no_loading_bars():
@@ -307,6 +310,6 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")
     parser.add_argument("--steps", type=int, default=150, help="CPT steps (default 150)")
-    parser.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    parser.add_argument("--family", default=DEFAULT_FAMILY, choices=list(FAMILIES))
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=_run)

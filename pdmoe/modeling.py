@@ -17,25 +17,18 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
-from transformers.models.mistral.modeling_mistral import MistralModel
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from pdmoe.config import MoEConfig, experts_implementation
 from pdmoe.experts import MoEExperts, StateDictLayout
+from pdmoe.families import FAMILIES, get_family
 from pdmoe.load_balancing import load_balancing_loss
 from pdmoe.moe_block import MoEBlock
 from pdmoe.router import TopKRouter
 
-DENSE_MODELS: dict[str, type[PreTrainedModel]] = {
-    "llama": LlamaModel,
-    "mistral": MistralModel,
-    "qwen2": Qwen2Model,
-    "qwen3": Qwen3Model,
-}
 # The KV cache's keyword (forward argument and output field): ``cache`` since transformers 5.24,
 # ``past_key_values`` before (now deprecated). The cache travels in ``**kwargs`` under whichever
-# name this transformers uses, so no call pdmoe makes ever warns.
+# name this transformers uses, so no call pdmoe makes ever warns (every family's forward, here
+# Llama's, takes the same keyword).
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
@@ -52,7 +45,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     config: MoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _no_split_modules = [family.decoder_layer_class for family in FAMILIES.values()]
     _skip_keys_device_placement = [CACHE_ARGUMENT]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -90,7 +83,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
-        self.model = DENSE_MODELS[config.base_model_type](config)
+        self.model = get_family(config.base_model_type).dense_model_class()(config)
         # The decoder layer class of this family only: FSDP's transformer wrap policy (accelerate)
         # refuses classes the model does not contain.
         self._no_split_modules = [type(self.model.layers[0]).__name__]

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from pdmoe.config import check_supported_family
+from pdmoe.families import DEFAULT_FAMILY, get_family
 from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -52,13 +52,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_dense(
     out_dir: str | Path,
-    family: str = "llama",
+    family: str = DEFAULT_FAMILY,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> Path:
     """Save a tiny random dense causal LM of ``family`` (and its tokenizer) to ``out_dir``."""
-    config_class = check_supported_family(family)
+    family_facts = get_family(family)
     tokenizer = byte_tokenizer()
     sizes = {
         **TINY_SIZES,
@@ -67,9 +67,9 @@ def build_tiny_dense(
         "eos_token_id": tokenizer.eos_token_id,
         **overrides,
     }
-    if family == "qwen2":
-        sizes.setdefault("use_sliding_window", False)
-    config = config_class(**sizes)
+    for name, value in family_facts.tiny_defaults.items():
+        sizes.setdefault(name, value)
+    config = family_facts.dense_config_class()(**sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from pdmoe.config import check_family_name, moe_config_dict, parse_layers
+from pdmoe.config import moe_config_dict, parse_layers
 from pdmoe.errors import CheckpointError, TensorValueError, UsageError
+from pdmoe.families import get_family
 from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
 from pdmoe.hub import resolve_model
 from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
@@ -63,7 +64,7 @@ class UpcyclePlan:
 def _check_dense_config(dense: dict) -> None:
     if dense.get("model_type") == "pdmoe" or "num_experts" in dense:
         raise UsageError("the model is already an MoE; pdmoe upcycle takes a dense checkpoint")
-    check_family_name(dense.get("model_type"))
+    get_family(dense.get("model_type"))
     if dense.get("hidden_act", "silu") != "silu":
         raise UsageError(f"pdmoe experts are SwiGLU (silu); this model uses {dense['hidden_act']!r}")
     if dense.get("mlp_bias"):

@@ -191,10 +191,10 @@ def test_architectures_known_without_transformers_are_transformers_or_pdmoe_clas
     class transformers defines (a dense family pdmoe supports) or pdmoe's own."""
     import transformers
 
-    from pdmoe.config import DENSE_CONFIGS
+    from pdmoe.families import FAMILIES
     from pdmoe.io.model_config import KNOWN_ARCHITECTURES, without_remote_code
 
     assert set(KNOWN_ARCHITECTURES) - set(transformers.__all__) == {"MoEForCausalLM"}
-    assert len(KNOWN_ARCHITECTURES) == len(DENSE_CONFIGS) + 1
+    assert len(KNOWN_ARCHITECTURES) == len(FAMILIES) + 1
     kept = without_remote_code({"architectures": ["MixtralForCausalLM", "EvilForCausalLM"]})
     assert kept["architectures"] == ["MixtralForCausalLM"]  # asked of transformers' index

@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Any
 
 from pdmoe.errors import UsageError
+from pdmoe.families import FAMILIES, SlidingWindow, get_family
 from pdmoe.layout import LAYERS_PREFIX, MoETensor, match_moe
 
 
@@ -80,17 +81,10 @@ _SHARED_FIELDS = (
     "eos_token_id",
     "dtype",
 )
-# Which dense families each target can express exactly.
+# Which dense families each target can express exactly (pdmoe.families: each family's targets).
 _SOURCES = {
-    NativeFormat.MIXTRAL: ("llama", "mistral"),
-    NativeFormat.QWEN2_MOE: ("llama", "mistral", "qwen2"),
-    NativeFormat.QWEN3_MOE: ("qwen3",),
-}
-_WHY_NOT = {
-    "qwen2": "Qwen2's q/k/v biases exist only in Qwen2-MoE",
-    "qwen3": "Qwen3's q/k norms exist only in Qwen3-MoE",
-    "llama": "Llama/Mistral attention has no q/k norms",
-    "mistral": "Llama/Mistral attention has no q/k norms",
+    target: tuple(name for name, family in FAMILIES.items() if target.value in family.export_targets)
+    for target in _TARGETS
 }
 # The shared expert's width in a Qwen2-MoE export: nonzero, and divisible by every tensor-parallel
 # degree and by GGUF's 256-value quantisation blocks, so no stack splits or packs it unevenly.
@@ -104,11 +98,12 @@ def _dense_layers(config: dict[str, Any]) -> list[int]:
 
 def _not_exact(config: dict[str, Any], target: NativeFormat) -> str | None:
     """Why ``target`` cannot compute what the pdmoe model computes in transformers, or None."""
-    family = config["base_model_type"]
-    if family in ("llama", "mistral") and config.get("attention_bias"):
-        return "no native MoE class has Llama's attention biases (attention_bias=true, o_proj included)"
-    if family not in _SOURCES[target]:
-        return f"a {family} MoE has no exact {target.value} form ({_WHY_NOT[family]})"
+    family = get_family(config["base_model_type"])
+    if family.attention_bias_not_exact and config.get("attention_bias"):
+        return family.attention_bias_not_exact
+    if family.model_type not in _SOURCES[target]:
+        why = f" ({family.why_not_other_targets})" if family.why_not_other_targets else ""
+        return f"a {family.model_type} MoE has no exact {target.value} form{why}"
     if target is NativeFormat.MIXTRAL:
         if _dense_layers(config):
             return f"Mixtral has no dense layers, but layers {_dense_layers(config)} are dense"
@@ -137,9 +132,9 @@ def _not_exact(config: dict[str, Any], target: NativeFormat) -> str | None:
 
 
 def _qwen2_moe_layer_types(config: dict[str, Any]) -> list[str]:
-    if config["base_model_type"] == "qwen2":
+    if get_family(config["base_model_type"]).sliding_window is SlidingWindow.PER_LAYER:
         return config["layer_types"]
-    # Llama has no window; Mistral's applies to every layer.
+    # No window, or one on every layer.
     window = config.get("sliding_window")
     return ["sliding_attention" if window else "full_attention"] * config["num_hidden_layers"]
 
@@ -169,7 +164,8 @@ def _llama_cpp_renormalisation(config: dict[str, Any]) -> str | None:
 
 
 def _llama_cpp_window(config: dict[str, Any]) -> str | None:
-    windowed = config["base_model_type"] == "mistral" or config.get("use_sliding_window")
+    every_layer = get_family(config["base_model_type"]).sliding_window is SlidingWindow.EVERY_LAYER
+    windowed = every_layer or config.get("use_sliding_window")
     if windowed and config.get("sliding_window"):
         return f"it applies no sliding window (this model's: {config['sliding_window']} tokens)"
     return None
@@ -307,7 +303,7 @@ def qwen2_moe_extras(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...],
     extras: dict[str, tuple[tuple[int, ...], float]] = {}
     for layer in range(config["num_hidden_layers"]):
         prefix = f"{LAYERS_PREFIX}.{layer}"
-        if config["base_model_type"] != "qwen2":
+        if not get_family(config["base_model_type"]).qkv_bias:
             heads = {"q_proj": config["num_attention_heads"]} | dict.fromkeys(
                 ("k_proj", "v_proj"), config["num_key_value_heads"]
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.families import FAMILIES, FAMILY_TITLES
 from pdmoe.io.strict_json import read_json_object
 from pdmoe.layout import EMBED_TOKENS, DenseProjection, MoETensor, layer_index, match_dense, match_moe
 
@@ -28,13 +29,7 @@ MOE_MODEL_TYPE = "pdmoe"  # the model_type of pdmoe's MoE checkpoints (``MoEConf
 # Architectures known without asking transformers (importing it takes a second): pdmoe's own
 # class (registered with transformers' Auto classes on ``import pdmoe``) and transformers' causal
 # LMs of the dense families pdmoe supports (the tests check that transformers defines them).
-KNOWN_ARCHITECTURES = (
-    "MoEForCausalLM",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+KNOWN_ARCHITECTURES = ("MoEForCausalLM", *(family.architecture for family in FAMILIES.values()))
 # Integer fields every supported family defines, and that the tensors must agree with.
 STRUCTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 # Integer fields of a pdmoe MoE config (checked when present).
@@ -49,7 +44,7 @@ def refuse_remote_code(settings: Mapping[str, Any], source: Path) -> None:
             f"{source} maps model classes to Python files shipped with the checkpoint (auto_map: "
             f"{settings['auto_map']!r}); pdmoe never runs code from a checkpoint and cannot know whether "
             "that code computes what the stock model family computes. If the model is a stock "
-            "Llama/Mistral/Qwen2/Qwen3, delete the auto_map entry and run again"
+            f"{FAMILY_TITLES}, delete the auto_map entry and run again"
         )
 
 
