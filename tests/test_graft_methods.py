@@ -19,13 +19,13 @@ from pdmoe.errors import UsageError
 from pdmoe.graft import graft
 from pdmoe.graft.merging import (
     DARE_CHUNK,
-    MergeMethod,
-    MergeSpec,
     Trim,
     dare_keep_mask,
     magnitude_threshold,
     merge_units,
 )
+from pdmoe.graft.methods import MergeMethod, MergeSpec, strategy
+from pdmoe.graft.methods.registry import _STRATEGIES, check_registry
 from tests.graft_checkpoints import load_dir, make
 
 
@@ -171,6 +171,20 @@ def test_bad_options_are_refused():
     base, tuned = _models()
     with pytest.raises(UsageError, match="positive weights"):
         merge_units(MergeSpec(MergeMethod.TIES, 0.5), base, tuned, (1.0, -1.0), ["a", "b"])
+
+
+def test_every_method_has_its_strategy():
+    assert [strategy(method).method for method in MergeMethod] == list(MergeMethod)
+    check_registry()
+
+
+def test_a_method_without_a_strategy_fails_loudly(monkeypatch):
+    """No method silently runs as another: without its strategy a method cannot even be specified."""
+    monkeypatch.delitem(_STRATEGIES, MergeMethod.DARE)
+    with pytest.raises(LookupError, match="dare has no registered strategy"):
+        MergeSpec(MergeMethod.DARE, 0.5)
+    with pytest.raises(LookupError, match="without a registered strategy: dare"):
+        check_registry()
 
 
 # --- the streamed graft (`pdmoe graft --method ties|dare`) against the reference, tensor by tensor ---
