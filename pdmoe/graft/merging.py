@@ -138,7 +138,7 @@ def dare_keep_mask(seed: int, unit: str, start: int, count: int, density: float)
 # --- combining the task vectors of one block -----------------------------------------------------
 
 
-def keep(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values`` where ``mask``, else 0 (a new tensor): a trimmed or dropped task vector."""
     return torch.where(mask, values, 0)
 

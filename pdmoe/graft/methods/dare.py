@@ -24,7 +24,7 @@ class Dare(TaskVectorMerge):
     )
 
     def check_options(self, spec: MergeSpec) -> None:
-        require_density(spec, "e.g. 0.2 for TIES, 0.5 for DARE")
+        require_density(spec, "e.g. 0.5")
 
     def describe(self, spec: MergeSpec) -> str:
         return f"method {spec.method.value}, density {spec.density:g}, seed {spec.seed}"
@@ -43,7 +43,7 @@ class Dare(TaskVectorMerge):
     def instruct_vector(
         self, tensor: MergedTensor, piece: Piece, piece_index: int, first: int, instruct: torch.Tensor
     ) -> torch.Tensor:
-        from pdmoe.graft.merging import dare_keep_mask, keep
+        from pdmoe.graft.merging import dare_keep_mask, masked
         from pdmoe.graft.planner import Role
 
         spec = tensor.spec
@@ -51,7 +51,7 @@ class Dare(TaskVectorMerge):
         mask = dare_keep_mask(
             spec.seed, unit, tensor.dense_offset(piece, first), instruct.numel(), spec.density
         )
-        return keep(instruct, mask)
+        return masked(instruct, mask)
 
     def merge_block(
         self,

@@ -32,7 +32,7 @@ class Ties(TaskVectorMerge):
     )
 
     def check_options(self, spec: MergeSpec) -> None:
-        require_density(spec, "e.g. 0.2 for TIES, 0.5 for DARE")
+        require_density(spec, "e.g. 0.2")
 
     def describe(self, spec: MergeSpec) -> str:
         return f"method {spec.method.value}, density {spec.density:g}"
@@ -45,13 +45,13 @@ class Ties(TaskVectorMerge):
     def merge_deltas(
         self, spec: MergeSpec, deltas: Sequence[torch.Tensor], weights: Sequence[float], units: Sequence[str]
     ) -> torch.Tensor:
-        from pdmoe.graft.merging import Trim, keep, magnitude_threshold, ties_merge
+        from pdmoe.graft.merging import Trim, magnitude_threshold, masked, ties_merge
 
         trimmed = []
         for delta in deltas:
             flat = delta.reshape(-1)
             threshold = magnitude_threshold(lambda flat=flat: [flat], flat.numel(), spec.density)
-            trimmed.append(keep(delta, Trim(threshold).mask(delta)))
+            trimmed.append(masked(delta, Trim(threshold).mask(delta)))
         return ties_merge(trimmed, weights)
 
     def prepare(self, tensor: MergedTensor) -> dict[tuple[int, int], Trim]:
@@ -71,9 +71,9 @@ class Ties(TaskVectorMerge):
     def instruct_vector(
         self, tensor: MergedTensor, piece: Piece, piece_index: int, first: int, instruct: torch.Tensor
     ) -> torch.Tensor:
-        from pdmoe.graft.merging import keep
+        from pdmoe.graft.merging import masked
 
-        return keep(instruct, tensor.state[(_INSTRUCT, piece_index)].mask(instruct))
+        return masked(instruct, tensor.state[(_INSTRUCT, piece_index)].mask(instruct))
 
     def merge_block(
         self,
@@ -85,7 +85,7 @@ class Ties(TaskVectorMerge):
         cpt: torch.Tensor,
         instruct: torch.Tensor,
     ) -> torch.Tensor:
-        from pdmoe.graft.merging import keep, ties_merge
+        from pdmoe.graft.merging import masked, ties_merge
 
-        cpt = keep(cpt, tensor.state[(expert, piece_index)].mask(cpt))
+        cpt = masked(cpt, tensor.state[(expert, piece_index)].mask(cpt))
         return ties_merge([cpt, instruct], tensor.weights)
