@@ -19,13 +19,14 @@ from pdmoe.errors import UsageError
 from pdmoe.graft import graft
 from pdmoe.graft.merging import (
     DARE_CHUNK,
-    MergeMethod,
-    MergeSpec,
     Trim,
     dare_keep_mask,
     magnitude_threshold,
     merge_units,
+    task_arithmetic,
 )
+from pdmoe.graft.methods import MergeMethod, MergeSpec, TaskVectorMerge, strategy
+from pdmoe.graft.methods.registry import _STRATEGIES, check_registry
 from tests.graft_checkpoints import load_dir, make
 
 
@@ -171,6 +172,56 @@ def test_bad_options_are_refused():
     base, tuned = _models()
     with pytest.raises(UsageError, match="positive weights"):
         merge_units(MergeSpec(MergeMethod.TIES, 0.5), base, tuned, (1.0, -1.0), ["a", "b"])
+
+
+def test_every_method_has_its_strategy():
+    assert [strategy(method).method for method in MergeMethod] == list(MergeMethod)
+    check_registry()
+
+
+def test_a_method_without_a_strategy_fails_loudly(monkeypatch):
+    """No method silently runs as another: without its strategy a method cannot even be specified."""
+    monkeypatch.delitem(_STRATEGIES, MergeMethod.DARE)
+    with pytest.raises(LookupError, match="dare has no registered strategy"):
+        MergeSpec(MergeMethod.DARE, 0.5)
+    with pytest.raises(LookupError, match="without a registered strategy: dare"):
+        check_registry()
+
+
+class _PlainSum(TaskVectorMerge):
+    """A strategy written against the hooks alone: Σ_t w_t τ_t, untrimmed."""
+
+    method = MergeMethod.DARE
+    summary = "test: the task vectors' weighted sum"
+
+    def check_options(self, spec):
+        pass
+
+    def describe(self, spec):
+        return "method plain-sum"
+
+    def merge_deltas(self, spec, deltas, weights, units):
+        return task_arithmetic(deltas, weights)
+
+    def instruct_vector(self, tensor, piece, piece_index, first, instruct):
+        return instruct
+
+    def merge_block(self, tensor, expert, piece, piece_index, first, cpt, instruct):
+        return task_arithmetic([cpt, instruct], tensor.weights)
+
+
+def test_a_registered_strategy_is_all_a_method_needs(tmp_path, monkeypatch):
+    """Swapped into the registry, a strategy's hooks alone drive the streamed graft: the weighted
+    sum of the task vectors, merged on BASE, is the task-arithmetic graft CPT + ALPHA * delta."""
+    monkeypatch.setitem(_STRATEGIES, MergeMethod.DARE, _PlainSum())
+    base, instruct, cpt = make(tmp_path, moe=True)
+    report = graft(base, instruct, cpt, tmp_path / "sum", method="dare", scale=0.5)
+    graft(base, instruct, cpt, tmp_path / "graft", scale=0.5)
+    got, expected = load_dir(tmp_path / "sum"), load_dir(tmp_path / "graft")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert report.plan.merge.describe() == "method plain-sum"
 
 
 # --- the streamed graft (`pdmoe graft --method ties|dare`) against the reference, tensor by tensor ---

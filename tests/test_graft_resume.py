@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pdmoe.graft import graft
+from pdmoe.graft.methods import MergeMethod, MergeSpec
 from pdmoe.io.outputs import MARKER, OutputState, read_marker
 from pdmoe.io.writer import ShardWriter
 from tests.graft_checkpoints import make
@@ -101,3 +103,33 @@ def test_resume_after_an_input_changed_rewrites_every_shard(tmp_path: Path, inpu
     stamp = cpt_file.stat().st_mtime_ns
     os.utime(cpt_file, ns=(stamp + 10**9, stamp + 10**9))  # same header, maybe new values: not trusted
     assert graft(*inputs, out, shard_size=SHARD_SIZE, resume=True).shards_skipped == 0
+
+
+def test_resume_with_other_merge_options_rewrites_every_shard(tmp_path: Path, inputs) -> None:
+    out = tmp_path / "out"
+    graft(*inputs, out, shard_size=SHARD_SIZE, method="dare", density=0.5, seed=1)
+    report = graft(*inputs, out, shard_size=SHARD_SIZE, method="dare", density=0.5, seed=2, resume=True)
+    assert report.shards_skipped == 0
+    fresh = tmp_path / "fresh"
+    graft(*inputs, fresh, shard_size=SHARD_SIZE, method="dare", density=0.5, seed=2)
+    assert files(out) == files(fresh)
+
+
+def test_every_merge_option_is_in_the_fingerprint(tmp_path: Path, inputs) -> None:
+    """The fingerprint takes the spec's fields as declared: an option added to ``MergeSpec`` later
+    (here a subclass with one more field) changes it without anyone listing it."""
+    plan = graft(*inputs, tmp_path / "out", dry_run=True, method="dare", density=0.5, seed=1).plan
+    extended = dataclasses.make_dataclass(
+        "ExtendedSpec", [("new_option", int, dataclasses.field(default=0))], bases=(MergeSpec,), frozen=True
+    )
+    variants = [
+        MergeSpec(MergeMethod.DARE, 0.5, 1),
+        MergeSpec(MergeMethod.DARE, 0.25, 1),
+        MergeSpec(MergeMethod.DARE, 0.5, 2),
+        MergeSpec(MergeMethod.TIES, 0.5, 1),
+        extended(MergeMethod.DARE, 0.5, 1, new_option=0),
+        extended(MergeMethod.DARE, 0.5, 1, new_option=1),
+    ]
+    fingerprints = [dataclasses.replace(plan, merge=spec).fingerprint({}) for spec in variants]
+    assert len(set(fingerprints)) == len(variants)
+    assert fingerprints[0] == plan.fingerprint({})

@@ -3,9 +3,9 @@
     out = CPT + ALPHA * (INSTRUCT - BASE)        (docs/method.md, step 4; ``--method task-arithmetic``)
 
 or, as data-free merging baselines, TIES or DARE of the two task vectors CPT − BASE and
-ALPHA-weighted INSTRUCT − BASE (``merging``). The plan (``planner``) is built and checked from
-headers alone, the math (``delta``, ``merging``) is kept apart from the streaming I/O (``runner``,
-``merge_stream``); see ``planner`` for the vocabulary and tied-embedding rules and ``runner`` for
+ALPHA-weighted INSTRUCT − BASE (``methods``: one registered strategy per method, its math in
+``merging``). The plan (``planner``) is built and checked from headers alone, the math
+(``delta``, ``merging``) is kept apart from the streaming I/O (``runner``, ``merge_stream``); see ``planner`` for the vocabulary and tied-embedding rules and ``runner`` for
 the side files, resume and the ``graft.json`` manifest.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdmoe.graft.methods import MergeMethod, MergeSpec, check_weights
+from pdmoe.graft.methods import MergeMethod, MergeSpec
 from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, claim_output
 from pdmoe.options import check_number, parse_dtype, parse_size
@@ -69,7 +69,7 @@ def graft(
     check_number("--scale", scale)
     base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     merge = MergeSpec(MergeMethod.parse(method), density, seed)
-    check_weights(merge, (1.0, scale))
+    merge.check_weights((1.0, scale))
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     out_dir = Path(out)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 
 from pdmoe.errors import UsageError
 from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
-from pdmoe.graft.methods import MergeMethod
+from pdmoe.graft.methods import MergeMethod, strategy
 from pdmoe.io.outputs import Command, Output, check_outputs
 from pdmoe.options import DTYPE_NAMES
 from pdmoe.preflight import check_models
@@ -22,19 +23,31 @@ or a dense CPT model (classic ParamDelta / chat vector). Streams tensor by tenso
 Vocabulary: BASE's rows get the delta; rows CPT added keep CPT's values (the tokenizer then comes
 from CPT, the chat template from INSTRUCT); rows INSTRUCT added keep INSTRUCT's values.
 
-Data-free merging baselines (--method ties|dare) combine the task vectors CPT - BASE (weight 1)
-and INSTRUCT - BASE (weight ALPHA) per tensor, and per expert in an MoE layer (each expert's
-W_e - W_ffn,BASE with the layer's dense FFN delta): TIES (Yadav et al. 2023) keeps the --density
-largest magnitudes of each, elects the sign of their weighted sum and takes the weighted mean of
-the agreeing entries; DARE (Yu et al. 2023) keeps each entry with probability --density (masks
-drawn from --seed) and rescales by 1/density. OUT = BASE + the merged delta."""
+Merge methods (--method): task-arithmetic is the graft above; the others are data-free merging
+baselines that combine the task vectors CPT - BASE (weight 1) and INSTRUCT - BASE (weight ALPHA)
+per tensor, and per expert in an MoE layer (each expert's W_e - W_ffn,BASE with the layer's dense
+FFN delta), into OUT = BASE + the merged delta:
+"""
+
+
+def _methods_help() -> str:
+    """One entry per registered merge method, from its strategy."""
+    return "\n".join(
+        textwrap.fill(
+            strategy(method).summary,
+            width=100,
+            initial_indent=f"  {method.value:<17}",
+            subsequent_indent=" " * 19,
+        )
+        for method in MergeMethod
+    )
 
 
 def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``graft``; the handler is stored as ``func`` (``args.func(args)`` returns the exit code)."""
     parser = subparsers.add_parser(
         "graft",
-        description=_DESCRIPTION,
+        description=_DESCRIPTION + _methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -52,12 +65,20 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--method",
         choices=[m.value for m in MergeMethod],
         default=MergeMethod.TASK_ARITHMETIC.value,
-        help="task-arithmetic (the graft, default), or the merging baselines ties / dare",
+        help="merge method (default task-arithmetic; see above)",
     )
     parser.add_argument(
-        "--density", type=float, default=None, help="ties: fraction of each task vector kept; dare: keep rate"
+        "--density",
+        type=float,
+        default=None,
+        help="fraction of each task vector kept, for the methods that take it (see above)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random masks, for the methods that draw them (default 0)",
+    )
     parser.add_argument(
         "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
     )

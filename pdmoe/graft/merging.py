@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmoe.graft.methods import MergeMethod, MergeSpec, check_weights
+from pdmoe.graft.methods import MergeSpec
 
 DARE_CHUNK = 2**16
 _DIGIT_BITS = 16
@@ -138,6 +138,11 @@ def dare_keep_mask(seed: int, unit: str, start: int, count: int, density: float)
 # --- combining the task vectors of one block -----------------------------------------------------
 
 
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask``, else 0 (a new tensor): a trimmed or dropped task vector."""
+    return torch.where(mask, values, 0)
+
+
 def task_arithmetic(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ_t w_t τ_t (a new tensor)."""
     merged = torch.zeros_like(deltas[0])
@@ -179,21 +184,6 @@ def merge_units(
 ) -> torch.Tensor:
     """θ_BASE + merged delta for whole units held in memory (``tuned[t]`` is θ_t, ``units[t]`` names
     τ_t's unit for DARE); the streaming graft applies the same functions block by block."""
-    check_weights(spec, weights)
+    spec.check_weights(weights)
     deltas = [t.to(base.dtype) - base for t in tuned]
-    if spec.method is MergeMethod.TASK_ARITHMETIC:
-        merged = task_arithmetic(deltas, weights)
-    elif spec.method is MergeMethod.TIES:
-        trimmed = []
-        for delta in deltas:
-            flat = delta.reshape(-1)
-            threshold = magnitude_threshold(lambda flat=flat: [flat], flat.numel(), spec.density)
-            trimmed.append(torch.where(Trim(threshold).mask(delta), delta, 0))
-        merged = ties_merge(trimmed, weights)
-    else:
-        masks = [
-            dare_keep_mask(spec.seed, unit, 0, delta.numel(), spec.density).view(delta.shape)
-            for delta, unit in zip(deltas, units, strict=True)
-        ]
-        merged = dare_merge(deltas, masks, weights, spec.density)
-    return base + merged
+    return base + spec.strategy.merge_deltas(spec, deltas, weights, units)

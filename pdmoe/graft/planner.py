@@ -168,7 +168,7 @@ class GraftPlan:
         payload = {
             "inputs": inputs,
             "alpha": self.alpha,
-            "merge": [self.merge.method.value, self.merge.density, self.merge.seed],
+            "merge": self.merge.fingerprint_fields(),
             "skip_embeddings": self.skip_embeddings,
             "tensors": [
                 (

@@ -33,8 +33,8 @@ from pdmoe.finite import ALLOW_OPTION as ALLOW_NON_FINITE
 from pdmoe.finite import all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
-from pdmoe.graft.merge_stream import MergedTensor
-from pdmoe.graft.methods import MergeMethod, MergeSpec
+from pdmoe.graft.merge_stream import MergedTensor, Span
+from pdmoe.graft.methods import MergeSpec, TaskVectorMerge
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
@@ -106,7 +106,7 @@ class _Work(Enum):
     KEPT_DELTA = "kept_delta"  # a fused expert tensor's delta, one per span, kept while its experts go by
 
 
-class _Streamer:
+class Streamer:
     """Produces the output blocks of one tensor plan, in file order, from the three readers.
 
     Each block is checked on the way: its values finite (unless ``check_finite`` is off), and,
@@ -154,13 +154,8 @@ class _Streamer:
         return self._read(Role.BASE, name, start, count)
 
     def blocks(self, plan: TensorPlan) -> Iterator[torch.Tensor]:
-        """The output blocks of ``plan`` in file order: expert by expert, piece by piece, rows in steps.
-
-        Every expert of a fused expert tensor gets the same delta, so it is computed once per
-        tensor, while expert 0 goes by, and kept (at most one expert's slice, in the working dtype)
-        for the other experts.
-        TIES and DARE compute the delta pieces through ``MergedTensor``.
-        """
+        """The output blocks of ``plan`` in file order: expert by expert, piece by piece, rows in
+        steps; the merge method's strategy computes the delta pieces."""
         if plan.out.numel == 0:
             yield torch.empty(0, dtype=plan.out.dtype)
             return
@@ -170,10 +165,15 @@ class _Streamer:
             for piece in plan.pieces
             for start in range(piece.start, piece.stop, step)
         ]
-        deltas = [piece for piece in plan.pieces if piece.source is RowSource.DELTA]
-        if self.merge.method is not MergeMethod.TASK_ARITHMETIC and deltas:
-            yield from self._merged_blocks(plan, spans, self._work_dtype(plan, deltas[0]))
-            return
+        if any(piece.source is RowSource.DELTA for piece in plan.pieces):
+            yield from self.merge.strategy.stream(self, plan, spans)
+        else:  # nothing to merge: rows copied from CPT / INSTRUCT
+            yield from self.delta_blocks(plan, spans)
+
+    def delta_blocks(self, plan: TensorPlan, spans: list[Span]) -> Iterator[torch.Tensor]:
+        """``blocks`` for the graft's own arithmetic, CPT + ALPHA * (INSTRUCT - BASE): every expert
+        of a fused expert tensor gets the same delta, so it is computed once per tensor, while
+        expert 0 goes by, and kept (at most one expert's slice, in the working dtype) for the others."""
         shared: dict[int, torch.Tensor] = {}
         for expert in range(max(plan.experts, 1)):
             for index, span in enumerate(spans):
@@ -201,11 +201,12 @@ class _Streamer:
             self.readers[Role.CPT].meta(plan.out.name).dtype,
         )
 
-    def _merged_blocks(
-        self, plan: TensorPlan, spans: list[tuple[Piece, int, int]], work: torch.dtype
+    def merged_blocks(
+        self, plan: TensorPlan, spans: list[Span], strategy: TaskVectorMerge
     ) -> Iterator[torch.Tensor]:
-        """``blocks`` for TIES / DARE: delta pieces from ``MergedTensor``, checked like the others."""
-        merged = MergedTensor(plan, spans, self._read, self.merge, self.alpha, work)
+        """``blocks`` for a task-vector merge: delta pieces from ``MergedTensor``, checked like the others."""
+        work = self._work_dtype(plan, next(piece for piece in plan.pieces if piece.source is RowSource.DELTA))
+        merged = MergedTensor(plan, spans, self._read, strategy, self.merge, self.alpha, work)
         for expert in range(max(plan.experts, 1)):
             for index, (piece, start, stop) in enumerate(spans):
                 if piece.source is not RowSource.DELTA:
@@ -367,7 +368,7 @@ def execute(
     lineage = (
         LineageCheck(plan.frozen_experts) if plan.moe_layers and not options.allow_modified_base else None
     )
-    streamer = _Streamer(
+    streamer = Streamer(
         readers, plan.alpha, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
     )
 
