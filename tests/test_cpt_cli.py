@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -40,6 +42,32 @@ def test_cpt_options_default_to_the_method(tmp_path):
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
     assert args.func.__name__ == "run_cpt"
+
+
+def test_bad_numbers_are_refused_before_torch_loads(tmp_path):
+    """The option checks read the fields' metadata (``settings``), which loads no torch: a mistyped
+    number costs a blink, not the seconds of torch's import."""
+    program = """
+        import contextlib, io, json, sys
+        from pdmoe.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["cpt", "--model", "m", "--data", "d.jsonl", "--out", "o", *sys.argv[1:]])
+        print(json.dumps([code, err.getvalue(), "torch" in sys.modules]))
+        """
+    for option, value, message in (
+        ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+        ("--min-lr-ratio", "2", "--min-lr-ratio must be at most 1, got 2.0"),
+        ("--warmup-steps", "-1", "--warmup-steps must be a whole number from 0 to 2**63-1, got -1"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(program), option, value],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        code, err, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (code, err, torch_loaded) == (2, f"pdmoe cpt: error: {message}\n", False), done.stderr[-2000:]
 
 
 def test_module_entry_point_reports_bad_input_without_traceback(moe, tmp_path, capsys):
