@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 
 import pytest
 import torch
 
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
+from pdmoe.cpt.settings import TrainConfig
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
@@ -42,6 +44,16 @@ def test_cpt_options_default_to_the_method(tmp_path):
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
     assert args.func.__name__ == "run_cpt"
+
+
+def test_every_numeric_option_has_a_range():
+    """A new int or float option cannot slip past ``check_options``: its field must say its range."""
+    numeric = {"int", "int | None", "float", "float | None"}
+    unchecked = [
+        spec.name for spec in fields(TrainConfig) if spec.type in numeric and not spec.metadata.get("check")
+    ]
+    assert unchecked == []
+    assert {spec.name for spec in fields(TrainConfig) if spec.type in numeric} >= {"lr", "seed", "max_steps"}
 
 
 def test_bad_numbers_are_refused_before_torch_loads(tmp_path):
