@@ -1,8 +1,9 @@
 """The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
-Options, data files, the model and ``--out`` are checked before torch, transformers and
-accelerate load (``pdmoe.preflight``): the training and evaluation modules are imported after.
+Options (``settings.check_options``), data files, the model and ``--out`` are checked before
+torch, transformers and accelerate load (``pdmoe.preflight``): the training and evaluation modules
+are imported after.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pdmoe.io.outputs import Command, Output, check_output, check_outputs
 from pdmoe.preflight import check_models
 
 from .data import DATA_FORMATS, CorpusSpec, corpus_spec
-from .settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig
+from .settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig, check_options
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -252,6 +253,7 @@ def _corpus(args: argparse.Namespace, paths: list, langs: list[str] | None) -> C
 
 def run_cpt(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
+    check_options(config)  # before torch loads: a mistyped number is refused in a blink
     if args.dry_run:  # config.json alone: no weights, no data, nothing written
         check_models([config.model], moe=True)
         from .trainer import dry_run

@@ -13,7 +13,33 @@ where original-language tokens have left expert 0). The default coefficient 0.02
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Losses(NamedTuple):
+    """The losses of a step, by name: the one place for their order, which every vector of them
+    (summed over micro-batches, reduced over processes) follows; ``metrics.jsonl`` keys are these names."""
+
+    loss: torch.Tensor  # lm_loss + aux_coef·aux_loss + lpr_coef·lpr_loss, what is minimised
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor  # load balancing
+    lpr_loss: torch.Tensor  # language-prior routing (review stage; zero otherwise)
+
+    def vector(self) -> torch.Tensor:
+        """The losses, detached, as one float64 vector in field order."""
+        return torch.stack(self).detach().double()
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> torch.Tensor:
+        """A float64 vector of zeros to sum ``vector()`` into."""
+        return torch.zeros(len(cls._fields), dtype=torch.float64, device=device)
+
+    @classmethod
+    def named(cls, vector: torch.Tensor) -> dict[str, float]:
+        """A vector of losses (``vector()`` or a sum of them) as ``{name: value}``."""
+        return dict(zip(cls._fields, vector.tolist(), strict=True))
 
 
 def language_prior_loss(

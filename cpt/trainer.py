@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,6 @@ from pdmoe.config import MoEConfig
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
-from pdmoe.io.atomic import open_to_append
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
 from pdmoe.options import parse_size
 
@@ -52,9 +50,9 @@ from .data import (
     corpus_spec,
     micro_batch_slice,
 )
-from .evaluate import EvalResult, evaluation_sums, expert_token_counts, shares_by_language, spread_indices
+from .evaluate import EvalResult, evaluation_sums, expert_token_counts, spread_indices
 from .freezing import Part, Stage, apply_trainable, count_parameters, parse_stage, trainable_parts
-from .losses import language_prior_loss
+from .losses import Losses, language_prior_loss
 from .memory_plan import (
     DEFAULT_GPU_MEMORY,
     GB,
@@ -66,7 +64,8 @@ from .memory_plan import (
     meta_model,
     plan_memory,
 )
-from .settings import DEFAULT_SEQ_LEN, TrainConfig, describe_parts
+from .metrics import METRICS_FILE, Interval, append_metrics, interval_record
+from .settings import DEFAULT_SEQ_LEN, TrainConfig, as_json, check_options, describe_parts, fixed_settings
 from .sharding import shard_model
 from .training_checkpoint import (
     TrainerState,
@@ -77,25 +76,6 @@ from .training_checkpoint import (
     save_training_checkpoint,
 )
 
-METRICS_FILE = "metrics.jsonl"
-# Settings that do not change the trajectory, so a resumed run may change them.
-_FREE_SETTINGS = (
-    "out",
-    "resume",
-    "overwrite",
-    "save_every",
-    "keep_checkpoints",
-    "log_every",
-    "eval_data",
-    "eval_langs",
-    "eval_every",
-    "eval_max_sequences",
-    "cache_dir",
-    "progress",
-    "gradient_checkpointing",
-    "gpu_memory",
-)
-
 
 def _mixed_precision(choice: str) -> str:
     if choice not in ("auto", "yes", "no"):
@@ -103,62 +83,6 @@ def _mixed_precision(choice: str) -> str:
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return "bf16" if choice == "yes" else "no"
-
-
-# Numeric options and their checks. Integers: smallest allowed value, None allowed.
-_INTEGERS: dict[str, tuple[int, bool]] = {
-    "seq_len": (1, True),
-    "micro_batch_size": (1, False),
-    "grad_accum": (1, False),
-    "max_steps": (1, True),  # 0 steps would write the untrained model as a "trained" one
-    "max_tokens": (1, True),
-    "warmup_steps": (0, True),
-    "save_every": (1, False),
-    "keep_checkpoints": (0, False),
-    "eval_every": (0, False),
-    "eval_max_sequences": (1, False),
-    "log_every": (1, False),
-    "seed": (0, False),
-}
-# Floats: bound, bound itself allowed, None allowed.
-_FLOATS: dict[str, tuple[float, bool, bool]] = {
-    "lr": (0.0, False, False),
-    "min_lr_ratio": (0.0, True, False),
-    "weight_decay": (0.0, True, False),
-    "max_grad_norm": (0.0, True, False),
-    "aux_loss_coef": (0.0, True, True),
-    "lpr_coef": (0.0, True, False),
-}
-_MAX_INTEGER = 2**63 - 1
-
-
-def _check_numbers(config: TrainConfig) -> None:
-    """Every numeric option an int or a finite float in its range: NaN, infinities and bools are refused."""
-    for name, (minimum, optional) in _INTEGERS.items():
-        value = getattr(config, name)
-        if value is None and optional:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= _MAX_INTEGER:
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be a whole number from {minimum} to 2**63-1, got {value!r}"
-            )
-    for name, (minimum, inclusive, optional) in _FLOATS.items():
-        value = getattr(config, name)
-        if value is None and optional:
-            continue
-        in_range = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (value >= minimum if inclusive else value > minimum)
-        )
-        if not in_range:
-            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")
-    if config.min_lr_ratio > 1:
-        raise UsageError(f"--min-lr-ratio must be at most 1, got {config.min_lr_ratio!r}")
-    if config.max_steps is not None and config.max_tokens is not None:
-        raise UsageError("give --max-steps or --max-tokens, not both")
 
 
 def _sequence_length(config: TrainConfig, model_config: dict[str, Any]) -> int:
@@ -197,7 +121,7 @@ def _settings(
     config: TrainConfig, model_config: dict, data_key: str, accelerator: Accelerator, total_steps: int
 ) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint it continues."""
-    settings = {k: v for k, v in asdict(config).items() if k not in _FREE_SETTINGS}
+    settings = fixed_settings(config)
     settings.update(
         model=hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16],
         data=data_key,
@@ -205,18 +129,7 @@ def _settings(
         distributed="FSDP2" if accelerator.is_fsdp2 else accelerator.distributed_type.value,
         total_steps=total_steps,
     )
-    return json.loads(json.dumps(settings, default=str))
-
-
-class _Interval:
-    """Sums of one logging interval, reduced over processes when logged."""
-
-    def __init__(self, counts_shape: tuple[int, ...], device: torch.device) -> None:
-        self.losses = torch.zeros(4, dtype=torch.float64, device=device)  # total, lm, aux, lpr
-        self.counts = torch.zeros(counts_shape, dtype=torch.int64, device=device)
-        self.steps = 0
-        self.tokens = 0
-        self.start = time.perf_counter()
+    return as_json(settings)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -250,11 +163,11 @@ class TrainingRun:
     model_dir: Path
     model_config: dict[str, Any]
     output: OutputFolder | None  # the claimed --out (main process only)
-    interval: _Interval = field(init=False)
+    interval: Interval = field(init=False)
     bar: tqdm = field(init=False)
 
     def __post_init__(self) -> None:
-        self.interval = _Interval(self.counts_shape, self.accelerator.device)
+        self.interval = Interval(self.counts_shape, self.accelerator.device)
         self.bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -289,7 +202,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     """Check the options, then build the accelerator, output folder, data, model, optimizer and
     schedule, and load the checkpoint to resume from: everything the loop needs. A checkpoint that
     is not this run's is refused before anything is written."""
-    _check_numbers(config)
+    check_options(config)
     parts = trainable_parts(config.stage, config.trainable)
     model_dir, out = resolve_model(config.model), Path(config.out)
     model_config = read_moe_config(model_dir)
@@ -385,7 +298,7 @@ def _check_memory(
 def dry_run(config: TrainConfig, num_processes: int | None = None) -> str:
     """The memory plan of the run ``config`` describes on ``num_processes`` processes (default: the
     launch's; FSDP2 when more than one), from ``config.json`` alone: nothing is read or written."""
-    _check_numbers(config)
+    check_options(config)
     world = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
     if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= MAX_PROCESSES:
         raise UsageError(f"--num-processes must be a whole number from 1 to {MAX_PROCESSES}, got {world!r}")
@@ -524,7 +437,7 @@ def forward_backward_step(
     run: TrainingRun, input_ids: torch.Tensor, is_original: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """One micro-batch: loss = LM + aux_coef·load balancing (+ lpr_coef·LPR), backward scaled for
-    accumulation. Returns the detached (total, lm, aux, lpr) losses and the router logits."""
+    accumulation. Returns the detached ``Losses`` as one vector, and the router logits."""
     output = run.model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
     lpr = (
         language_prior_loss(output.router_logits, is_original, run.moe.num_original_experts)
@@ -533,7 +446,7 @@ def forward_backward_step(
     )
     loss = output.lm_loss + run.aux_coef * output.aux_loss + run.lpr_coef * lpr
     run.accelerator.backward(loss / run.config.grad_accum)
-    return torch.stack([loss, output.lm_loss, output.aux_loss, lpr]).detach().double(), output.router_logits
+    return Losses(loss, output.lm_loss, output.aux_loss, lpr).vector(), output.router_logits
 
 
 def train_step(run: TrainingRun) -> torch.Tensor:
@@ -545,7 +458,7 @@ def train_step(run: TrainingRun) -> torch.Tensor:
     config, accelerator = run.config, run.accelerator
     world, num_langs = accelerator.num_processes, len(run.corpus.languages)
     step_indices = run.order.take(run.state.position, run.global_batch)
-    step_losses = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    step_losses = Losses.zeros(accelerator.device)
     for micro in range(config.grad_accum):
         indices = micro_batch_slice(
             step_indices, micro, accelerator.process_index, world, config.micro_batch_size
@@ -584,7 +497,7 @@ def clip_gradients(run: TrainingRun) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-_CHECKED = ("loss", "lm_loss", "aux_loss", "lpr_loss", "gradient norm")
+_CHECKED = (*Losses._fields, "gradient norm")
 
 
 def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -611,12 +524,12 @@ def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: 
 def log_metrics(run: TrainingRun, grad_norm: torch.Tensor) -> dict[str, Any]:
     """Reduce the interval over processes, append it to ``metrics.jsonl`` and start a new interval."""
     lr = run.scheduler.get_last_lr()[0]
-    record = _log_record(
+    record = interval_record(
         run.accelerator, run.interval, run.state, lr, grad_norm, run.corpus, run.moe.moe_layers
     )
     run.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
     if run.is_main:
-        _append_metrics(run.out / METRICS_FILE, record)
+        append_metrics(run.out / METRICS_FILE, record)
         if run.bar.disable and run.config.progress:
             print(
                 f"step {run.state.step}/{run.total_steps} loss {record['loss']:.4f} "
@@ -624,7 +537,7 @@ def log_metrics(run: TrainingRun, grad_norm: torch.Tensor) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-    run.interval = _Interval(run.counts_shape, run.accelerator.device)
+    run.interval = Interval(run.counts_shape, run.accelerator.device)
     return record
 
 
@@ -633,7 +546,7 @@ def evaluate(run: TrainingRun) -> EvalResult:
     result = _evaluate(run.accelerator, run.model, run.eval_sequences, run.config)
     run.model.train()
     if run.is_main:
-        _append_metrics(run.out / METRICS_FILE, {"step": run.state.step, "eval": result.to_dict()})
+        append_metrics(run.out / METRICS_FILE, {"step": run.state.step, "eval": result.to_dict()})
     return result
 
 
@@ -708,51 +621,6 @@ def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:
             f"--resume {path} is not a directory; pass a checkpoints/step-* directory or 'latest'"
         )
     return path
-
-
-def _log_record(
-    accelerator: Accelerator,
-    interval: _Interval,
-    state: TrainerState,
-    lr: float,
-    grad_norm: torch.Tensor,
-    corpus: CorpusSpec,
-    moe_layers: list[int],
-) -> dict[str, Any]:
-    losses = accelerator.reduce(interval.losses, "mean") / interval.steps
-    counts = accelerator.reduce(interval.counts, "sum").cpu()
-    elapsed = time.perf_counter() - interval.start
-    record = dict(zip(("loss", "lm_loss", "aux_loss", "lpr_loss"), losses.tolist(), strict=True))
-    record.update(
-        step=state.step,
-        lr=lr,
-        grad_norm=float(grad_norm),
-        tokens_seen=state.tokens_seen,
-        tokens_per_s=interval.tokens / max(elapsed, 1e-9),
-        expert_load=shares_by_language(counts, corpus.languages, moe_layers),
-    )
-    return record
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    try:
-        with open_to_append(path) as handle:
-            handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
-    except OSError as error:
-        raise CheckpointError(
-            f"cannot append to {path} ({error.strerror or error}); free space and --resume"
-        ) from None
-
-
-def _finite_or_null(value: Any) -> Any:
-    """Non-finite floats (a diverged eval perplexity) as null: every line stays valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 def _evaluate(accelerator: Accelerator, model, sequences: PackedSequences, config: TrainConfig) -> EvalResult:

@@ -4,7 +4,7 @@ never code, so resuming from one cannot run anything planted in it.
 ``OUT/checkpoints/step-NNNNNNNN/``:
 
 * ``trainer_state.json``: pdmoe's marker (``format``, ``version``), where the run is (step, data
-  position, tokens seen), the settings it runs with, the schedule's state, the optimizer's
+  position, tokens seen), the settings it runs with (``check_settings``), the schedule's state, the optimizer's
   hyper-parameters, whether the tensors are sharded, and the byte size of every tensor file;
 * ``rank-RRRRR.safetensors``, one per process: its random-number generator states and, when the
   weights are sharded (FSDP2), its shards of the trainable parameters and of their optimizer
@@ -37,6 +37,7 @@ from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.atomic import Staged, write_json
 
 from .collective import together
+from .settings import fixed_defaults, free_options
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -209,18 +210,35 @@ def read_checkpoint_record(checkpoint: Path) -> CheckpointRecord:
 
 
 def check_settings(checkpoint: Path, record: CheckpointRecord, settings: dict[str, Any]) -> None:
-    """Refuse a checkpoint written with other settings than this run's."""
-    saved = record.state.settings
+    """Refuse a checkpoint written with other settings than this run's.
+
+    A setting the checkpoint lacks is an option added since it was written: it ran with that
+    option's default, so this run matches it when it keeps the default. A setting this pdmoe does
+    not know is an option of a newer pdmoe, which it cannot honour."""
+    saved, defaults = record.state.settings, fixed_defaults()
     differences = [
-        f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        _difference(key, saved, value, defaults)
         for key, value in settings.items()
-        if saved.get(key) != value
+        if saved.get(key, defaults.get(key, _ABSENT)) != value
     ]
+    unknown = sorted(saved.keys() - settings.keys() - free_options())
+    differences += [f"{key}: checkpoint {saved[key]!r}, unknown to this pdmoe" for key in unknown]
     if differences:
         raise UsageError(
             f"--resume {checkpoint} does not match this run's settings ({'; '.join(differences)}); "
             "rerun with the original settings, or start a fresh run in a new --out"
         )
+
+
+_ABSENT = object()
+
+
+def _difference(key: str, saved: dict[str, Any], value: Any, defaults: dict[str, Any]) -> str:
+    if key in saved:
+        return f"{key}: checkpoint {saved[key]!r}, this run {value!r}"
+    if key in defaults:
+        return f"{key}: checkpoint from before the option, so {defaults[key]!r}, this run {value!r}"
+    return f"{key}: checkpoint None, this run {value!r}"
 
 
 def load_training_checkpoint(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import textwrap
+from dataclasses import fields
 
 import pytest
 import torch
 
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
+from pdmoe.cpt.settings import TrainConfig
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
@@ -40,6 +44,42 @@ def test_cpt_options_default_to_the_method(tmp_path):
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
     assert args.func.__name__ == "run_cpt"
+
+
+def test_every_numeric_option_has_a_range():
+    """A new int or float option cannot slip past ``check_options``: its field must say its range."""
+    numeric = {"int", "int | None", "float", "float | None"}
+    unchecked = [
+        spec.name for spec in fields(TrainConfig) if spec.type in numeric and not spec.metadata.get("check")
+    ]
+    assert unchecked == []
+    assert {spec.name for spec in fields(TrainConfig) if spec.type in numeric} >= {"lr", "seed", "max_steps"}
+
+
+def test_bad_numbers_are_refused_before_torch_loads(tmp_path):
+    """The option checks read the fields' metadata (``settings``), which loads no torch: a mistyped
+    number costs a blink, not the seconds of torch's import."""
+    program = """
+        import contextlib, io, json, sys
+        from pdmoe.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["cpt", "--model", "m", "--data", "d.jsonl", "--out", "o", *sys.argv[1:]])
+        print(json.dumps([code, err.getvalue(), "torch" in sys.modules]))
+        """
+    for option, value, message in (
+        ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+        ("--min-lr-ratio", "2", "--min-lr-ratio must be at most 1, got 2.0"),
+        ("--warmup-steps", "-1", "--warmup-steps must be a whole number from 0 to 2**63-1, got -1"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(program), option, value],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        code, err, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (code, err, torch_loaded) == (2, f"pdmoe cpt: error: {message}\n", False), done.stderr[-2000:]
 
 
 def test_module_entry_point_reports_bad_input_without_traceback(moe, tmp_path, capsys):

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from pdmoe.cpt import train
 from pdmoe.cpt.__main__ import main as cpt_main
+from pdmoe.cpt.settings import DEFAULT_LPR_COEF
 from pdmoe.errors import CheckpointError, TrainingError, UsageError
 from pdmoe.modeling import MoEForCausalLM
 from tests.cpt_runs import build_setup, command_line, metrics, tensors, train_config
@@ -121,6 +122,34 @@ def test_resume_refuses_foreign_and_corrupt_folders_without_touching_anything(se
     other["settings"]["seed"] = 1
     (broken / "trainer_state.json").write_text(json.dumps(other))
     refused(broken, r"does not match this run's settings \(seed: checkpoint 1, this run 0\)", UsageError)
+
+
+def test_a_checkpoint_from_before_a_defaulted_option_resumes_exactly(setup, uninterrupted, tmp_path):
+    """A checkpoint whose settings lack an option (as one written before the option existed) resumes
+    bit-exactly when the run keeps that option's default; another value, or any changed setting the
+    checkpoint holds, is refused."""
+    older = shutil.copytree(uninterrupted / "checkpoints/step-00000004", tmp_path / "older")
+    state = json.loads((older / "trainer_state.json").read_text())
+    assert state["settings"].pop("lpr_coef") == DEFAULT_LPR_COEF
+    (older / "trainer_state.json").write_text(json.dumps(state))
+
+    resumed = train(train_config(setup, "resumed-older", resume=older, **RUN))
+    assert _same_weights(uninterrupted, resumed)
+    untimed = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(resumed)]
+    expected = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(uninterrupted)][4:]
+    assert [r["step"] for r in untimed] == [5, 6] and untimed == expected
+
+    def refused(message: str, **changed) -> None:
+        out = setup["root"] / "resumed-older-refused"
+        with pytest.raises(UsageError, match=message):
+            train(train_config(setup, out.name, resume=older, **{**RUN, **changed}))
+        assert not out.exists()
+
+    refused(r"\(lpr_coef: checkpoint from before the option, so 0.02, this run 0.5\)", lpr_coef=0.5)
+    refused(r"\(seed: checkpoint 0, this run 1\)", seed=1)
+    state["settings"]["bucket_size"] = 8  # an option of a newer pdmoe
+    (older / "trainer_state.json").write_text(json.dumps(state))
+    refused(r"\(bucket_size: checkpoint 8, unknown to this pdmoe\)")
 
 
 def test_command_line_errors_are_one_line_with_exit_status_2(setup, uninterrupted, tmp_path, capsys):
