@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from pdmoe.cli.cpt import add_cpt_parser, train_config_from_args
+from pdmoe.cli.eval import add_eval_parser
 from pdmoe.cpt.__main__ import main as cpt_main
-from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
