@@ -15,6 +15,10 @@ from pdmoe.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+# The largest output shard of every command that writes a checkpoint (upcycle, graft), as
+# transformers' ``save_pretrained`` defaults it.
+DEFAULT_SHARD_SIZE = "5GB"
+
 # Dtype names as options and config.json spell them -> the name of the torch dtype.
 DTYPE_NAMES: dict[str, str] = {
     "float32": "float32",

@@ -28,7 +28,7 @@ from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.outputs import ensure_free_space
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.layout import DenseProjection, MLPKeys, MoETensor, match_dense
-from pdmoe.options import check_number, check_seed, parse_dtype, parse_size
+from pdmoe.options import DEFAULT_SHARD_SIZE, check_number, check_seed, parse_dtype, parse_size
 
 
 class UpcycleRule(Enum):
@@ -187,7 +187,7 @@ def upcycle(
     router_init_std: float | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     allow_non_finite: bool = False,
 ) -> Path:

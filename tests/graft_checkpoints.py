@@ -226,7 +226,7 @@ def reference_graft(
     instruct_dir: Path,
     cpt_dir: Path,
     *,
-    alpha: float = 1.0,
+    scale: float = 1.0,
     skip_embeddings: bool = False,
     dtype: torch.dtype | None = None,
     work: torch.dtype = torch.float64,
@@ -243,13 +243,13 @@ def reference_graft(
         result = value.to(work).clone()
         if name.endswith(".experts.gate_up_proj"):
             mlp = name.removesuffix(".experts.gate_up_proj")
-            result += torch.cat([delta(f"{mlp}.gate_proj.weight"), delta(f"{mlp}.up_proj.weight")]) * alpha
+            result += torch.cat([delta(f"{mlp}.gate_proj.weight"), delta(f"{mlp}.up_proj.weight")]) * scale
         elif name.endswith(".experts.down_proj"):
-            result += delta(name.replace(".experts.down_proj", ".down_proj.weight")) * alpha
+            result += delta(name.replace(".experts.down_proj", ".down_proj.weight")) * scale
         elif name in base and value.dtype.is_floating_point:
             rows = base[name].shape[0] if value.dim() else None
             if not (skip_embeddings and name in VOCAB_KEYS):
-                result[:rows] += delta(name) * alpha
+                result[:rows] += delta(name) * scale
             if name in VOCAB_KEYS and instruct[name].shape[0] > rows:
                 result = torch.cat([result, instruct[name][rows:].to(work)])
         out[name] = result.to(dtype if dtype is not None and value.dtype.is_floating_point else value.dtype)

@@ -12,8 +12,9 @@ from dataclasses import fields
 import pytest
 import torch
 
+from pdmoe.cli.cpt import add_cpt_parser, train_config_from_args
+from pdmoe.cli.eval import add_eval_parser
 from pdmoe.cpt.__main__ import main as cpt_main
-from pdmoe.cpt.cli import add_cpt_parser, add_eval_parser, train_config_from_args
 from pdmoe.cpt.settings import TrainConfig
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle

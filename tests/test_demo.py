@@ -55,7 +55,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
 
 
 def test_sample_is_cut_to_whole_characters() -> None:
-    from pdmoe.demo import _decode_whole_characters
+    from pdmoe.cli.demo import _decode_whole_characters
     from pdmoe.tiny import byte_tokenizer
 
     tokenizer = byte_tokenizer()

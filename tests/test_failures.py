@@ -15,7 +15,7 @@ import torch
 from pdmoe.cli import main
 from pdmoe.cpt import corpus_formats, data
 from pdmoe.cpt.data import DataError, TokenCache, cache_key, corpus_spec
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.io.outputs import MARKER, OutputState, read_marker
 from pdmoe.io.writer import ShardWriter
 from pdmoe.tiny import build_tiny_dense, byte_tokenizer
@@ -255,7 +255,7 @@ def test_killed_graft_folder_is_refused_by_eval_and_graft(tmp_path: Path, capsys
     out = tmp_path / "out"
     with monkeypatch.context() as patch, pytest.raises(OSError):
         full_disk_after(patch, shards=1)
-        graft(base, instruct, cpt, out, shard_size=3000)
+        graft(base, instruct, cpt, out, GraftOptions(shard_size=3000))
     assert json.loads((out / MARKER).read_text())["state"] == "writing"
     (tmp_path / "fr.txt").write_text("bonjour\n")
     code, err = run(

@@ -1,4 +1,4 @@
-"""Graft rules on hand-made checkpoints: dense ParamDelta, ALPHA, dtypes, vocabulary, tied embeddings."""
+"""Graft rules on hand-made checkpoints: dense ParamDelta, SCALE, dtypes, vocabulary, tied embeddings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.graft.planner import Role
 from tests.graft_checkpoints import (
     dense_config,
@@ -28,39 +28,39 @@ def assert_matches(out: Path, expected: dict[str, torch.Tensor]) -> None:
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.3, 0.0])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3, 0.0])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_param_delta_and_alpha(tmp_path: Path, alpha: float, moe: bool) -> None:
+def test_param_delta_and_scale(tmp_path: Path, scale: float, moe: bool) -> None:
     base, instruct, cpt = make(tmp_path, moe=moe)
-    report = graft(base, instruct, cpt, tmp_path / "out", scale=alpha)
-    assert_matches(tmp_path / "out", reference_graft(base, instruct, cpt, alpha=alpha))
+    report = graft(base, instruct, cpt, tmp_path / "out", GraftOptions(scale=scale))
+    assert_matches(tmp_path / "out", reference_graft(base, instruct, cpt, scale=scale))
     assert report.plan.counts()["expert_delta"] == (4 if moe else 0)
-    assert json.loads((tmp_path / "out" / "graft.json").read_text())["alpha"] == alpha
-    if alpha == 0.0:  # nothing added: CPT comes back unchanged
+    assert json.loads((tmp_path / "out" / "graft.json").read_text())["alpha"] == scale
+    if scale == 0.0:  # nothing added: CPT comes back unchanged
         assert_matches(tmp_path / "out", load_dir(cpt))
 
 
 def test_bf16_inputs_computed_in_float32_rounded_once(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path, dtype=torch.bfloat16, moe=True)
-    graft(base, instruct, cpt, tmp_path / "out", scale=0.3)
+    graft(base, instruct, cpt, tmp_path / "out", GraftOptions(scale=0.3))
     got = load_dir(tmp_path / "out")
-    exact = reference_graft(base, instruct, cpt, alpha=0.3, work=torch.float32)
+    exact = reference_graft(base, instruct, cpt, scale=0.3, work=torch.float32)
     assert_matches(tmp_path / "out", exact)
-    precise = reference_graft(base, instruct, cpt, alpha=0.3, dtype=torch.float64)
+    precise = reference_graft(base, instruct, cpt, scale=0.3, dtype=torch.float64)
     for name, tensor in precise.items():  # one rounding: within one bf16 step of the exact value
         torch.testing.assert_close(got[name].double(), tensor, rtol=2**-8, atol=0, msg=name)
 
 
 def test_output_dtype_option(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
-    graft(base, instruct, cpt, tmp_path / "out", dtype="bf16")
+    graft(base, instruct, cpt, tmp_path / "out", GraftOptions(dtype="bf16"))
     assert_matches(tmp_path / "out", reference_graft(base, instruct, cpt, dtype=torch.bfloat16))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_skip_embeddings_keeps_cpt_values(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path, moe=True)
-    report = graft(base, instruct, cpt, tmp_path / "out", skip_embeddings=True)
+    report = graft(base, instruct, cpt, tmp_path / "out", GraftOptions(skip_embeddings=True))
     assert_matches(tmp_path / "out", reference_graft(base, instruct, cpt, skip_embeddings=True))
     got, cpt_tensors = load_dir(tmp_path / "out"), load_dir(cpt)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -90,7 +90,7 @@ def test_cpt_extended_vocabulary(tmp_path: Path) -> None:
 def test_instruct_extended_vocabulary(tmp_path: Path, skip_embeddings: bool) -> None:
     """Tokens INSTRUCT added (chat markers) are appended with INSTRUCT's rows; vocab_size follows."""
     base, instruct, cpt = make(tmp_path, moe=True, instruct_vocab=22)
-    report = graft(base, instruct, cpt, tmp_path / "out", skip_embeddings=skip_embeddings)
+    report = graft(base, instruct, cpt, tmp_path / "out", GraftOptions(skip_embeddings=skip_embeddings))
     out = tmp_path / "out"
     assert_matches(out, reference_graft(base, instruct, cpt, skip_embeddings=skip_embeddings))
     got, instruct_tensors = load_dir(out), load_dir(instruct)
@@ -125,7 +125,7 @@ def test_untied_cpt_head_takes_the_tied_embeddings_delta(tmp_path: Path) -> None
 
 def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path, moe=True, shard_bytes=2000)
-    report = graft(base, instruct, cpt, tmp_path / "out", shard_size=3000)
+    report = graft(base, instruct, cpt, tmp_path / "out", GraftOptions(shard_size=3000))
     out = tmp_path / "out"
     assert len(report.plan.shards) > 3
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -164,6 +164,6 @@ def test_zero_element_tensors(tmp_path: Path) -> None:
         save_checkpoint(
             directory, tensors, json.loads((directory / "config.json").read_text()), shard_bytes=2000
         )
-    graft(*inputs, tmp_path / "out", shard_size=2000)
+    graft(*inputs, tmp_path / "out", GraftOptions(shard_size=2000))
     assert_matches(tmp_path / "out", reference_graft(*inputs))
     assert load_dir(tmp_path / "out")["model.empty"].shape == (0, 8)

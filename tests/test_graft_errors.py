@@ -12,7 +12,7 @@ import torch
 
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, PdmoeError, UsageError
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from tests.graft_checkpoints import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
 
@@ -184,21 +184,21 @@ def test_non_empty_out_is_replaced_only_when_pdmoe_wrote_it(tmp_path: Path) -> N
     with pytest.raises(
         CheckpointError, match=r"holds files pdmoe did not write .* pdmoe deletes only its own"
     ):
-        graft(base, instruct, cpt, out, overwrite=True)
+        graft(base, instruct, cpt, out, GraftOptions(overwrite=True))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()
     graft(base, instruct, cpt, out)
     with pytest.raises(CheckpointError, match="is not empty; pass --overwrite to replace it"):
         graft(base, instruct, cpt, out)
     (out / "stale.txt").write_text("inside a pdmoe output")
-    graft(base, instruct, cpt, out, overwrite=True)
+    graft(base, instruct, cpt, out, GraftOptions(overwrite=True))
     assert not (out / "stale.txt").exists() and (out / "graft.json").is_file()
 
 
 def test_out_is_an_input(tmp_path: Path) -> None:
     base, instruct, cpt = make(tmp_path)
     with pytest.raises(CheckpointError, match="is also an input"):
-        graft(base, instruct, cpt, cpt, overwrite=True)
+        graft(base, instruct, cpt, cpt, GraftOptions(overwrite=True))
     assert (cpt / "model.safetensors").is_file()
 
 
@@ -223,7 +223,7 @@ def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_options(tmp_path: Path, options: dict, error: type[PdmoeError], message: str) -> None:
     base, instruct, cpt = make(tmp_path)
     with pytest.raises(error, match=message):
-        graft(base, instruct, cpt, tmp_path / "out", **options)
+        graft(base, instruct, cpt, tmp_path / "out", GraftOptions(**options))
     assert not (tmp_path / "out").exists()
 
 
@@ -233,7 +233,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "o"
     common = ["graft", "--base", str(base), "--instruct", str(instruct), "--cpt", str(cpt), "--out", str(out)]
     assert main([*common, "--dry-run", "--scale", "0.5", "--dtype", "bf16"]) == 0
-    assert "ALPHA=0.5" in capsys.readouterr().out and not out.exists()
+    assert "SCALE=0.5" in capsys.readouterr().out and not out.exists()
     assert main([*common, "--skip-embeddings", "--shard-size", "2KB"]) == 0
     assert "embedding_kept=2" in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file()

@@ -16,7 +16,7 @@ import torch
 
 from pdmoe.cli import main
 from pdmoe.errors import UsageError
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.graft.merging import (
     DARE_CHUNK,
     Trim,
@@ -212,11 +212,11 @@ class _PlainSum(TaskVectorMerge):
 
 def test_a_registered_strategy_is_all_a_method_needs(tmp_path, monkeypatch):
     """Swapped into the registry, a strategy's hooks alone drive the streamed graft: the weighted
-    sum of the task vectors, merged on BASE, is the task-arithmetic graft CPT + ALPHA * delta."""
+    sum of the task vectors, merged on BASE, is the task-arithmetic graft CPT + SCALE * delta."""
     monkeypatch.setitem(_STRATEGIES, MergeMethod.DARE, _PlainSum())
     base, instruct, cpt = make(tmp_path, moe=True)
-    report = graft(base, instruct, cpt, tmp_path / "sum", method="dare", scale=0.5)
-    graft(base, instruct, cpt, tmp_path / "graft", scale=0.5)
+    report = graft(base, instruct, cpt, tmp_path / "sum", GraftOptions(method="dare", scale=0.5))
+    graft(base, instruct, cpt, tmp_path / "graft", GraftOptions(scale=0.5))
     got, expected = load_dir(tmp_path / "sum"), load_dir(tmp_path / "graft")
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -228,7 +228,7 @@ def test_a_registered_strategy_is_all_a_method_needs(tmp_path, monkeypatch):
 
 
 def reference_merged_graft(
-    base_dir, instruct_dir, cpt_dir, method, density, seed=0, alpha=1.0, work=torch.float64
+    base_dir, instruct_dir, cpt_dir, method, density, seed=0, scale=1.0, work=torch.float64
 ):
     """Every output tensor from whole state dicts: each unit merged by the reference formulas above.
 
@@ -243,12 +243,12 @@ def reference_merged_graft(
         b = base[dense].to(work)
         c, i = tuned.to(work), instruct[dense][: b.shape[0]].to(work)
         if method == "ties":
-            return reference_ties(b, [c, i], (1.0, alpha), density)
+            return reference_ties(b, [c, i], (1.0, scale), density)
         masks = [
             dare_keep_mask(seed, unit, 0, b.numel(), density).view(b.shape)
             for unit in (cpt_unit, f"instruct:{dense}")
         ]
-        return reference_dare(b, [c, i], (1.0, alpha), density, masks)
+        return reference_dare(b, [c, i], (1.0, scale), density, masks)
 
     out = {}
     for name, value in cpt.items():
@@ -290,12 +290,18 @@ def test_streamed_graft_equals_the_reference(tmp_path, monkeypatch, method, scen
     monkeypatch.setattr(pdmoe.graft.runner, "BLOCK_ELEMENTS", 24)
     monkeypatch.setattr(pdmoe.graft.merge_stream, "MERGE_ELEMENTS", 10)
     base, instruct, cpt = make(tmp_path, **scenario)
-    # alpha exact in binary: a sign election on an exact cancellation (bf16's coarse grid makes some)
-    # must not depend on how the product alpha * delta is rounded
-    density, alpha = (0.3, 0.75) if method == "ties" else (0.4, 0.8)
-    report = graft(base, instruct, cpt, tmp_path / "out", method=method, density=density, seed=3, scale=alpha)
+    # scale exact in binary: a sign election on an exact cancellation (bf16's coarse grid makes some)
+    # must not depend on how the product scale * delta is rounded
+    density, scale = (0.3, 0.75) if method == "ties" else (0.4, 0.8)
+    report = graft(
+        base,
+        instruct,
+        cpt,
+        tmp_path / "out",
+        GraftOptions(method=method, density=density, seed=3, scale=scale),
+    )
     work = torch.float64 if scenario.get("dtype", torch.float32) == torch.float32 else torch.float32
-    expected = reference_merged_graft(base, instruct, cpt, method, density, seed=3, alpha=alpha, work=work)
+    expected = reference_merged_graft(base, instruct, cpt, method, density, seed=3, scale=scale, work=work)
     got = load_dir(tmp_path / "out")
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -318,7 +324,7 @@ def test_graft_command_line_merge_options(tmp_path, capsys):
         main([*common, "--out", str(tmp_path / "a"), "--method", "dare", "--density", "0.5", "--seed", "4"])
         == 0
     )
-    graft(base, instruct, cpt, tmp_path / "b", method="dare", density=0.5, seed=4)
+    graft(base, instruct, cpt, tmp_path / "b", GraftOptions(method="dare", density=0.5, seed=4))
     a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert all(torch.equal(a[name], b[name]) for name in a)
     capsys.readouterr()

@@ -13,7 +13,7 @@ import pytest
 
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, UsageError
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.io.outputs import LOCK, MARKER, Command, OutputState, claim_output, read_marker
 from pdmoe.io.reader import CheckpointReader
 from tests.graft_checkpoints import graft_command, make
@@ -120,11 +120,11 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path: Path, inputs) -> N
             CheckpointError,
             match=rf"{out} is in use by another pdmoe run \(pdmoe graft, pid {os.getpid()} on ",
         ):
-            graft(*inputs, out, resume=True)
+            graft(*inputs, out, GraftOptions(resume=True))
         assert tree_hash(out) == before
         held.finish()
     assert not (out / LOCK).exists()
-    graft(*inputs, out, resume=True)  # released: the folder is free again
+    graft(*inputs, out, GraftOptions(resume=True))  # released: the folder is free again
     assert read_marker(out).state is OutputState.COMPLETE and not (out / LOCK).exists()
 
 
@@ -142,7 +142,7 @@ def test_lock_of_a_killed_process_is_stale_and_taken_over(tmp_path: Path, inputs
     holder = json.loads((out / LOCK).read_text())
     assert holder["command"] == "graft" and holder["pid"] != os.getpid()
     assert read_marker(out).state is OutputState.WRITING
-    graft(*inputs, out, resume=True)
+    graft(*inputs, out, GraftOptions(resume=True))
     assert read_marker(out).state is OutputState.COMPLETE and not (out / LOCK).exists()
 
 

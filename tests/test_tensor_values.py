@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pdmoe.cli import main
 from pdmoe.errors import TensorValueError, UsageError
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.io.outputs import MARKER
 from pdmoe.io.writer import ShardWriter
 from pdmoe.tiny import build_tiny_dense
@@ -129,7 +129,7 @@ def test_graft_scale_that_overflows(tmp_path: Path, capsys) -> None:
     args = graft_command(*inputs, tmp_path / "out")
     code, err = run(capsys, *args, "--scale", "1e308")
     assert code == 2
-    assert "CPT + ALPHA * (INSTRUCT - BASE) with ALPHA=1e+308 gives" in err and "Lower --scale" in err
+    assert "CPT + SCALE * (INSTRUCT - BASE) with SCALE=1e+308 gives" in err and "Lower --scale" in err
     assert not (tmp_path / "out").exists()
     code, err = run(capsys, *args, "--scale", "nan")
     assert code == 2 and "--scale must be a finite number, got nan" in err
@@ -184,7 +184,7 @@ def test_lineage_failure_found_late_leaves_nothing_complete_looking(tmp_path: Pa
         TensorValueError,
         match=rf"CPT is not a descendant of BASE: expert 0 of {late}, rows 0..7, differs from BASE \(BASE's model.layers.1.mlp.down_proj.weight\) by up to 0.001",
     ):
-        graft(base, instruct, cpt, tmp_path / "out", shard_size=2000)
+        graft(base, instruct, cpt, tmp_path / "out", GraftOptions(shard_size=2000))
     assert committed, "the mismatch must be found after earlier shards were complete"
     assert not (tmp_path / "out").exists()  # a fresh output of refused inputs is removed whole
     assert not (tmp_path / "out" / MARKER).exists()

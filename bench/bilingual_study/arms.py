@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from pdmoe.cpt import TrainConfig, train
-from pdmoe.graft import graft
+from pdmoe.graft import GraftOptions, graft
 from pdmoe.graft.methods import MergeMethod
+from pdmoe.graft.options import DEFAULT_OPTIONS
 from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 from pdmoe.upcycle import upcycle
 
@@ -147,10 +148,8 @@ def record(ctx: Context, arm: Arm, model_dir: Path, unit: Unit | None, train: di
     }
 
 
-def _graft(
-    ctx: Context, cpt: Path, out: Path, method: MergeMethod = MergeMethod.TASK_ARITHMETIC, **options
-) -> Path:
-    graft(ctx.base, ctx.instruct, cpt, out, method=method, **options)
+def _graft(ctx: Context, cpt: Path, out: Path, options: GraftOptions = DEFAULT_OPTIONS) -> Path:
+    graft(ctx.base, ctx.instruct, cpt, out, options)
     return out
 
 
@@ -185,10 +184,15 @@ def _dense_unit(unit: Unit, ctx: Context, work: Path) -> list[dict]:
     delta = _graft(ctx, cpt, work / "param-delta")
     records.append(record(ctx, Arm.MATCHED_PARAM_DELTA if matched else Arm.DENSE_PARAM_DELTA, delta, unit))
     if not matched:
-        ties = _graft(ctx, cpt, work / "ties", MergeMethod.TIES, density=protocol.ties_density)
+        ties = _graft(
+            ctx, cpt, work / "ties", GraftOptions(method=MergeMethod.TIES, density=protocol.ties_density)
+        )
         records.append(record(ctx, Arm.DENSE_TIES, ties, unit))
         dare = _graft(
-            ctx, cpt, work / "dare", MergeMethod.DARE, density=protocol.dare_density, seed=unit.seed
+            ctx,
+            cpt,
+            work / "dare",
+            GraftOptions(method=MergeMethod.DARE, density=protocol.dare_density, seed=unit.seed),
         )
         records.append(record(ctx, Arm.DENSE_DARE, dare, unit))
     return records

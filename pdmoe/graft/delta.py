@@ -1,6 +1,6 @@
 """The arithmetic of a graft, on blocks of rows: no I/O here.
 
-``out = round_to_output_dtype(cpt + alpha * (instruct - base))``, computed in float32, with one
+``out = round_to_output_dtype(cpt + scale * (instruct - base))``, computed in float32, with one
 rounding at the end. float32 is exact for the difference of two bf16 / fp16 tensors, so where CPT
 froze a tensor (cpt == base) the sum gives back INSTRUCT's value bit for bit (docs/method.md's second
 invariant). Float32 inputs need float64 for that same guarantee, so they are computed in float64.
@@ -19,17 +19,17 @@ def work_dtype(*inputs: torch.dtype) -> torch.dtype:
 def param_delta(
     base: torch.Tensor,
     instruct: torch.Tensor,
-    alpha: float,
+    scale: float,
     out: torch.Tensor,
     scratch: torch.Tensor,
 ) -> torch.Tensor:
-    """``alpha * (instruct - base)`` in ``out``'s dtype, into ``out`` (the inputs are left alone).
+    """``scale * (instruct - base)`` in ``out``'s dtype, into ``out`` (the inputs are left alone).
 
     Both operands are brought to the working dtype first (``scratch`` holds ``base``'s copy): an op
     on mixed dtypes would allocate a converted copy of its input for every block.
     """
     out.copy_(instruct).sub_(scratch.copy_(base))
-    return out if alpha == 1.0 else out.mul_(alpha)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def apply_delta(

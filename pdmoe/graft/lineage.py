@@ -48,5 +48,5 @@ class LineageCheck:
             f"BASE{source} by up to {largest:.3g}, but pdmoe's CPT leaves shared weights and original experts "
             "untouched. Check --base (is it the model CPT was upcycled from? are --base and --instruct "
             f"swapped?). If CPT also trained these tensors, pass {ALLOW_OPTION}: the graft is then the plain "
-            "sum CPT + ALPHA * (INSTRUCT - BASE), and the result's shared weights are not INSTRUCT's"
+            "sum CPT + SCALE * (INSTRUCT - BASE), and the result's shared weights are not INSTRUCT's"
         )

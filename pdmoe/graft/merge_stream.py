@@ -38,12 +38,12 @@ class MergedTensor:
         read: ReadFn,
         strategy: TaskVectorMerge,
         spec: MergeSpec,
-        alpha: float,
+        scale: float,
         work: torch.dtype,
     ):
         self.plan, self.spans, self.read, self.spec, self.work = plan, spans, read, spec, work
         self.strategy = strategy
-        self.weights = (1.0, alpha)
+        self.weights = (1.0, scale)
         self.pieces = [piece for piece in plan.pieces if piece.source is RowSource.DELTA]
         self._instruct: dict[int, torch.Tensor] = {}  # span index -> INSTRUCT's processed task vector
         self.state = strategy.prepare(self)

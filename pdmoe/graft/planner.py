@@ -3,7 +3,7 @@
 Built from the three checkpoints' headers and configs only (no tensor data), so every check
 happens before anything is written. Rules, per output tensor (the output has CPT's keys):
 
-* ``shared_delta``   a tensor of BASE, INSTRUCT and CPT: CPT + ALPHA * (INSTRUCT - BASE);
+* ``shared_delta``   a tensor of BASE, INSTRUCT and CPT: CPT + SCALE * (INSTRUCT - BASE);
 * ``expert_delta``   ``experts.gate_up_proj`` / ``experts.down_proj`` of an MoE layer: every expert
   gets the delta of that layer's dense FFN (gate rows then up rows, or down);
 * ``router``         ``mlp.gate.weight`` of an MoE layer: CPT value;
@@ -145,7 +145,7 @@ class GraftPlan:
 
     tensors: list[TensorPlan]
     shards: list[list[TensorMeta]]
-    alpha: float
+    scale: float
     merge: MergeSpec
     skip_embeddings: bool
     config: dict[str, Any]
@@ -167,7 +167,7 @@ class GraftPlan:
         """Identifies this plan on these inputs: a resumed run reuses only shards that carry it."""
         payload = {
             "inputs": inputs,
-            "alpha": self.alpha,
+            "alpha": self.scale,  # the key as earlier outputs' shards carry it, so they still resume
             "merge": self.merge.fingerprint_fields(),
             "skip_embeddings": self.skip_embeddings,
             "tensors": [
@@ -188,7 +188,7 @@ class GraftPlan:
         names = shard_file_names(len(self.shards))
         lines = [
             f"graft plan: {len(self.tensors)} tensors, {self.total_bytes / 2**30:.3f} GiB in {len(names)} shard(s), "
-            f"ALPHA={self.alpha:g}, {self.merge.describe()}, tokenizer from {self.tokenizer_source.value.upper()}",
+            f"SCALE={self.scale:g}, {self.merge.describe()}, tokenizer from {self.tokenizer_source.value.upper()}",
             "counts: " + ", ".join(f"{rule}={count}" for rule, count in self.counts().items()),
         ]
         if self.moe_layers:
@@ -367,11 +367,11 @@ def build_plan(
     instruct: CheckpointReader,
     cpt: CheckpointReader,
     *,
-    alpha: float = 1.0,
+    scale: float = 1.0,
     merge: MergeSpec | None = None,
     skip_embeddings: bool = False,
     dtype: torch.dtype | None = None,
-    shard_bytes: int = 5 * 10**9,
+    shard_bytes: int,
 ) -> GraftPlan:
     """Check that the three checkpoints fit together and plan every output tensor; reads headers only."""
     _check_base_instruct(base, instruct)
@@ -438,7 +438,7 @@ def build_plan(
     return GraftPlan(
         tensors=tensors,
         shards=shards,
-        alpha=alpha,
+        scale=scale,
         merge=merge or MergeSpec(),
         skip_embeddings=skip_embeddings,
         config=_output_config(cpt_config, vocab, dtype),

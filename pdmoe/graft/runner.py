@@ -35,6 +35,7 @@ from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.merge_stream import MergedTensor, Span
 from pdmoe.graft.methods import MergeSpec, TaskVectorMerge
+from pdmoe.graft.options import GraftOptions
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
 from pdmoe.io.atomic import write_json
 from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
@@ -81,23 +82,6 @@ class GraftReport:
         )
 
 
-@dataclass(frozen=True)
-class GraftOptions:
-    """The options of a graft as given, recorded in ``graft.json``."""
-
-    scale: float
-    method: str
-    density: float | None
-    seed: int
-    skip_embeddings: bool
-    dtype: str | None
-    shard_size: int
-    resume: bool
-    overwrite: bool
-    allow_modified_base: bool = False
-    allow_non_finite: bool = False
-
-
 class _Work(Enum):
     """Scratch buffers of the arithmetic (input blocks have one buffer per ``Role``)."""
 
@@ -116,13 +100,13 @@ class Streamer:
     def __init__(
         self,
         readers: dict[Role, CheckpointReader],
-        alpha: float,
+        scale: float,
         merge: MergeSpec,
         *,
         lineage: LineageCheck | None,
         check_finite: bool,
     ) -> None:
-        self.readers, self.alpha, self.merge = readers, alpha, merge
+        self.readers, self.scale, self.merge = readers, scale, merge
         self.lineage, self.check_finite = lineage, check_finite
         self.bytes_read = 0
         self.pool = BlockPool()  # output blocks, given back by the writer thread once written
@@ -171,7 +155,7 @@ class Streamer:
             yield from self.delta_blocks(plan, spans)
 
     def delta_blocks(self, plan: TensorPlan, spans: list[Span]) -> Iterator[torch.Tensor]:
-        """``blocks`` for the graft's own arithmetic, CPT + ALPHA * (INSTRUCT - BASE): every expert
+        """``blocks`` for the graft's own arithmetic, CPT + SCALE * (INSTRUCT - BASE): every expert
         of a fused expert tensor gets the same delta, so it is computed once per tensor, while
         expert 0 goes by, and kept (at most one expert's slice, in the working dtype) for the others."""
         shared: dict[int, torch.Tensor] = {}
@@ -192,7 +176,7 @@ class Streamer:
         work = self._work_dtype(plan, piece)
         key = _Work.DELTA if kept is None else (_Work.KEPT_DELTA, kept)
         out, scratch = self._scratch(key, count, work), self._scratch(_Work.SUM, count, work)
-        return param_delta(base, instruct, self.alpha, out=out, scratch=scratch)
+        return param_delta(base, instruct, self.scale, out=out, scratch=scratch)
 
     def _work_dtype(self, plan: TensorPlan, piece: Piece) -> torch.dtype:
         return work_dtype(
@@ -206,7 +190,7 @@ class Streamer:
     ) -> Iterator[torch.Tensor]:
         """``blocks`` for a task-vector merge: delta pieces from ``MergedTensor``, checked like the others."""
         work = self._work_dtype(plan, next(piece for piece in plan.pieces if piece.source is RowSource.DELTA))
-        merged = MergedTensor(plan, spans, self._read, strategy, self.merge, self.alpha, work)
+        merged = MergedTensor(plan, spans, self._read, strategy, self.merge, self.scale, work)
         for expert in range(max(plan.experts, 1)):
             for index, (piece, start, stop) in enumerate(spans):
                 if piece.source is not RowSource.DELTA:
@@ -277,7 +261,7 @@ class Streamer:
             )
         nan, inf = count_non_finite([block])
         return TensorValueError(
-            f"{plan.out.name}: CPT + ALPHA * (INSTRUCT - BASE) with ALPHA={self.alpha:g} gives "
+            f"{plan.out.name}: CPT + SCALE * (INSTRUCT - BASE) with SCALE={self.scale:g} gives "
             f"{describe_counts(nan, inf)} values in {plan.out.dtype}: the result exceeds its range. "
             f"Lower --scale or choose a wider --dtype (or pass {ALLOW_NON_FINITE})"
         )
@@ -369,7 +353,7 @@ def execute(
         LineageCheck(plan.frozen_experts) if plan.moe_layers and not options.allow_modified_base else None
     )
     streamer = Streamer(
-        readers, plan.alpha, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
+        readers, plan.scale, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
     )
 
     def stream_all() -> int:
@@ -392,7 +376,7 @@ def execute(
         manifest = {
             "pdmoe_version": pdmoe_version(),
             "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
-            "alpha": plan.alpha,
+            "alpha": plan.scale,  # graft.json's key since its first version (options.scale too)
             "merge": plan.merge.describe(),
             "options": asdict(options),
             "counts": plan.counts(),

@@ -1,5 +1,5 @@
-"""Task arithmetic (Ilharco et al. 2023), the graft itself: OUT = CPT + ALPHA * (INSTRUCT - BASE),
-that is Σ_t w_t τ_t on BASE with weights (1, ALPHA)."""
+"""Task arithmetic (Ilharco et al. 2023), the graft itself: OUT = CPT + SCALE * (INSTRUCT - BASE),
+that is Σ_t w_t τ_t on BASE with weights (1, SCALE)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @register
 class TaskArithmetic(MergeStrategy):
     method = MergeMethod.TASK_ARITHMETIC
-    summary = "the graft: OUT = CPT + ALPHA * (INSTRUCT - BASE) (default)"
+    summary = "the graft: OUT = CPT + SCALE * (INSTRUCT - BASE) (default)"
 
     def check_options(self, spec: MergeSpec) -> None:
         if spec.density is not None:
@@ -37,5 +37,5 @@ class TaskArithmetic(MergeStrategy):
         return task_arithmetic(deltas, weights)
 
     def stream(self, streamer: Streamer, plan: TensorPlan, spans: list[Span]) -> Iterator[torch.Tensor]:
-        # CPT + ALPHA * delta: the delta is the same for every expert, computed once and kept
+        # CPT + SCALE * delta: the delta is the same for every expert, computed once and kept
         return streamer.delta_blocks(plan, spans)

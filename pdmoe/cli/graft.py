@@ -1,22 +1,24 @@
-"""The ``pdmoe graft`` subcommand; ``pdmoe.cli`` registers it with ``add_graft_parser``."""
+"""The ``pdmoe graft`` subcommand."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
+from pdmoe.cli.export import add_layout_argument
 from pdmoe.errors import UsageError
-from pdmoe.export.cli import add_layout_argument
 from pdmoe.export.formats import NativeFormat
 from pdmoe.graft.methods import MergeMethod, strategy
+from pdmoe.graft.options import DEFAULT_OPTIONS, GraftOptions
 from pdmoe.io.outputs import Command, Output, check_outputs
 from pdmoe.options import DTYPE_NAMES
 from pdmoe.preflight import check_models
 
 _DESCRIPTION = """\
-Add the post-training delta to the CPT model: OUT = CPT + ALPHA * (INSTRUCT - BASE).
+Add the post-training delta to the CPT model: OUT = CPT + SCALE * (INSTRUCT - BASE).
 BASE and INSTRUCT are dense checkpoints of the same architecture; CPT is the upcycled MoE after
 continued pre-training (every expert gets its layer's dense FFN delta, routers keep CPT's values)
 or a dense CPT model (classic ParamDelta / chat vector). Streams tensor by tensor in bounded memory.
@@ -24,7 +26,7 @@ Vocabulary: BASE's rows get the delta; rows CPT added keep CPT's values (the tok
 from CPT, the chat template from INSTRUCT); rows INSTRUCT added keep INSTRUCT's values.
 
 Merge methods (--method): task-arithmetic is the graft above; the others are data-free merging
-baselines that combine the task vectors CPT - BASE (weight 1) and INSTRUCT - BASE (weight ALPHA)
+baselines that combine the task vectors CPT - BASE (weight 1) and INSTRUCT - BASE (weight SCALE)
 per tensor, and per expert in an MoE layer (each expert's W_e - W_ffn,BASE with the layer's dense
 FFN delta), into OUT = BASE + the merged delta:
 """
@@ -60,24 +62,26 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--cpt", required=True, type=Path, help="CPT model (upcycled MoE or dense): folder or hub id"
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--scale", type=float, default=1.0, metavar="ALPHA", help="delta scale (default 1.0)")
+    parser.add_argument(
+        "--scale", type=float, default=DEFAULT_OPTIONS.scale, help="SCALE above (default: %(default)s)"
+    )
     parser.add_argument(
         "--method",
         choices=[m.value for m in MergeMethod],
-        default=MergeMethod.TASK_ARITHMETIC.value,
-        help="merge method (default task-arithmetic; see above)",
+        default=MergeMethod.parse(DEFAULT_OPTIONS.method).value,
+        help="merge method (default: %(default)s; see above)",
     )
     parser.add_argument(
         "--density",
         type=float,
-        default=None,
+        default=DEFAULT_OPTIONS.density,
         help="fraction of each task vector kept, for the methods that take it (see above)",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        default=0,
-        help="seed of the random masks, for the methods that draw them (default 0)",
+        default=DEFAULT_OPTIONS.seed,
+        help="seed of the random masks, for the methods that draw them (default: %(default)s)",
     )
     parser.add_argument(
         "--skip-embeddings", action="store_true", help="leave embed_tokens / lm_head at their CPT values"
@@ -85,11 +89,13 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--dtype",
         choices=sorted(DTYPE_NAMES),
-        default=None,
+        default=DEFAULT_OPTIONS.dtype,
         help="output dtype (default: each CPT tensor's own)",
     )
     parser.add_argument(
-        "--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)"
+        "--shard-size",
+        default=DEFAULT_OPTIONS.shard_size,
+        help="largest output shard, e.g. 5GB, 500MB (default: %(default)s)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted graft into OUT")
@@ -124,39 +130,28 @@ def export_out(args: argparse.Namespace) -> Path:
     return out.with_name(f"{out.name}-native")
 
 
+def graft_options(args: argparse.Namespace) -> GraftOptions:
+    """The options of ``pdmoe graft``'s command line: every field of ``GraftOptions`` is a flag."""
+    return GraftOptions(**{field.name: getattr(args, field.name) for field in fields(GraftOptions)})
+
+
 def run_graft_command(args: argparse.Namespace) -> int:
     if args.export_out is not None and not args.export:
         raise UsageError("--export-out names where --export writes; pass --export FORMAT too, or drop it")
+    options = graft_options(args)
     inputs = check_models([args.base, args.instruct, args.cpt])
     if not args.dry_run:
         outputs = [Output(args.out, "--out", Command.GRAFT)]
         if args.export:
             outputs.append(Output(export_out(args), "--export-out", Command.EXPORT))
         # every output before the graft starts, clear of the inputs and of each other
-        check_outputs(outputs, inputs=inputs, overwrite=args.overwrite, resume=args.resume)
+        check_outputs(outputs, inputs=inputs, overwrite=options.overwrite, resume=options.resume)
     from pdmoe.export import check_export, export
     from pdmoe.graft import graft
 
     if args.export:
         check_export(args.cpt, args.export)
-    report = graft(
-        args.base,
-        args.instruct,
-        args.cpt,
-        args.out,
-        scale=args.scale,
-        method=args.method,
-        density=args.density,
-        seed=args.seed,
-        skip_embeddings=args.skip_embeddings,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        dry_run=args.dry_run,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        allow_modified_base=args.allow_modified_base,
-        allow_non_finite=args.allow_non_finite,
-    )
+    report = graft(args.base, args.instruct, args.cpt, args.out, options, dry_run=args.dry_run)
     print(report.summary())
     if args.export and not args.dry_run:
         exported = export(
@@ -164,7 +159,7 @@ def run_graft_command(args: argparse.Namespace) -> int:
             export_out(args),
             format=args.export,
             layout=args.export_layout,
-            overwrite=args.overwrite,
+            overwrite=options.overwrite,
         )
         print(exported.summary())
     return 0

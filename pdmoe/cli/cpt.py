@@ -1,4 +1,4 @@
-"""The ``pdmoe cpt`` and ``pdmoe eval`` subcommands; ``pdmoe.cli`` registers them.
+"""The ``pdmoe cpt`` subcommand, and ``python -m pdmoe.cpt`` (what ``accelerate launch`` runs).
 
 Option defaults are read from ``TrainConfig`` so the command line and the Python API cannot drift.
 Options (``settings.check_options``), data files, the model and ``--out`` are checked before
@@ -9,74 +9,20 @@ are imported after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-from pdmoe.io.atomic import write_text_atomic
-from pdmoe.io.outputs import Command, Output, check_output, check_outputs
+from pdmoe.cli import CommandParser, run_command
+from pdmoe.cli.corpus import TRAIN_DEFAULTS, add_data_arguments, corpus_from_args
+from pdmoe.cpt.settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig, check_options
+from pdmoe.io.outputs import Command, check_output
 from pdmoe.preflight import check_models
-
-from .data import DATA_FORMATS, CorpusSpec, corpus_spec
-from .settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig, check_options
-
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Data options shared by cpt and eval."""
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="JSONL files (.jsonl/.json/.ndjson: one object per line), Parquet files (.parquet) or plain-text "
-        "files (documents separated by blank lines); JSONL and text may be compressed (.gz, .zst)",
-    )
-    parser.add_argument(
-        "--lang",
-        dest="langs",
-        nargs="+",
-        metavar="LANG",
-        help="language of the documents of each --data file (one for all, or one per file); "
-        "a JSONL record's own lang field wins",
-    )
-    parser.add_argument(
-        "--original-langs",
-        nargs="+",
-        default=[],
-        metavar="LANG",
-        help="languages the base model already knows (routed to expert 0 by the review stage)",
-    )
-    parser.add_argument("--new-langs", nargs="+", default=[], metavar="LANG", help="languages being added")
-    parser.add_argument(
-        "--data-format",
-        choices=DATA_FORMATS,
-        default=_DEFAULTS["data_format"],
-        help="format of every --data file; auto: by extension (after .gz/.zst), else plain text (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--text-field",
-        default=_DEFAULTS["text_field"],
-        help="JSONL text field, Parquet text column (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lang-field",
-        default=_DEFAULTS["lang_field"],
-        help="JSONL language field, Parquet language column (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="where tokenised corpora are cached (default: $PDMOE_CACHE_DIR or ~/.cache/pdmoe/tokens)",
-    )
 
 
 def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``pdmoe cpt`` / ``python -m pdmoe.cpt``."""
-    d = _DEFAULTS
+    d = TRAIN_DEFAULTS
     parser.add_argument(
         "--model",
         required=True,
@@ -89,7 +35,7 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="output directory: final HF checkpoint, metrics.jsonl, checkpoints/",
     )
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument(
         "--stage",
         choices=[stage.value for stage in Stage],
@@ -238,32 +184,19 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _corpus(args: argparse.Namespace, paths: list, langs: list[str] | None) -> CorpusSpec:
-    """The corpus of ``paths``: the files exist and are not empty, the languages are declared."""
-    return corpus_spec(
-        paths,
-        langs,
-        args.original_langs,
-        args.new_langs,
-        args.data_format,
-        args.text_field,
-        args.lang_field,
-    )
-
-
 def run_cpt(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     check_options(config)  # before torch loads: a mistyped number is refused in a blink
     if args.dry_run:  # config.json alone: no weights, no data, nothing written
         check_models([config.model], moe=True)
-        from .trainer import dry_run
+        from pdmoe.cpt.trainer import dry_run
 
         if int(os.environ.get("RANK", "0")) == 0:  # one report per launch
             print(dry_run(config, args.num_processes))
         return 0
     for paths, langs in ((config.data, config.langs), (config.eval_data, config.eval_langs)):
         if paths:
-            _corpus(args, paths, langs)
+            corpus_from_args(args, paths, langs)
     (model,) = check_models([config.model], moe=True)
     check_output(
         config.out,
@@ -274,42 +207,11 @@ def run_cpt(args: argparse.Namespace) -> int:
     )
     from accelerate import PartialState
 
-    from .trainer import train
+    from pdmoe.cpt.trainer import train
 
     out = train(config)
     if PartialState().is_main_process:
         print(f"pdmoe cpt: wrote {out}")
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    corpus = _corpus(args, args.data, args.langs)
-    (model,) = check_models([args.model])
-    outputs = [
-        Output(path, option) for option, path in (("--json", args.json), ("--plot", args.plot)) if path
-    ]
-    # every output before the evaluation, not after it: clear of the model and the data, writable
-    check_outputs(outputs, inputs=(model, *(file.path for file in corpus.files)), overwrite=args.overwrite)
-    from .evaluate import evaluate_model, heatmap_format, save_heatmap
-
-    if args.plot:
-        heatmap_format(args.plot)  # refuses an extension matplotlib cannot write
-    result = evaluate_model(
-        model,
-        corpus,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences or None,
-        cache_dir=args.cache_dir,
-    )
-    print(result.table())
-    if args.json:
-        write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
-    if args.plot:
-        if save_heatmap(result, args.plot):
-            print(f"pdmoe eval: heatmap written to {args.plot}")
-        else:
-            print("pdmoe eval: heatmap skipped: matplotlib is not installed (pip install 'pdmoe[plot]')")
     return 0
 
 
@@ -325,39 +227,11 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     return parser
 
 
-def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval",
-        description="Per-language perplexity (exp of the mean next-token loss, without the router's "
-        "loss) of a dense or MoE checkpoint, and each MoE layer's share of tokens per expert per language.",
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pdmoe.cpt``: ``pdmoe cpt`` without the subcommand word."""
+    parser = CommandParser(
+        prog="python -m pdmoe.cpt", description="Continued pre-training of an upcycled MoE."
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        type=Path,
-        help="dense or MoE checkpoint (a dense one gives the baseline): folder or hub id ORG/NAME[@REV]",
-    )
-    _add_data_arguments(parser)
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-sequences",
-        type=int,
-        default=256,
-        help="sequences evaluated, spread evenly over the data; 0 = all (default: %(default)s)",
-    )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
-    parser.add_argument(
-        "--plot",
-        type=Path,
-        metavar="IMAGE",
-        help="also draw a heatmap, in the format its extension names: .png, .pdf, .svg, ... "
-        "(needs the plot extra: matplotlib)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --json / --plot file (never an input)"
-    )
-    parser.set_defaults(func=run_eval)
-    return parser
+    add_cpt_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_command("cpt", lambda: run_cpt(args))

@@ -1,7 +1,9 @@
-"""The ``pdmoe`` command: one subcommand per pipeline step, each registered by its own package.
+"""The ``pdmoe`` command, the application shell: one module of this package per subcommand.
 
-Parsing and the checks of paths (``pdmoe.preflight``) need no torch: a command imports its heavy
-modules only once its options and paths are known to be good, so errors come in a blink.
+The core (``pdmoe.*`` outside this package) never imports the command line nor ``pdmoe.cpt``;
+this package composes them. Parsing and the checks of paths (``pdmoe.preflight``) need no torch:
+a command imports its heavy modules only once its options and paths are known to be good, so
+errors come in a blink.
 """
 
 from __future__ import annotations
@@ -13,10 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdmoe.errors import PdmoeError, from_os_error
-from pdmoe.families import FAMILY_TITLES
-from pdmoe.io.outputs import Command, check_output
-from pdmoe.options import DTYPE_NAMES
-from pdmoe.preflight import check_models
 from pdmoe.version import pdmoe_version
 
 
@@ -28,92 +26,33 @@ class CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
 
-def _run_upcycle(args: argparse.Namespace) -> int:
-    check_output(args.out, Command.UPCYCLE, inputs=check_models([args.model]), overwrite=args.overwrite)
-    from pdmoe.upcycle import upcycle
-
-    out = upcycle(
-        args.model,
-        args.out,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        layers=args.layers,
-        router_init_std=args.router_init_std,
-        seed=args.seed,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        allow_non_finite=args.allow_non_finite,
-    )
-    print(f"upcycled {args.model} -> {out} ({args.num_experts} experts, top-{args.top_k})")
-    return 0
-
-
-def add_upcycle_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "upcycle",
-        description=f"Stream a dense {FAMILY_TITLES} safetensors checkpoint into the MoE format.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="dense checkpoint (safetensors): a folder, or a Hugging Face Hub id ORG/NAME[@REVISION]",
-    )
-    parser.add_argument("--out", required=True, help="output directory for the MoE checkpoint")
-    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument(
-        "--layers",
-        default="all",
-        help="MoE layers: 'all' (default), a list like '0,2,5', or 'every:N' (0, N, 2N, ...)",
-    )
-    parser.add_argument(
-        "--router-init-std",
-        type=float,
-        default=None,
-        help="std of the N(0, std) router init (default: the dense config's initializer_range, 0.02)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the router init (default 0)")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="output dtype (default: keep the input's)"
-    )
-    parser.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument(
-        "--allow-non-finite",
-        action="store_true",
-        help="copy NaN / inf weights as they are instead of refusing them",
-    )
-    parser.set_defaults(func=_run_upcycle)
-
-
 # Every subcommand: its one-line summary and the function that adds its full parser. Only the
 # command being run is imported, so `pdmoe --help` and light commands never load what cpt, eval or
 # demo need (transformers' models, accelerate).
 COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": (
         "turn a dense checkpoint into an MoE checkpoint (expert 0 = the dense FFN, the rest copies)",
-        "pdmoe.cli:add_upcycle_parser",
+        "pdmoe.cli.upcycle:add_upcycle_parser",
     ),
     "cpt": (
         "continued pre-training (or the review stage) of an upcycled MoE",
-        "pdmoe.cpt.cli:add_cpt_parser",
+        "pdmoe.cli.cpt:add_cpt_parser",
     ),
     "graft": (
         "graft the post-training delta (INSTRUCT - BASE) onto a CPT model",
-        "pdmoe.graft.cli:add_graft_parser",
+        "pdmoe.cli.graft:add_graft_parser",
     ),
     "eval": (
         "per-language perplexity and expert routing shares of an MoE checkpoint",
-        "pdmoe.cpt.cli:add_eval_parser",
+        "pdmoe.cli.eval:add_eval_parser",
     ),
     "export": (
         "write a pdmoe MoE as a native Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint (serving without pdmoe)",
-        "pdmoe.export.cli:add_export_parser",
+        "pdmoe.cli.export:add_export_parser",
     ),
     "demo": (
         "run the whole pipeline on tiny models built on the spot, checking its invariants",
-        "pdmoe.demo:add_demo_parser",
+        "pdmoe.cli.demo:add_demo_parser",
     ),
 }
 
@@ -173,7 +112,3 @@ def run_command(command: str, run: Callable[[], int | None]) -> int:
             raise
     print(f"pdmoe {command}: error: {error}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The ``pdmoe export`` subcommand; ``pdmoe.cli`` registers it with ``add_export_parser``."""
+"""The ``pdmoe export`` subcommand."""
 
 from __future__ import annotations
 
