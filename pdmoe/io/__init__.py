@@ -1,7 +1,8 @@
 """Checkpoint I/O kept apart from the math.
 
 ``safetensors_format`` (the file format), ``reader`` (lazy, validated reading), ``writer`` (planned,
-streaming shards), ``background`` (a writer thread), ``atomic`` (nothing half-written under a final
+streaming shards), ``background`` (a writer thread), ``streaming`` (the steps of a streamed checkpoint output that
+upcycle, graft and export share), ``atomic`` (nothing half-written under a final
 name), ``outputs`` (the guard, lock and marker of output folders), ``side_files`` (tokenizer and
 generation files), ``strict_json`` and ``model_config`` (config files read strictly and checked
 against the tensors), ``hf_loading`` (transformers loads that run no checkpoint code).
