@@ -21,12 +21,9 @@ from pdmoe.errors import CheckpointError, TensorValueError, UsageError
 from pdmoe.families import get_family
 from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
 from pdmoe.hub import resolve_model
-from pdmoe.io import CheckpointReader, CheckpointWriter, Command, TensorMeta, claim_output, plan_shards
-from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter, run_single_threaded
+from pdmoe.io import CheckpointReader, Command, TensorMeta, plan_shards
 from pdmoe.io.model_config import without_remote_code
-from pdmoe.io.outputs import ensure_free_space
-from pdmoe.io.side_files import copy_side_files
+from pdmoe.io.streaming import ShardBlock, claim_checkpoint
 from pdmoe.layout import DenseProjection, MLPKeys, MoETensor, match_dense
 from pdmoe.options import DEFAULT_SHARD_SIZE, check_number, check_seed, parse_dtype, parse_size
 
@@ -221,25 +218,21 @@ def upcycle(
             "dtype": str(plan.config.get("dtype")),
             "shard_size": shard_size,
         }
-        with claim_output(
-            out, Command.UPCYCLE, inputs=(Path(model),), overwrite=overwrite, settings=settings
-        ) as folder:
-            writer = CheckpointWriter(out, shards)
-            ensure_free_space(out, writer.total_bytes)
-            write_json(out / "config.json", without_remote_code(plan.config))
-            copy_side_files(Path(model), out)
+        with claim_checkpoint(
+            out, Command.UPCYCLE, shards, inputs=(Path(model),), overwrite=overwrite, settings=settings
+        ) as checkpoint:
+            checkpoint.ensure_space()
+            checkpoint.write_config(without_remote_code(plan.config))
+            checkpoint.copy_side_files(Path(model))
 
-            def stream_all() -> None:
-                with BackgroundShardWriter(writer) as background:  # reads and writes overlap
-                    for index, shard in enumerate(shards):
-                        for meta in shard:
-                            blocks = _output_blocks(
-                                reader, planned[meta.name], seed, std, not allow_non_finite
-                            )
-                            for block in blocks:
-                                background.write(index, meta.name, block)
+            def blocks() -> Iterator[ShardBlock]:  # read and converted while the writer thread writes
+                for index, shard in enumerate(shards):
+                    for meta in shard:
+                        for block in _output_blocks(
+                            reader, planned[meta.name], seed, std, not allow_non_finite
+                        ):
+                            yield index, meta.name, block
 
-            run_single_threaded(stream_all)
-            writer.finish()
-            folder.finish()
+            checkpoint.stream(blocks)
+            checkpoint.finish()
     return out

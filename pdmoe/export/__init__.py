@@ -22,7 +22,6 @@ its options with this package (``cli``, ``formats``) before they load.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -41,10 +40,8 @@ from pdmoe.export.formats import (
     stacks_not_exact,
 )
 from pdmoe.hub import resolve_model
-from pdmoe.io.atomic import Staged, write_json, write_text_atomic
-from pdmoe.io.model_config import INDEX_FILE
-from pdmoe.io.outputs import Command, claim_output, ensure_free_space
-from pdmoe.io.side_files import copy_side_files
+from pdmoe.io.atomic import Staged
+from pdmoe.io.outputs import Command
 
 if TYPE_CHECKING:
     from pdmoe.io.reader import CheckpointReader
@@ -157,7 +154,8 @@ def export(
 
     from pdmoe.io.reader import CheckpointReader
     from pdmoe.io.safetensors_format import TensorMeta
-    from pdmoe.io.writer import ShardWriter, shard_file_names
+    from pdmoe.io.streaming import claim_checkpoint
+    from pdmoe.io.writer import ShardWriter, shard_file_names, write_index
 
     model_dir, out_dir, layout = resolve_model(model), Path(out), ExpertLayout(layout)
     with CheckpointReader(model_dir) as reader:
@@ -169,13 +167,13 @@ def export(
         shards = sorted(reader.shards.items())
         names = shard_file_names(len(shards) + bool(extras))
         settings = {"format": target.value, "layout": layout.value}
-        with claim_output(
+        with claim_checkpoint(
             out_dir, Command.EXPORT, inputs=(model_dir,), overwrite=overwrite, settings=settings
-        ) as folder:
+        ) as checkpoint:  # the shards are linked or re-headed here, not streamed
             if layout is ExpertLayout.PER_EXPERT:
-                ensure_free_space(out_dir, reader.total_bytes)
-            write_json(out_dir / "config.json", native)
-            copy_side_files(model_dir, out_dir)
+                checkpoint.ensure_space(reader.total_bytes)
+            checkpoint.write_config(native)
+            checkpoint.copy_side_files(model_dir)
             weight_map: dict[str, str] = {}
             linked = 0
             for (_, header), name in zip(shards, names, strict=False):
@@ -203,7 +201,6 @@ def export(
                     if extras
                     else reader.total_bytes
                 )
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                write_text_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-            folder.finish()
+                write_index(out_dir, weight_map, total)
+            checkpoint.finish()
     return ExportReport(out_dir, target, layout, len(weight_map), linked, stacks_not_exact(config, target))

@@ -37,17 +37,16 @@ from pdmoe.graft.merge_stream import MergedTensor, Span
 from pdmoe.graft.methods import MergeSpec, TaskVectorMerge
 from pdmoe.graft.options import GraftOptions
 from pdmoe.graft.planner import GraftPlan, Piece, Role, RowSource, TensorPlan
-from pdmoe.io.atomic import write_json
-from pdmoe.io.background import BackgroundShardWriter, BlockPool, run_single_threaded
-from pdmoe.io.outputs import OutputFolder, ensure_free_space
+from pdmoe.io.background import BlockPool
+from pdmoe.io.outputs import OutputFolder
 from pdmoe.io.reader import BLOCK_ELEMENTS, INDEX_FILE, CheckpointReader
 from pdmoe.io.side_files import (
     CHAT_TEMPLATE_FILES,
     GENERATION_CONFIG,
     TOKENIZER_CONFIG,
     TOKENIZER_FILES,
-    copy_side_files,
 )
+from pdmoe.io.streaming import ShardBlock, StreamingCheckpoint
 from pdmoe.io.strict_json import read_json_object
 from pdmoe.io.writer import CheckpointWriter
 from pdmoe.version import pdmoe_version
@@ -307,14 +306,17 @@ def _forget_earlier_run(out_dir: Path, writer: CheckpointWriter) -> None:
             path.unlink()
 
 
-def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path) -> None:
-    write_json(out_dir / "config.json", plan.config)
-    copy_side_files(instruct, out_dir, (GENERATION_CONFIG,))
+def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, checkpoint: StreamingCheckpoint) -> None:
+    out_dir = checkpoint.path
+    checkpoint.write_config(plan.config)
+    checkpoint.copy_side_files(instruct, (GENERATION_CONFIG,))
     if plan.tokenizer_source is Role.INSTRUCT:
-        copy_side_files(instruct, out_dir, TOKENIZER_FILES)
+        checkpoint.copy_side_files(instruct, TOKENIZER_FILES)
         return
-    copy_side_files(cpt, out_dir, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES))
-    copy_side_files(instruct, out_dir, CHAT_TEMPLATE_FILES)
+    checkpoint.copy_side_files(
+        cpt, tuple(name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES)
+    )
+    checkpoint.copy_side_files(instruct, CHAT_TEMPLATE_FILES)
     template = (
         read_json_object(instruct / TOKENIZER_CONFIG).get("chat_template")
         if (instruct / TOKENIZER_CONFIG).is_file()
@@ -322,7 +324,7 @@ def _write_side_files(plan: GraftPlan, instruct: Path, cpt: Path, out_dir: Path)
     )
     if template is not None and (out_dir / TOKENIZER_CONFIG).is_file():
         tokenizer_config = read_json_object(out_dir / TOKENIZER_CONFIG)
-        write_json(out_dir / TOKENIZER_CONFIG, {**tokenizer_config, "chat_template": template})
+        checkpoint.write_json(TOKENIZER_CONFIG, {**tokenizer_config, "chat_template": template})
 
 
 def execute(
@@ -344,7 +346,8 @@ def execute(
     fingerprint = plan.fingerprint(
         {"version": pdmoe_version(), **{role: e["header_sha256"] for role, e in inputs.items()}}
     )
-    writer = CheckpointWriter(out_dir, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
+    checkpoint = StreamingCheckpoint(folder, plan.shards, metadata={"pdmoe_graft_plan": fingerprint})
+    writer = checkpoint.writer
     stamps = _file_stamps(readers)
     trusted = options.resume and _earlier_file_stamps(out_dir) == stamps
     complete = {index for index in range(len(plan.shards)) if trusted and writer.shard_is_complete(index)}
@@ -356,23 +359,18 @@ def execute(
         readers, plan.scale, plan.merge, lineage=lineage, check_finite=not options.allow_non_finite
     )
 
-    def stream_all() -> int:
-        written = 0
-        with BackgroundShardWriter(writer, pool=streamer.pool) as sink:
-            for tensor in plan.tensors:
-                if tensor.shard in complete:
-                    continue
+    def blocks() -> Iterator[ShardBlock]:  # the shards a resumed run did not finish
+        for tensor in plan.tensors:
+            if tensor.shard not in complete:
                 for block in streamer.blocks(tensor):
-                    sink.write(tensor.shard, tensor.out.name, block)
-                    written += block.nbytes
-        return written
+                    yield tensor.shard, tensor.out.name, block
 
     try:
-        ensure_free_space(out_dir, sum(meta.nbytes for index in todo for meta in plan.shards[index]))
+        checkpoint.ensure_space(sum(meta.nbytes for index in todo for meta in plan.shards[index]))
         _forget_earlier_run(out_dir, writer)
-        write_json(out_dir / RUN_STAMPS, stamps)
-        _write_side_files(plan, instruct.directory, cpt.directory, out_dir)
-        written = run_single_threaded(stream_all)
+        checkpoint.write_json(RUN_STAMPS, stamps)
+        _write_side_files(plan, instruct.directory, cpt.directory, checkpoint)
+        written = checkpoint.stream(blocks, pool=streamer.pool)
         manifest = {
             "pdmoe_version": pdmoe_version(),
             "inputs": {role: {**entry, "files": stamps[role]} for role, entry in inputs.items()},
@@ -387,15 +385,13 @@ def execute(
             "output": {"tensors": len(plan.tensors), "bytes": plan.total_bytes, "shards": writer.file_names},
             "plan_sha256": fingerprint,
         }
-        write_json(out_dir / MANIFEST, manifest)
-        writer.finish()
-        (out_dir / RUN_STAMPS).unlink()
+        checkpoint.write_json(MANIFEST, manifest)
+        checkpoint.finish(drop=(RUN_STAMPS,))
     except BaseException as error:
         resumable = any((out_dir / name).is_file() for name in writer.file_names)
         if isinstance(error, TensorValueError) or not resumable:
             folder.discard()
         raise
-    folder.finish()
     return GraftReport(
         out_dir=out_dir,
         plan=plan,

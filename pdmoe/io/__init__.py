@@ -1,10 +1,11 @@
 """Checkpoint I/O kept apart from the math.
 
 ``safetensors_format`` (the file format), ``reader`` (lazy, validated reading), ``writer`` (planned,
-streaming shards), ``background`` (a writer thread), ``atomic`` (nothing half-written under a final
-name), ``outputs`` (the guard, lock and marker of output folders), ``side_files`` (tokenizer and
-generation files), ``strict_json`` and ``model_config`` (config files read strictly and checked
-against the tensors), ``hf_loading`` (transformers loads that run no checkpoint code).
+streaming shards), ``background`` (a writer thread), ``streaming`` (the steps of a streamed
+checkpoint output that upcycle, graft and export share), ``atomic`` (nothing half-written under a
+final name), ``outputs`` (the guard, lock and marker of output folders), ``side_files`` (tokenizer
+and generation files), ``strict_json`` and ``model_config`` (config files read strictly and
+checked against the tensors), ``hf_loading`` (transformers loads that run no checkpoint code).
 
 The names below load on first access: ``outputs``, ``model_config`` and ``strict_json`` need no
 torch, so the command line checks paths with them before torch loads.

@@ -43,6 +43,12 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The index of a sharded checkpoint (tensor name -> shard file), written last and atomically."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    write_text_atomic(Path(out_dir) / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -179,5 +185,4 @@ class CheckpointWriter:
             for name, shard in zip(self.file_names, self.shards, strict=True)
             for meta in shard
         }
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        write_text_atomic(self.out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_index(self.out_dir, weight_map, self.total_bytes)
