@@ -42,24 +42,24 @@ def _runner(command: list[str], exit_code: int = 0):
     return run
 
 
+def _record_against_baseline(
+    group: str, seconds: dict[str, list[float]], baseline: str, names, target: float
+) -> None:
+    """A summary row per command against ``baseline``'s times; every median ratio at most ``target``."""
+    rows = [
+        record(
+            Row(group, name, tuple(seconds[name]), baseline, tuple(seconds[baseline]), target=f"<= {target}x")
+        )
+        for name in names
+    ]
+    slow = {row.name: round(row.ratio, 2) for row in rows if row.ratio > target}
+    assert not slow, slow
+
+
 def test_cli_start_up_is_close_to_importing_torch() -> None:
     seconds = interleaved({name: _runner(command) for name, command in COMMANDS.items()}, ROUNDS)
     baseline, *commands = COMMANDS
-    rows = [
-        record(
-            Row(
-                "start-up",
-                name,
-                tuple(seconds[name]),
-                baseline,
-                tuple(seconds[baseline]),
-                target=f"<= {TARGET}x",
-            )
-        )
-        for name in commands
-    ]
-    slow = {row.name: round(row.ratio, 2) for row in rows if row.ratio > TARGET}
-    assert not slow, slow
+    _record_against_baseline("start-up", seconds, baseline, commands, TARGET)
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +101,4 @@ def test_usage_and_path_errors_come_before_heavy_imports(dense: Path) -> None:
     baseline = "python -c 'import torch'"
     runs = {baseline: _runner(COMMANDS[baseline])} | {name: _runner(argv, 2) for name, argv in errors.items()}
     seconds = interleaved(runs, ROUNDS)
-    rows = [
-        record(
-            Row(
-                "error",
-                name,
-                tuple(seconds[name]),
-                baseline,
-                tuple(seconds[baseline]),
-                target=f"<= {ERROR_TARGET}x",
-            )
-        )
-        for name in errors
-    ]
-    slow = {row.name: round(row.ratio, 2) for row in rows if row.ratio > ERROR_TARGET}
-    assert not slow, slow
+    _record_against_baseline("error", seconds, baseline, errors, ERROR_TARGET)
