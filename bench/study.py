@@ -6,7 +6,7 @@ Spanish from B and is measured on held-out books in both languages. Writes DIR/s
 DIR/study.json (every number, per arm and seed) and DIR/study.png (trade-off curves).
 
 --quick runs the whole pipeline on a bundled excerpt with toy sizes (a smoke test, not a result);
---pilot is for changing the protocol: validation books, CPT models only, a wider lr grid.
+--pilot chooses the design (bilingual_study/pilot.py): validation books, B and I only, no arm.
 The full study reads Debian's public-domain Bibles (see bilingual_study/corpus.py for the packages).
 """
 
@@ -17,20 +17,18 @@ import json
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from bilingual_study.corpus import EXCERPT, DataMissing, read_excerpt, read_sword, write_excerpt
+from bilingual_study.pilot import run_pilot, write_pilot
 from bilingual_study.pipeline import run_study
 from bilingual_study.plot import plot
-from bilingual_study.protocol import FULL, QUICK
+from bilingual_study.protocol import FIRST_EDITION, FULL, QUICK
 from bilingual_study.report import aggregate
 from bilingual_study.writeup import write_markdown
 
 from pdmoe.errors import PdmoeError
 from pdmoe.io.outputs import Command, claim_output
-
-PILOT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, help="output directory (kept work lets a rerun continue)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke test on the bundled excerpt (toy sizes)")
-    mode.add_argument(
+    parser.add_argument("--quick", action="store_true", help="smoke test on the bundled excerpt (toy sizes)")
+    parser.add_argument(
         "--pilot",
         action="store_true",
-        help="a pilot for protocol changes (validation books, no grafted models, a wider lr grid)",
+        help="choose the design: candidate SFT recipes and task forms, validation books, no arm compared",
     )
     parser.add_argument(
         "--keep-models", action="store_true", help="keep every trained checkpoint under DIR/work"
@@ -68,13 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {error}", file=sys.stderr)
         return 2
     protocol = QUICK if args.quick else FULL
-    if args.pilot:
-        protocol = replace(FULL, name="pilot", dense_lrs=PILOT_LRS, moe_lrs=PILOT_LRS, seeds=(0,))
+    mode = {
+        (False, False): "full",
+        (True, False): "quick",
+        (False, True): "pilot",
+        (True, True): "quick-pilot",
+    }
     # DIR is pdmoe's output folder: a folder pdmoe did not write is refused before anything in it
     # changes; the study's own folder is continued (its finished stages reused), one run at a time.
     try:
         folder = claim_output(
-            args.out, Command.STUDY, resume=True, keep_partial=True, settings={"protocol": protocol.name}
+            args.out,
+            Command.STUDY,
+            resume=True,
+            keep_partial=True,
+            settings={"protocol": mode[args.quick, args.pilot]},
         )
     except PdmoeError as error:
         print(f"study: error: {error}", file=sys.stderr)
@@ -83,17 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
-    middle = protocol.dense_lrs[len(protocol.dense_lrs) // 2]
-    result = run_study(
-        verses,
-        protocol,
-        args.out,
-        split="valid" if args.pilot else "test",
-        grafts=not args.pilot,
-        matched_lr=None if args.pilot else middle,
-        keep_models=args.keep_models,
-        log=log,
-    )
+    if args.pilot:
+        pilot = run_pilot(verses, QUICK if args.quick else FIRST_EDITION, args.out, log)
+        pilot["seconds"]["total"] = time.perf_counter() - start
+        write_pilot(pilot, args.out / "pilot.md")
+        log(f"wrote {args.out / 'pilot.md'}, pilot.json; chosen: {pilot['chosen'] or 'none passes'}")
+        folder.finish()
+        return 0
+    result = run_study(verses, protocol, args.out, keep_models=args.keep_models, log=log)
     result["rows"] = aggregate(result["records"])
     result["seconds"]["total"] = time.perf_counter() - start
     # CPU time of this process and its workers: what the run costs whatever else the machine runs

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from bilingual_study.cloze import BLANK, make_items, score, vocabulary
+from bilingual_study.cloze import BLANK, AnswerForm, make_items, score, vocabulary
 from bilingual_study.corpus import TEST_BOOKS, VALID_BOOKS, chapters, clean_osis, read_excerpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,30 @@ def test_cloze_items_have_one_blank_and_fair_choices():
         assert item.answer in item.choices and len(set(item.choices)) == 4
         words = set(item.text.replace(",", " ").replace(".", " ").split())
         assert not words & (set(item.choices) - {item.answer})
-        assert item.prompt.endswith("\nAnswer:") and item.completion == f" {item.answer}"
+        assert item.prompt(AnswerForm.WORD).endswith("\nAnswer:")
+        assert item.completion(AnswerForm.WORD) == f" {item.answer}"
     first = items[0]
-    result = score(items[:3], [f" {first.answer}", "nothing listed", None])
+    result = score(items[:3], [f" {first.answer}", "nothing listed", None], AnswerForm.WORD)
     assert result.exact == pytest.approx((items[1].answer == "nothing listed") / 3 + 1 / 3)
     assert result.format == pytest.approx(1 / 3)
+
+
+def test_letter_answers_name_the_listed_word():
+    verses = [
+        "And God said, Let there be light: and there was light.",
+        "In the beginning God created the heaven and the earth above all things.",
+        "And the evening and the morning were the first day of creation.",
+    ] * 4
+    item = make_items(verses, "en", 1, vocabulary(verses * 3), seed=2)[0]
+    right = "ABCD"[item.choices.index(item.answer)]
+    wrong = next(letter for letter in "ABCD" if letter != right)
+    prompt = item.prompt(AnswerForm.LETTER)
+    assert prompt.splitlines()[1] == "Choices: " + " | ".join(
+        f"{letter}. {word}" for letter, word in zip("ABCD", item.choices, strict=True)
+    )
+    assert item.completion(AnswerForm.LETTER) == f" {right}"
+    result = score([item] * 4, [f" {right}", f" {wrong}", " E", None], AnswerForm.LETTER)
+    assert (result.exact, result.format) == (0.25, 0.5)
 
 
 def test_excerpt_covers_every_split_and_language():
@@ -108,5 +127,39 @@ def test_quick_study_unit_reruns_give_the_same_numbers(quick_run: Path):
     after = json.loads(runs[0].read_text())["value"]
     assert [r["eval"] for r in after] == [r["eval"] for r in before]
     reused = json.loads((quick_run / "study.json").read_text())["reused"]
-    assert runs[0].stem not in reused and {"data", "B", "I", "foundation-test"} <= set(reused)
+    assert runs[0].stem not in reused and {"data", "foundation-test"} <= set(reused)
+    assert {name.split("-")[0] for name in reused} >= {"B", "I"}
     assert "reused" in (quick_run / "study.md").read_text()
+
+
+def test_quick_pilot_measures_every_candidate_against_the_criteria(tmp_path: Path):
+    from bilingual_study.pilot import CANDIDATES, CRITERIA
+
+    out = tmp_path / "pilot"
+    subprocess.run(
+        [sys.executable, "bench/study.py", "--out", str(out), "--pilot", "--quick"], cwd=ROOT, check=True
+    )
+    result = json.loads((out / "pilot.json").read_text())
+    assert [row["name"] for row in result["candidates"]] == [c.name for c in CANDIDATES]
+    for row in result["candidates"]:
+        assert row["missed"] == CRITERIA.failures(row["base"], row["instruct"])
+        assert all(
+            math.isfinite(row[model][lang]["ppl"]) for model in ("base", "instruct") for lang in ("en", "es")
+        )
+    passing = [row["name"] for row in result["candidates"] if not row["missed"]]
+    assert (result["chosen"] is None) == (not passing)
+    assert "| letter, lr 3e-4 |" in (out / "pilot.md").read_text()
+
+
+def test_pilot_criteria_name_what_instruct_misses():
+    from bilingual_study.pilot import Criteria
+
+    base = {"en": {"ppl": 50.0}, "es": {"ppl": 100.0}}
+    good = {"en": {"exact": 0.6, "ppl": 60.0}, "es": {"format": 0.5, "ppl": 110.0}}
+    assert Criteria().failures(base, good) == []
+    bad = {"en": {"exact": 0.3, "ppl": 60.0}, "es": {"format": 0.0, "ppl": 161.0}}
+    assert Criteria().failures(base, bad) == [
+        "exact en 30.0 % < 60 %",
+        "format es 0.0 % < 50 %",
+        "ppl es 1.61 x B's > 1.10",
+    ]

@@ -91,8 +91,6 @@ class Context:
     instruct: Path
     work: Path
     cache: Path
-    split: str  # "test" (the study) or "valid" (the pilot)
-    grafts: bool  # False in the pilot: only models without a grafted delta are looked at
     keep_models: bool
 
 
@@ -104,11 +102,12 @@ def matched_steps(protocol: Protocol) -> int:
     return round(moe / dense_cpt_flops(size, seq))
 
 
-def units(protocol: Protocol, matched_lr: float | None) -> list[Unit]:
-    """Every unit of the study, longest first (the MoE CPT is the slowest per step)."""
+def units(protocol: Protocol) -> list[Unit]:
+    """Every unit of the study, longest first (the MoE CPT is the slowest per step); the matched
+    unit runs at the middle learning rate of the dense sweep."""
+    middle = protocol.dense_lrs[len(protocol.dense_lrs) // 2]
     found = [Unit(UnitKind.MOE, s, lr, protocol.cpt_steps) for lr in protocol.moe_lrs for s in protocol.seeds]
-    if matched_lr is not None:
-        found += [Unit(UnitKind.MATCHED, s, matched_lr, matched_steps(protocol)) for s in protocol.seeds]
+    found += [Unit(UnitKind.MATCHED, s, middle, matched_steps(protocol)) for s in protocol.seeds]
     found += [
         Unit(UnitKind.DENSE, s, lr, protocol.cpt_steps) for lr in protocol.dense_lrs for s in protocol.seeds
     ]
@@ -116,11 +115,11 @@ def units(protocol: Protocol, matched_lr: float | None) -> list[Unit]:
 
 
 def heldout(ctx: Context) -> list[HeldOut]:
-    return _heldout(ctx.data, ctx.split, ctx.base, ctx.protocol.seq_len, ctx.cache)
+    return heldout_of(ctx.data, "test", ctx.base, ctx.protocol.seq_len, ctx.cache)
 
 
 @functools.cache
-def _heldout(data_dir: Path, split: str, base: Path, seq_len: int, cache: Path) -> list[HeldOut]:
+def heldout_of(data_dir: Path, split: str, base: Path, seq_len: int, cache: Path) -> list[HeldOut]:
     """The held-out text and task items of ``split``, loaded once per process."""
     data = Prepared(data_dir, {})
     tokenizer = load_tokenizer(base)
@@ -136,7 +135,7 @@ def _heldout(data_dir: Path, split: str, base: Path, seq_len: int, cache: Path) 
 
 def record(ctx: Context, arm: Arm, model_dir: Path, unit: Unit | None, train: dict | None = None) -> dict:
     start = time.perf_counter()
-    result = evaluate(model_dir, heldout(ctx), ctx.protocol.eval_sequences)
+    result = evaluate(model_dir, heldout(ctx), ctx.protocol.eval_sequences, ctx.protocol.answer_form)
     return {
         "arm": arm.value,
         "unit": None if unit is None else unit.name,
@@ -179,8 +178,6 @@ def _dense_unit(unit: Unit, ctx: Context, work: Path) -> list[dict]:
     log = _train_log(losses, time.perf_counter() - start, unit.steps * protocol.batch * protocol.seq_len)
     matched = unit.kind is UnitKind.MATCHED
     records = [record(ctx, Arm.MATCHED_CPT if matched else Arm.DENSE_CPT, cpt, unit, log)]
-    if not ctx.grafts:
-        return records
     delta = _graft(ctx, cpt, work / "param-delta")
     records.append(record(ctx, Arm.MATCHED_PARAM_DELTA if matched else Arm.DENSE_PARAM_DELTA, delta, unit))
     if not matched:
@@ -207,18 +204,14 @@ def _moe_unit(unit: Unit, ctx: Context, work: Path) -> list[dict]:
     cpt = train(_train_config(ctx, moe, work / "cpt", unit, "cpt"))
     log = _metrics_log(cpt, time.perf_counter() - start, unit.steps * protocol.batch * protocol.seq_len)
     records = [record(ctx, Arm.MOE_CPT, cpt, unit, log)]
-    if ctx.grafts:
-        records.append(record(ctx, Arm.DELTA_MOE, _graft(ctx, cpt, work / "delta-moe"), unit))
+    records.append(record(ctx, Arm.DELTA_MOE, _graft(ctx, cpt, work / "delta-moe"), unit))
     start = time.perf_counter()
     reviewed = train(_train_config(ctx, cpt, work / "review", unit, "review"))
     log = _metrics_log(
         reviewed, time.perf_counter() - start, protocol.review_steps * protocol.batch * protocol.seq_len
     )
     records.append(record(ctx, Arm.MOE_REVIEW, reviewed, unit, log))
-    if ctx.grafts:
-        records.append(
-            record(ctx, Arm.DELTA_MOE_REVIEW, _graft(ctx, reviewed, work / "delta-moe-review"), unit)
-        )
+    records.append(record(ctx, Arm.DELTA_MOE_REVIEW, _graft(ctx, reviewed, work / "delta-moe-review"), unit))
     return records
 
 

@@ -6,12 +6,16 @@ post-training delta learned in English should carry over to Spanish once the mod
 Distractors are drawn by corpus frequency (common words, not giveaway rarities) and never occur
 in the verse. Every candidate is one token of the tokenizer (after a space), so answering in the
 format is copying one listed token: a skill a tiny model can learn in a short SFT. Scored by
-exact match of the generated answer and by format adherence (the answer is one of the listed
+exact match of the generated answer and by format adherence (the answer names one of the listed
 words and generation stopped after it).
+
+The answer is either the listed word itself or its letter (``AnswerForm``): a letter is the same
+symbol in both languages, so the form of the answer owes nothing to the language of the text.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import random
 import re
@@ -27,6 +31,14 @@ MIN_WORDS, MAX_WORDS = 6, 24
 MIN_COUNT = 3
 
 
+LETTERS = "ABCD"
+
+
+class AnswerForm(enum.Enum):
+    WORD = "word"  # " light": the listed word
+    LETTER = "letter"  # " B": the letter the word is listed under
+
+
 @dataclass(frozen=True)
 class ClozeItem:
     lang: str
@@ -34,13 +46,26 @@ class ClozeItem:
     choices: tuple[str, ...]
     answer: str
 
-    @property
-    def prompt(self) -> str:
-        return f"Text: {self.text}\nChoices: {' | '.join(self.choices)}\nAnswer:"
+    def prompt(self, form: AnswerForm) -> str:
+        if form is AnswerForm.LETTER:
+            listed = " | ".join(
+                f"{letter}. {word}" for letter, word in zip(LETTERS, self.choices, strict=True)
+            )
+        else:
+            listed = " | ".join(self.choices)
+        return f"Text: {self.text}\nChoices: {listed}\nAnswer:"
 
-    @property
-    def completion(self) -> str:
+    def completion(self, form: AnswerForm) -> str:
+        if form is AnswerForm.LETTER:
+            return f" {LETTERS[self.choices.index(self.answer)]}"
         return f" {self.answer}"
+
+    def chosen(self, form: AnswerForm, answer: str) -> str | None:
+        """The listed word that ``answer`` (the generated text, stripped) names; None if none."""
+        if form is AnswerForm.LETTER:
+            index = LETTERS.find(answer) if len(answer) == 1 else -1
+            return self.choices[index] if 0 <= index < len(self.choices) else None
+        return answer if answer in self.choices else None
 
 
 def vocabulary(texts: Iterable[str], eligible: Callable[[str], bool] = lambda word: True) -> Counter:
@@ -97,11 +122,11 @@ class ClozeScore:
     count: int
 
 
-def score(items: Sequence[ClozeItem], generations: Sequence[str | None]) -> ClozeScore:
+def score(items: Sequence[ClozeItem], generations: Sequence[str | None], form: AnswerForm) -> ClozeScore:
     """``generations[i]`` is the text generated before the stop, None when it never stopped."""
     exact = adherent = 0
     for item, generated in zip(items, generations, strict=True):
-        answer = (generated or "").strip()
-        exact += generated is not None and answer == item.answer
-        adherent += generated is not None and answer in item.choices
+        chosen = None if generated is None else item.chosen(form, generated.strip())
+        exact += chosen == item.answer
+        adherent += chosen is not None
     return ClozeScore(exact / len(items), adherent / len(items), len(items))

@@ -12,7 +12,7 @@ from pdmoe.cpt.data import PackedSequences
 from pdmoe.cpt.evaluate import expert_shares, expert_token_counts, per_language_nll, spread_indices
 from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
 
-from .cloze import ClozeItem, score
+from .cloze import BLANK, AnswerForm, ClozeItem, score
 
 MAX_NEW_TOKENS = 8
 BATCH = 32
@@ -59,13 +59,13 @@ def perplexity_and_routing(model, sequences: PackedSequences, count: int) -> tup
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, items: Sequence[ClozeItem]) -> list[str | None]:
+def generate_answers(model, tokenizer, items: Sequence[ClozeItem], form: AnswerForm) -> list[str | None]:
     """Greedy answers after "Answer:", cut at EOS or a newline; None where neither came."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     answers: list[str | None] = []
     for start in range(0, len(items), BATCH):
         prompts = [
-            [eos, *tokenizer(i.prompt, add_special_tokens=False)["input_ids"]]
+            [eos, *tokenizer(i.prompt(form), add_special_tokens=False)["input_ids"]]
             for i in items[start : start + BATCH]
         ]
         width = max(len(p) for p in prompts)
@@ -88,7 +88,31 @@ def generate_answers(model, tokenizer, items: Sequence[ClozeItem]) -> list[str |
     return answers
 
 
-def evaluate(model_dir: Path, heldout: Sequence[HeldOut], eval_sequences: int) -> dict:
+@torch.no_grad()
+def likelihood_choice(model_dir: Path, items: Sequence[ClozeItem]) -> float:
+    """Share of ``items`` whose answer, put in the blank, gives the verse the highest likelihood
+    among the listed words: how much of the task the model knows, whatever it learned to answer."""
+    model = load_causal_lm(model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(model_dir)
+    right = 0
+    for item in items:
+        filled = [
+            [
+                tokenizer.eos_token_id,
+                *tokenizer(item.text.replace(BLANK, word), add_special_tokens=False)["input_ids"],
+            ]
+            for word in item.choices
+        ]
+        width = max(len(ids) for ids in filled)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in filled])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in filled])
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+        per_token = logits.gather(2, input_ids[:, 1:, None]).squeeze(2) * mask[:, 1:]
+        right += item.choices[int(per_token.sum(1).argmax())] == item.answer
+    return right / len(items)
+
+
+def evaluate(model_dir: Path, heldout: Sequence[HeldOut], eval_sequences: int, form: AnswerForm) -> dict:
     """{lang: {ppl, exact, format, expert0}} of the checkpoint in ``model_dir``."""
     model = load_causal_lm(model_dir, dtype=torch.float32).eval()
     model.generation_config.cache_implementation = None
@@ -96,6 +120,6 @@ def evaluate(model_dir: Path, heldout: Sequence[HeldOut], eval_sequences: int) -
     result = {}
     for held in heldout:
         ppl, expert0 = perplexity_and_routing(model, held.sequences, eval_sequences)
-        task = score(held.items, generate_answers(model, tokenizer, held.items))
+        task = score(held.items, generate_answers(model, tokenizer, held.items, form), form)
         result[held.lang] = {"ppl": ppl, "exact": task.exact, "format": task.format, "expert0": expert0}
     return result

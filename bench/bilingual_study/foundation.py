@@ -56,7 +56,7 @@ def train_instruct(
 ) -> Path:
     tokenizer = load_tokenizer(base)
     text = packed([data.path("base.jsonl")], tokenizer, protocol.seq_len, cache_dir)
-    rows = pack_items(data.cloze("sft-en"), tokenizer, protocol.seq_len)
+    rows = pack_items(data.cloze("sft-en"), protocol.answer_form, tokenizer, protocol.seq_len)
     model = load_causal_lm(base)
     start = time.perf_counter()
     batches = sft_batches(text, rows, BASE_SEED + 1, protocol.batch, protocol.sft_text_rows)

@@ -21,7 +21,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from pdmoe.cpt.data import CorpusSpec, PackedSequences, SequenceOrder, TokenCache, corpus_spec
 
-from .cloze import ClozeItem
+from .cloze import AnswerForm, ClozeItem
 from .corpus import NEW, ORIGINAL
 from .protocol import ModelSize
 
@@ -137,15 +137,15 @@ def text_batches(sequences: PackedSequences, seed: int, batch: int) -> Callable[
     return batch_of_step
 
 
-def pack_items(items: Sequence[ClozeItem], tokenizer, seq_len: int) -> list[Batch]:
+def pack_items(items: Sequence[ClozeItem], form: AnswerForm, tokenizer, seq_len: int) -> list[Batch]:
     """Task examples packed into rows: EOS, then prompt + answer + EOS per example; loss on the answers.
     An example longer than a row is left out."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows: list[Batch] = []
     ids, labels = [eos], [IGNORE]
     for item in items:
-        prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(item.completion, add_special_tokens=False)["input_ids"] + [eos]
+        prompt = tokenizer(item.prompt(form), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(item.completion(form), add_special_tokens=False)["input_ids"] + [eos]
         if 1 + len(prompt) + len(answer) > seq_len:
             continue
         if len(ids) + len(prompt) + len(answer) > seq_len:

@@ -16,9 +16,9 @@ Fixed before the full run and not changed after it: the model size, the learning
 review stage, the task, the SFT recipe and the merge densities follow the lessons of a first small
 attempt (a base that has seen some Spanish, SFT mixed with ordinary text, a review stage, cloze with
 listed candidates, learning-rate sweeps instead of single points) and were checked only by `--quick`
-smoke runs, whose numbers mean nothing. `--pilot` (validation books, models without a grafted
-delta, a wider learning-rate grid) is there for whoever changes the protocol; it played no part in
-these results. The headline rows are each family's middle learning rate; every learning rate is in
+smoke runs, whose numbers mean nothing. `--pilot` (`bilingual_study/pilot.py`: validation books,
+B and I only) tests whether a design can test the new-language half of the claim before any arm
+runs; it compares no arm. The headline rows are each family's middle learning rate; every learning rate is in
 the full table and the plot. TIES density 0.2 is the TIES paper's default (k = 20 %); DARE density
 0.5 is mergekit's usual keep rate (the CPT delta is far larger than the SFT deltas DARE was designed
 for, so a low keep rate would rescale it by 1/density into noise). Numbers are means ± sample
@@ -125,7 +125,7 @@ def write_markdown(result: dict, protocol: Protocol, path: Path, plotted: bool) 
     }
     shared_lrs = [lr for lr in protocol.moe_lrs if lr in protocol.dense_lrs]
     seconds = result["seconds"]
-    mode = {"quick": " --quick", "pilot": " --pilot"}.get(raw["name"], "")
+    mode = " --quick" if raw["name"] == "quick" else ""
     lines = [
         f"# pdmoe study: DeltaMoE against its baselines ({raw['name']})",
         "",
