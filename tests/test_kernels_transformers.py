@@ -4,7 +4,11 @@ accepted by ``from_pretrained(..., experts_implementation="pdmoe")``, runs the T
 
 from __future__ import annotations
 
-import importlib
+import importlib.machinery
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,13 +45,28 @@ def test_pdmoe_experts_match_eager(name, tmp_path, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
-def test_top_level_kernels_import_stays_empty():
-    """transformers probes for the HF ``kernels`` library by importing ``kernels``; with the repo root on
-    sys.path that finds this directory, which must then register nothing a second time."""
-    try:
-        shadow = importlib.import_module("kernels")
-    except ImportError:
-        pytest.skip("repository root not on sys.path")
-    if shadow.__name__ != "kernels" or not shadow.__file__.endswith("kernels/__init__.py"):
-        pytest.skip("another 'kernels' package is installed")
-    assert shadow.__all__ == [] and not hasattr(shadow, "moe_mlp")
+def test_top_level_kernels_import_is_the_library_or_empty():
+    """transformers imports the Hugging Face ``kernels`` library (5.25 requires it); with the repository
+    root on sys.path that name finds this directory, which must then hand over to the library when it
+    is installed, or else stay empty and register nothing a second time."""
+    code = (
+        "import importlib.util, json, kernels; "
+        "print(json.dumps([kernels.__file__, sorted(getattr(kernels, '__all__', ['?']))]))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    # run from the repository root, where `python -c` puts the root first on sys.path
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    where, exported = json.loads(out.stdout)
+    installed = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != root]
+    )
+    if installed is None:
+        assert where == str(root / "kernels" / "__init__.py") and exported == []
+    else:
+        assert not where.startswith(str(root / "kernels")), where
+        transformers_hub = subprocess.run(
+            [sys.executable, "-c", "import transformers.integrations.hub_kernels"],
+            cwd=root,
+            capture_output=True,
+        )
+        assert transformers_hub.returncode == 0, transformers_hub.stderr.decode()[-2000:]
