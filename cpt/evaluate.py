@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from pdmoe.io.model_config import MOE_MODEL_TYPE
 
 from .checkpoints import checkpoint_dtype, load_moe_model, read_model_config
 from .data import CorpusSpec, PackedSequences, TokenCache
+from .settings import DEFAULT_EVAL_OPTIONS, DEFAULT_SEQ_LEN, EvalOptions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -235,30 +236,27 @@ def save_heatmap(result: EvalResult, path: str | Path) -> bool:
 
 
 def evaluate_model(
-    model_dir: str | Path,
-    corpus: CorpusSpec,
-    *,
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    max_sequences: int | None = 256,
-    cache_dir: str | Path | None = None,
+    model_dir: str | Path, corpus: CorpusSpec, options: EvalOptions = DEFAULT_EVAL_OPTIONS, **changes: Any
 ) -> EvalResult:
-    """``pdmoe eval``: ``max_sequences`` packed sequences spread over ``corpus`` (all when None), of
-    an MoE or of a dense model (the baseline an MoE is compared with).
+    """``pdmoe eval``: ``options.max_sequences`` packed sequences spread over ``corpus`` (all when
+    None), of an MoE or of a dense model (the baseline an MoE is compared with); ``changes``
+    replace fields of ``options`` (``evaluate_model(model, corpus, seq_len=128)``).
 
     Runs on the GPU when there is one, in the checkpoint's dtype there and in float32 on CPU.
     """
+    options = replace(options, **changes)
     model_dir = resolve_model(model_dir)
     config = read_model_config(model_dir)
     max_positions = config.get("max_position_embeddings") or 1024
-    seq_len = min(1024, max_positions) if seq_len is None else seq_len
+    seq_len = min(DEFAULT_SEQ_LEN, max_positions) if options.seq_len is None else options.seq_len
     if seq_len > max_positions:
         raise UsageError(
             f"--seq-len {seq_len} is larger than the model's maximum ({max_positions} positions)"
         )
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    sequences = PackedSequences(TokenCache.build(corpus, load_tokenizer(model_dir), cache_dir), seq_len)
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    tokens = TokenCache.build(corpus, load_tokenizer(model_dir), options.cache_dir)
+    sequences = PackedSequences(tokens, seq_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = checkpoint_dtype(config) if device.type == "cuda" else torch.float32
     if config["model_type"] == MOE_MODEL_TYPE:
@@ -266,8 +264,9 @@ def evaluate_model(
     else:
         model = load_causal_lm(model_dir, dtype=dtype)
     model.to(device).eval()
-    count = len(sequences) if max_sequences is None else max_sequences
-    result = evaluation_sums(model, sequences, spread_indices(len(sequences), count), batch_size, device)
+    count = len(sequences) if options.max_sequences is None else options.max_sequences
+    indices = spread_indices(len(sequences), count)
+    result = evaluation_sums(model, sequences, indices, options.batch_size, device)
     return EvalResult(
         result.languages,
         result.moe_layers,

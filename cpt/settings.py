@@ -1,5 +1,6 @@
-"""The options of ``pdmoe cpt``, their defaults and their checks, with no torch: the command line
-builds its parser and refuses bad options from here before torch, transformers and accelerate load.
+"""The options of ``pdmoe cpt`` and ``pdmoe eval``, their defaults and their checks, with no torch:
+the command line builds its parsers and refuses bad options from here before torch, transformers
+and accelerate load.
 
 Each option's field carries what the code needs to know about it (``rules``): the range a number
 must lie in, and whether a resumed run may change it. Adding an option is one field here (plus its
@@ -109,7 +110,20 @@ def rules(check: Check | None = None, resume: Resume = Resume.FIXED) -> dict[str
     return {_CHECK: check, _RESUME: resume}
 
 
-@dataclass
+@dataclass(frozen=True)
+class EvalOptions:
+    """How ``pdmoe eval`` (``evaluate.evaluate_model``) evaluates; its flags' defaults read from here."""
+
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's maximum)
+    batch_size: int = 8  # sequences per forward pass
+    max_sequences: int | None = 256  # spread evenly over the data; None: all
+    cache_dir: str | Path | None = None  # of tokenised corpora; None: ``data.default_cache_dir()``
+
+
+DEFAULT_EVAL_OPTIONS = EvalOptions()
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Every option of ``pdmoe cpt`` (CLI names are these with dashes); defaults follow docs/method.md.
 

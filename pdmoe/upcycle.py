@@ -9,7 +9,7 @@ one expert block, whatever the model size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from pdmoe.io import CheckpointReader, Command, TensorMeta, plan_shards
 from pdmoe.io.model_config import without_remote_code
 from pdmoe.io.streaming import ShardBlock, claim_checkpoint
 from pdmoe.layout import DenseProjection, MLPKeys, MoETensor, match_dense
-from pdmoe.options import DEFAULT_SHARD_SIZE, check_number, check_seed, parse_dtype, parse_size
+from pdmoe.options import check_number, check_seed, parse_dtype, parse_size
+from pdmoe.upcycle_options import DEFAULT_OPTIONS, UpcycleOptions
 
 
 class UpcycleRule(Enum):
@@ -175,62 +176,61 @@ def _output_blocks(
 
 
 def upcycle(
-    model: str | Path,
-    out: str | Path,
-    *,
-    num_experts: int = 4,
-    top_k: int = 2,
-    layers: str | list[int] | None = None,
-    router_init_std: float | None = None,
-    seed: int = 0,
-    dtype: str | torch.dtype | None = None,
-    shard_size: str | int = DEFAULT_SHARD_SIZE,
-    overwrite: bool = False,
-    allow_non_finite: bool = False,
+    model: str | Path, out: str | Path, options: UpcycleOptions = DEFAULT_OPTIONS, **changes: Any
 ) -> Path:
     """Turn the dense checkpoint ``model`` into an MoE checkpoint in ``out``; returns ``out``.
 
+    ``changes`` replace fields of ``options`` (``upcycle(model, out, num_experts=8)``).
     Expert 0 is the dense FFN and experts 1..E-1 are exact copies of it; routers are N(0, std)
     with std = ``router_init_std`` or the dense config's ``initializer_range`` (0.02 for all
     supported families). With identical experts and renormalised top-k the MoE computes exactly
     what the dense model computes, whatever the routers are. NaN or inf in the dense checkpoint,
     or values the output dtype cannot hold, are refused unless ``allow_non_finite``.
     """
+    options = replace(options, **changes)
     model, out = resolve_model(model), Path(out)
     with CheckpointReader(model) as reader:
-        plan = plan_upcycle(reader, num_experts, top_k, layers, parse_dtype(dtype))
+        plan = plan_upcycle(
+            reader, options.num_experts, options.top_k, options.layers, parse_dtype(options.dtype)
+        )
         std = check_number(
             "--router-init-std",
-            router_init_std if router_init_std is not None else plan.config.get("initializer_range", 0.02),
+            options.router_init_std
+            if options.router_init_std is not None
+            else plan.config.get("initializer_range", 0.02),
             low=0,
             high=1,
             hint="routers start near zero; the default is the model's initializer_range, 0.02",
         )
-        check_seed(seed)
-        shards = plan_shards(plan.entries, parse_size(shard_size))
+        seed = check_seed(options.seed)
+        shards = plan_shards(plan.entries, parse_size(options.shard_size))
         planned = {tensor.meta.name: tensor for tensor in plan.tensors}
         settings = {
-            "num_experts": num_experts,
-            "top_k": top_k,
+            "num_experts": options.num_experts,
+            "top_k": options.top_k,
             "moe_layers": plan.config["moe_layers"],
             "router_init_std": std,
             "seed": seed,
             "dtype": str(plan.config.get("dtype")),
-            "shard_size": shard_size,
+            "shard_size": options.shard_size,
         }
         with claim_checkpoint(
-            out, Command.UPCYCLE, shards, inputs=(Path(model),), overwrite=overwrite, settings=settings
+            out,
+            Command.UPCYCLE,
+            shards,
+            inputs=(Path(model),),
+            overwrite=options.overwrite,
+            settings=settings,
         ) as checkpoint:
             checkpoint.ensure_space()
             checkpoint.write_config(without_remote_code(plan.config))
             checkpoint.copy_side_files(Path(model))
+            check_finite = not options.allow_non_finite
 
             def blocks() -> Iterator[ShardBlock]:  # read and converted while the writer thread writes
                 for index, shard in enumerate(shards):
                     for meta in shard:
-                        for block in _output_blocks(
-                            reader, planned[meta.name], seed, std, not allow_non_finite
-                        ):
+                        for block in _output_blocks(reader, planned[meta.name], seed, std, check_finite):
                             yield index, meta.name, block
 
             checkpoint.stream(blocks)

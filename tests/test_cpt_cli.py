@@ -12,7 +12,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from pdmoe.cli.cpt import add_cpt_parser, train_config_from_args
+from pdmoe.cli import options_from_args
+from pdmoe.cli.cpt import add_cpt_parser
 from pdmoe.cli.eval import add_eval_parser
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.settings import TrainConfig
@@ -40,7 +41,7 @@ def test_cpt_options_default_to_the_method(tmp_path):
     args = _parser().parse_args(
         ["cpt", "--model", "m", "--data", "a.jsonl", "b.txt", "--out", "o", "--resume"]
     )
-    config = train_config_from_args(args)
+    config = options_from_args(TrainConfig, args)
     assert (config.stage, config.lr, config.lpr_coef) == ("cpt", 5e-5, 0.02)
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None

@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from pdmoe.errors import PdmoeError, from_os_error
 from pdmoe.version import pdmoe_version
@@ -24,6 +25,14 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
+Options = TypeVar("Options")
+
+
+def options_from_args(options: type[Options], args: argparse.Namespace) -> Options:
+    """The options dataclass ``options`` of a command line: every field is the destination of a flag."""
+    return options(**{field.name: getattr(args, field.name) for field in fields(options)})
 
 
 # Every subcommand: its one-line summary and the function that adds its full parser. Only the

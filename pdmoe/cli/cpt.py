@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
 from pathlib import Path
 
-from pdmoe.cli import CommandParser, run_command
+from pdmoe.cli import CommandParser, options_from_args, run_command
 from pdmoe.cli.corpus import TRAIN_DEFAULTS, add_data_arguments, corpus_from_args
 from pdmoe.cpt.settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig, check_options
 from pdmoe.io.outputs import Command, check_output
@@ -178,14 +177,8 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    )
-
-
 def run_cpt(args: argparse.Namespace) -> int:
-    config = train_config_from_args(args)
+    config = options_from_args(TrainConfig, args)
     check_options(config)  # before torch loads: a mistyped number is refused in a blink
     if args.dry_run:  # config.json alone: no weights, no data, nothing written
         check_models([config.model], moe=True)

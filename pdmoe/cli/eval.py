@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from pdmoe.cli import options_from_args
 from pdmoe.cli.corpus import add_data_arguments, corpus_from_args
+from pdmoe.cpt.settings import DEFAULT_EVAL_OPTIONS, DEFAULT_SEQ_LEN, EvalOptions
 from pdmoe.io.atomic import write_text_atomic
 from pdmoe.io.outputs import Output, check_outputs
 from pdmoe.preflight import check_models
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    # --max-sequences 0 is "all", which options spell None
+    options = replace(options_from_args(EvalOptions, args), max_sequences=args.max_sequences or None)
     corpus = corpus_from_args(args, args.data, args.langs)
     (model,) = check_models([args.model])
     outputs = [
@@ -24,14 +29,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.plot:
         heatmap_format(args.plot)  # refuses an extension matplotlib cannot write
-    result = evaluate_model(
-        model,
-        corpus,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences or None,
-        cache_dir=args.cache_dir,
-    )
+    result = evaluate_model(model, corpus, options)
     print(result.table())
     if args.json:
         write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -56,14 +54,22 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="dense or MoE checkpoint (a dense one gives the baseline): folder or hub id ORG/NAME[@REV]",
     )
     add_data_arguments(parser)
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(1024, model maximum))")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)"
+        "--seq-len",
+        type=int,
+        default=DEFAULT_EVAL_OPTIONS.seq_len,
+        help=f"tokens per sequence (default: min({DEFAULT_SEQ_LEN}, model maximum))",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_EVAL_OPTIONS.batch_size,
+        help="sequences per forward pass (default: %(default)s)",
     )
     parser.add_argument(
         "--max-sequences",
         type=int,
-        default=256,
+        default=DEFAULT_EVAL_OPTIONS.max_sequences,
         help="sequences evaluated, spread evenly over the data; 0 = all (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pdmoe.cli import options_from_args
+from pdmoe.export import DEFAULT_OPTIONS, ExportOptions
 from pdmoe.export.formats import ExpertLayout, NativeFormat
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.preflight import check_models
@@ -18,11 +20,12 @@ which stacks do not (README: "Compatibility")."""
 
 
 def add_layout_argument(parser: argparse.ArgumentParser, flag: str = "--layout") -> None:
-    """The expert layout option, shared with ``pdmoe graft --export``."""
+    """The expert layout option (``ExportOptions.layout``), shared with ``pdmoe graft --export``."""
     parser.add_argument(
         flag,
+        dest="layout",
         choices=[layout.value for layout in ExpertLayout],
-        default=ExpertLayout.PER_EXPERT.value,
+        default=ExpertLayout(DEFAULT_OPTIONS.layout).value,
         help="per-expert: one tensor per expert, as the hub's Mixtral/Qwen MoE checkpoints (what vLLM, "
         "llama.cpp and transformers 4.x read; data copied unchanged); fused: pdmoe's fused tensors hard-linked, "
         "no extra disk (transformers >= 5). Default: %(default)s",
@@ -42,7 +45,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument(
         "--format",
         choices=[fmt.value for fmt in NativeFormat],
-        default=NativeFormat.AUTO.value,
+        default=NativeFormat(DEFAULT_OPTIONS.format).value,
         help="native class; auto: the model family's own MoE (default: %(default)s)",
     )
     add_layout_argument(parser)
@@ -52,10 +55,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_export_command(args: argparse.Namespace) -> int:
+    options = options_from_args(ExportOptions, args)
     inputs = check_models([args.model])
-    check_output(args.out, Command.EXPORT, inputs=inputs, overwrite=args.overwrite)
+    check_output(args.out, Command.EXPORT, inputs=inputs, overwrite=options.overwrite)
     from pdmoe.export import export
 
-    report = export(args.model, args.out, format=args.format, layout=args.layout, overwrite=args.overwrite)
+    report = export(args.model, args.out, options)
     print(report.summary())
     return 0

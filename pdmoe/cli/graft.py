@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
-from dataclasses import fields
 from pathlib import Path
 
+from pdmoe.cli import options_from_args
 from pdmoe.cli.export import add_layout_argument
 from pdmoe.errors import UsageError
+from pdmoe.export import ExportOptions
 from pdmoe.export.formats import NativeFormat
 from pdmoe.graft.methods import MergeMethod, strategy
 from pdmoe.graft.options import DEFAULT_OPTIONS, GraftOptions
@@ -109,8 +110,9 @@ def add_graft_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--allow-non-finite", action="store_true", help="write NaN / inf values instead of refusing them"
     )
-    parser.add_argument(
+    parser.add_argument(  # ExportOptions' format and layout keep their names: errors about them name these flags
         "--export",
+        dest="format",
         choices=[fmt.value for fmt in NativeFormat],
         metavar="FORMAT",
         help="also write the result as a native transformers checkpoint (auto, mixtral, qwen2_moe, qwen3_moe; "
@@ -130,36 +132,25 @@ def export_out(args: argparse.Namespace) -> Path:
     return out.with_name(f"{out.name}-native")
 
 
-def graft_options(args: argparse.Namespace) -> GraftOptions:
-    """The options of ``pdmoe graft``'s command line: every field of ``GraftOptions`` is a flag."""
-    return GraftOptions(**{field.name: getattr(args, field.name) for field in fields(GraftOptions)})
-
-
 def run_graft_command(args: argparse.Namespace) -> int:
-    if args.export_out is not None and not args.export:
+    if args.export_out is not None and not args.format:
         raise UsageError("--export-out names where --export writes; pass --export FORMAT too, or drop it")
-    options = graft_options(args)
+    options = options_from_args(GraftOptions, args)
+    exporting = options_from_args(ExportOptions, args) if args.format else None
     inputs = check_models([args.base, args.instruct, args.cpt])
     if not args.dry_run:
         outputs = [Output(args.out, "--out", Command.GRAFT)]
-        if args.export:
+        if exporting:
             outputs.append(Output(export_out(args), "--export-out", Command.EXPORT))
         # every output before the graft starts, clear of the inputs and of each other
         check_outputs(outputs, inputs=inputs, overwrite=options.overwrite, resume=options.resume)
     from pdmoe.export import check_export, export
     from pdmoe.graft import graft
 
-    if args.export:
-        check_export(args.cpt, args.export)
+    if exporting:
+        check_export(args.cpt, exporting.format)
     report = graft(args.base, args.instruct, args.cpt, args.out, options, dry_run=args.dry_run)
     print(report.summary())
-    if args.export and not args.dry_run:
-        exported = export(
-            args.out,
-            export_out(args),
-            format=args.export,
-            layout=args.export_layout,
-            overwrite=options.overwrite,
-        )
-        print(exported.summary())
+    if exporting and not args.dry_run:
+        print(export(args.out, export_out(args), exporting).summary())
     return 0

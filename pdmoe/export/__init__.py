@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.export.formats import (
@@ -47,9 +47,23 @@ if TYPE_CHECKING:
     from pdmoe.io.reader import CheckpointReader
     from pdmoe.io.safetensors_format import ShardHeader, TensorMeta
 
-__all__ = ["ExpertLayout", "ExportReport", "NativeFormat", "check_export", "export"]
+__all__ = ["ExpertLayout", "ExportOptions", "ExportReport", "NativeFormat", "check_export", "export"]
 
 _COPY_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export, written once: ``pdmoe export`` (and ``pdmoe graft --export``) build them from
+    their flags, whose defaults and help defaults read from here. The output marker records the
+    format and the layout as ``export`` resolved them."""
+
+    format: str | NativeFormat = NativeFormat.AUTO  # AUTO: the exact one the most serving stacks run exactly
+    layout: str | ExpertLayout = ExpertLayout.PER_EXPERT
+    overwrite: bool = False
+
+
+DEFAULT_OPTIONS = ExportOptions()
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,7 @@ def _normalised_config(reader: CheckpointReader) -> dict:
 
 
 def check_export(
-    model: str | os.PathLike[str], format: str | NativeFormat = NativeFormat.AUTO
+    model: str | os.PathLike[str], format: str | NativeFormat = DEFAULT_OPTIONS.format
 ) -> NativeFormat:
     """The format ``model`` would be exported to, or the UsageError saying why it has none (reads the config only)."""
     from pdmoe.io.reader import CheckpointReader
@@ -144,12 +158,11 @@ def _link_shard(source: Path, target: Path) -> bool:
 def export(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    *,
-    format: str | NativeFormat = NativeFormat.AUTO,
-    layout: str | ExpertLayout = ExpertLayout.PER_EXPERT,
-    overwrite: bool = False,
+    options: ExportOptions = DEFAULT_OPTIONS,
+    **changes: Any,
 ) -> ExportReport:
-    """Write the pdmoe MoE ``model`` (folder or hub id) to ``out`` as a native transformers checkpoint."""
+    """Write the pdmoe MoE ``model`` (folder or hub id) to ``out`` as a native transformers checkpoint;
+    ``changes`` replace fields of ``options`` (``export(model, out, layout="fused")``)."""
     import torch
 
     from pdmoe.io.reader import CheckpointReader
@@ -157,10 +170,11 @@ def export(
     from pdmoe.io.streaming import claim_checkpoint
     from pdmoe.io.writer import ShardWriter, shard_file_names, write_index
 
-    model_dir, out_dir, layout = resolve_model(model), Path(out), ExpertLayout(layout)
+    options = replace(options, **changes)
+    model_dir, out_dir, layout = resolve_model(model), Path(out), ExpertLayout(options.layout)
     with CheckpointReader(model_dir) as reader:
         config = _normalised_config(reader)
-        target = choose_format(config, NativeFormat(format))
+        target = choose_format(config, NativeFormat(options.format))
         native = native_config(config, target)
         extras = qwen2_moe_extras(config) if target is NativeFormat.QWEN2_MOE else {}
         dtype = next(reader.meta(name).dtype for name in reader if reader.meta(name).dtype.is_floating_point)
@@ -168,7 +182,7 @@ def export(
         names = shard_file_names(len(shards) + bool(extras))
         settings = {"format": target.value, "layout": layout.value}
         with claim_checkpoint(
-            out_dir, Command.EXPORT, inputs=(model_dir,), overwrite=overwrite, settings=settings
+            out_dir, Command.EXPORT, inputs=(model_dir,), overwrite=options.overwrite, settings=settings
         ) as checkpoint:  # the shards are linked or re-headed here, not streamed
             if layout is ExpertLayout.PER_EXPERT:
                 checkpoint.ensure_space(reader.total_bytes)

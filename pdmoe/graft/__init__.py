@@ -45,8 +45,10 @@ def graft(
     options: GraftOptions = DEFAULT_OPTIONS,
     *,
     dry_run: bool = False,
+    **changes: Any,
 ) -> GraftReport:
-    """Graft ``options.scale * (instruct - base)`` onto ``cpt`` and write the result to ``out``.
+    """Graft ``options.scale * (instruct - base)`` onto ``cpt`` and write the result to ``out``;
+    ``changes`` replace fields of ``options`` (``graft(base, instruct, cpt, out, scale=0.5)``).
 
     ``options.method`` ties / dare merge the task vectors (cpt - base, instruct - base) with weights
     (1, scale) instead, keeping ``density`` of each (``seed`` draws DARE's masks).
@@ -56,6 +58,7 @@ def graft(
     refused unless ``allow_non_finite``, and for an MoE CPT the tensors pdmoe's CPT leaves
     untouched must equal BASE's unless ``allow_modified_base``.
     """
+    options = replace(options, **changes)
     check_number("--scale", options.scale)
     base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     merge = MergeSpec(MergeMethod.parse(options.method), options.density, options.seed)
