@@ -27,6 +27,7 @@ from bilingual_study.protocol import FIRST_EDITION, FULL, QUICK
 from bilingual_study.report import aggregate
 from bilingual_study.writeup import write_markdown
 
+from pdmoe.cli import flag_spelling
 from pdmoe.errors import PdmoeError
 from pdmoe.io.outputs import Command, claim_output
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             settings={"protocol": mode[args.quick, args.pilot]},
         )
     except PdmoeError as error:
-        print(f"study: error: {error}", file=sys.stderr)
+        print(f"study: error: {error.render(flag_spelling(parser))}", file=sys.stderr)
         return 2
 
     def log(message: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pdmoe.errors import CheckpointError
+from pdmoe.errors import CheckpointError, Option
 from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.hf_loading import load_causal_lm
@@ -99,8 +99,11 @@ def save_final_model(
         together(accelerator, write, main_only=True, elsewhere=OSError("the main process could not write it"))
     except OSError as error:
         raise CheckpointError(
-            f"cannot write the final model into {out_dir} ({error.strerror or error}); "
-            "the training checkpoints are kept: free space and rerun with --resume"
+            "cannot write the final model into {out_dir} ({reason}); "
+            "the training checkpoints are kept: free space and rerun with {resume}",
+            out_dir=out_dir,
+            reason=error.strerror or error,
+            resume=Option("resume", "latest"),
         ) from None
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import BinaryIO, TextIO
 
-from pdmoe.errors import DataError, UsageError
+from pdmoe.errors import DataError, Option, UsageError
 
 MAX_PIECE_CHARS = 2**20
 MAX_JSONL_LINE_CHARS = 2**26
@@ -223,8 +223,12 @@ def _jsonl_documents(path: Path, handle: TextIO, text_field: str, lang_field: st
         number += 1
         if len(line) == MAX_JSONL_LINE_CHARS and not line.endswith("\n"):
             raise DataError(
-                f"{path} line {number} is longer than {MAX_JSONL_LINE_CHARS} characters; split such "
-                "documents into several records, or give them as plain text (--data-format text)"
+                "{path} line {number} is longer than {limit} characters; split such documents into "
+                "several records, or give them as plain text ({data_format})",
+                path=path,
+                number=number,
+                limit=MAX_JSONL_LINE_CHARS,
+                data_format=Option("data_format", "text"),
             )
         if not line.strip():
             continue
@@ -232,14 +236,22 @@ def _jsonl_documents(path: Path, handle: TextIO, text_field: str, lang_field: st
             record = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(
-                f"{path} line {number} is not JSON; JSONL needs one object per line "
-                "(for plain text use a .txt file or --data-format text)"
+                "{path} line {number} is not JSON; JSONL needs one object per line "
+                "(for plain text use a .txt file or {data_format})",
+                path=path,
+                number=number,
+                data_format=Option("data_format", "text"),
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
-                f"{path} line {number} has no string field {text_field!r} (found: {keys}); "
-                "name the text field with --text-field"
+                "{path} line {number} has no string field {field!r} (found: {keys}); "
+                "name the text field with {text_field}",
+                path=path,
+                number=number,
+                field=text_field,
+                keys=keys,
+                text_field=Option("text_field"),
             )
         lang = record.get(lang_field)
         tag = None if lang is None else str(lang)
@@ -286,7 +298,11 @@ def _parquet_documents(
     if text_type is None or not (arrow.types.is_string(text_type) or arrow.types.is_large_string(text_type)):
         found = ", ".join(f"{field.name}: {field.type}" for field in schema)
         raise DataError(
-            f"{path} has no string column {text_field!r} (found: {found}); name the text column with --text-field"
+            "{path} has no string column {column!r} (found: {found}); name the text column with {text_field}",
+            path=path,
+            column=text_field,
+            found=found,
+            text_field=Option("text_field"),
         )
     columns = [text_field, *([lang_field] if lang_field in schema.names else [])]
     row = 0

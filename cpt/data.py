@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pdmoe.errors import DataError, UsageError
+from pdmoe.errors import DataError, Option, Problem, UsageError
 from pdmoe.io.atomic import Staged
 
 from .corpus_formats import COMPRESSIONS, FORMATS, compression_of, detect_format, read_records
@@ -83,19 +83,34 @@ def declare_languages(original: Sequence[str], new: Sequence[str]) -> tuple[tupl
     repeated = sorted({lang for lang in languages if languages.count(lang) > 1})
     if repeated:
         raise UsageError(
-            f"language(s) {', '.join(repeated)} declared more than once in --original-langs/--new-langs"
+            "language(s) {repeated} declared more than once in {original_langs}/{new_langs}",
+            problem=Problem.INVALID,
+            repeated=", ".join(repeated),
+            original_langs=Option("original_langs"),
+            new_langs=Option("new_langs"),
         )
     if not languages:
-        raise UsageError("declare the languages of the data with --original-langs and/or --new-langs")
+        raise UsageError(
+            "declare the languages of the data with {original_langs} and/or {new_langs}",
+            problem=Problem.MISSING,
+            original_langs=Option("original_langs"),
+            new_langs=Option("new_langs"),
+        )
     return languages, len(original)
 
 
 def data_files(
     paths: Sequence[str | Path], langs: Sequence[str] | None, data_format: str = "auto"
 ) -> tuple[DataFile, ...]:
-    """Pair every path with its format and ``--lang`` (one for all files, or one per file)."""
+    """Pair every path with its format and language of ``langs`` (one for all files, or one per file)."""
     if data_format not in DATA_FORMATS:
-        raise UsageError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, not {data_format!r}")
+        raise UsageError(
+            "{option} must be one of {formats}, not {data_format!r}",
+            problem=Problem.INVALID,
+            option=Option("data_format"),
+            formats=", ".join(DATA_FORMATS),
+            data_format=data_format,
+        )
     if not paths:
         raise UsageError("give at least one data file")
     langs = list(langs or [])
@@ -103,7 +118,11 @@ def data_files(
         langs = langs * len(paths)
     if langs and len(langs) != len(paths):
         raise UsageError(
-            f"--lang takes one language for all files or one per file: got {len(langs)} for {len(paths)} files"
+            "{option} takes one language for all files or one per file: got {langs} for {files} files",
+            problem=Problem.INVALID,
+            option=Option("langs"),
+            langs=len(langs),
+            files=len(paths),
         )
     files = []
     for index, raw in enumerate(paths):
@@ -158,13 +177,27 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Piece]:
             lang = tag if tag is not None else file.lang
             if lang is None:
                 raise DataError(
-                    f"{file.path} {unit} {number} has no {spec.lang_field!r} field and the file has no --lang; "
-                    "tag the documents or pass --lang"
+                    "{path} {unit} {number} has no {field!r} field and {langs} gives the file no language; "
+                    "tag the documents or pass {langs}",
+                    problem=Problem.MISSING,
+                    path=file.path,
+                    unit=unit,
+                    number=number,
+                    field=spec.lang_field,
+                    langs=Option("langs"),
                 )
             if lang not in lang_ids:
                 raise DataError(
-                    f"{file.path} {unit} {number}: language {lang!r} is not declared (declared: {declared}); "
-                    "add it to --original-langs or --new-langs"
+                    "{path} {unit} {number}: language {lang!r} is not declared (declared: {declared}); "
+                    "add it to {original_langs} or {new_langs}",
+                    problem=Problem.MISSING,
+                    path=file.path,
+                    unit=unit,
+                    number=number,
+                    lang=lang,
+                    declared=declared,
+                    original_langs=Option("original_langs"),
+                    new_langs=Option("new_langs"),
                 )
             count += ends
             yield Piece(text, lang_ids[lang], ends)
@@ -437,14 +470,22 @@ class PackedSequences:
 
     def __init__(self, cache: TokenCache, seq_len: int) -> None:
         if seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+            raise UsageError(
+                "{option} must be at least 2, got {seq_len}",
+                problem=Problem.INVALID,
+                option=Option("seq_len"),
+                seq_len=seq_len,
+            )
         self.cache = cache
         self.seq_len = seq_len
         self.num_sequences = cache.num_tokens // seq_len
         if self.num_sequences == 0:
             raise DataError(
-                f"the data has {cache.num_tokens} tokens, fewer than one sequence of {seq_len}; "
-                "add data or lower --seq-len"
+                "the data has {tokens} tokens, fewer than one sequence of {length}; add data or lower {seq_len}",
+                problem=Problem.INVALID,
+                tokens=cache.num_tokens,
+                length=seq_len,
+                seq_len=Option("seq_len"),
             )
 
     def __len__(self) -> int:

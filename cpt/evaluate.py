@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.hub import resolve_model
 from pdmoe.io.atomic import Staged
 from pdmoe.io.hf_loading import load_causal_lm, load_tokenizer
@@ -192,7 +192,12 @@ def heatmap_format(path: str | Path) -> str | None:
         written = f"{extension!r} files" if extension else "a file without an extension"
         choices = ", ".join(f".{name}" for name in sorted(formats))
         raise UsageError(
-            f"--plot {path}: matplotlib cannot write {written}; end the name with one of {choices}"
+            "{plot} {path}: matplotlib cannot write {written}; end the name with one of {choices}",
+            problem=Problem.INVALID,
+            plot=Option("plot"),
+            path=path,
+            written=written,
+            choices=choices,
         )
     return extension
 
@@ -251,10 +256,19 @@ def evaluate_model(
     seq_len = min(DEFAULT_SEQ_LEN, max_positions) if options.seq_len is None else options.seq_len
     if seq_len > max_positions:
         raise UsageError(
-            f"--seq-len {seq_len} is larger than the model's maximum ({max_positions} positions)"
+            "{option} {seq_len} is larger than the model's maximum ({max_positions} positions)",
+            problem=Problem.INVALID,
+            option=Option("seq_len"),
+            seq_len=seq_len,
+            max_positions=max_positions,
         )
     if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+        raise UsageError(
+            "{option} must be at least 1, got {batch_size}",
+            problem=Problem.INVALID,
+            option=Option("batch_size"),
+            batch_size=options.batch_size,
+        )
     tokens = TokenCache.build(corpus, load_tokenizer(model_dir), options.cache_dir)
     sequences = PackedSequences(tokens, seq_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

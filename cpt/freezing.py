@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.layout import MLPKeys, MoETensor, is_trainable_expert_parameter
 from pdmoe.modeling import MoEForCausalLM
 
@@ -35,7 +35,11 @@ def parse_stage(stage: Stage | str) -> Stage:
         return Stage(stage)
     except ValueError:
         raise UsageError(
-            f"--stage must be one of {', '.join(s.value for s in Stage)}, not {stage!r}"
+            "{option} must be one of {choices}, not {stage!r}",
+            problem=Problem.INVALID,
+            option=Option("stage"),
+            choices=", ".join(s.value for s in Stage),
+            stage=stage,
         ) from None
 
 
@@ -48,10 +52,18 @@ def trainable_parts(stage: Stage | str, override: str | Sequence[str] | None = N
     parts = [p for p in parts if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
-        raise UsageError(f"--trainable takes a comma list of {', '.join(PARTS)}; got {override!r}")
+        raise UsageError(
+            "{option} takes a comma list of {parts}; got {override!r}",
+            problem=Problem.INVALID,
+            option=Option("trainable"),
+            parts=", ".join(PARTS),
+            override=override,
+        )
     if Part.ORIGINAL_EXPERTS in parts and Part.NEW_EXPERTS not in parts:
         raise UsageError(
-            "--trainable original_experts needs new_experts too (only a prefix of experts can be frozen)"
+            "{option} needs new_experts too (only a prefix of experts can be frozen)",
+            problem=Problem.INVALID,
+            option=Option("trainable", Part.ORIGINAL_EXPERTS.value),
         )
     return tuple(part for part in Part if part in parts)
 
@@ -67,7 +79,11 @@ def apply_trainable(model: MoEForCausalLM, parts: Sequence[Part | str]) -> list[
         param.requires_grad_(_is_trainable(name, blocks, parts))
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     if not names:
-        raise UsageError(f"nothing to train with --trainable {','.join(parts)}")
+        raise UsageError(
+            "nothing to train with {option}",
+            problem=Problem.INVALID,
+            option=Option("trainable", ",".join(parts)),
+        )
     return names
 
 

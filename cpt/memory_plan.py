@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pdmoe.config import MoEConfig
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, Spelling, UsageError, fill, keyword_spelling
 from pdmoe.modeling import MoEForCausalLM
 
 from .freezing import Part, apply_trainable
@@ -220,22 +220,46 @@ def check_fits(model: MoEForCausalLM, plan: MemoryPlan, shape: RunShape, gpu_mem
     if plan.fits(gpu_memory):
         return
     largest = max(LABELS, key=lambda name: getattr(plan, name))
+    fewest, values = _fewest(fewest_processes(model, shape, gpu_memory), gpu_memory)
     raise UsageError(
-        f"the run needs {_gb(plan.total)} per process on {plan.num_processes} process(es), more than "
-        f"the {_gb(gpu_memory)} of --gpu-memory (largest part: {LABELS[largest]}, "
-        f"{_gb(getattr(plan, largest))}); {describe_fewest(fewest_processes(model, shape, gpu_memory), gpu_memory)}"
+        "the run needs {needed} per process on {num_processes} process(es), more than the {capacity} of "
+        "{gpu_memory} (largest part: {largest}, {largest_size}); " + fewest,
+        problem=Problem.INVALID,
+        needed=_gb(plan.total),
+        num_processes=plan.num_processes,
+        capacity=_gb(gpu_memory),
+        gpu_memory=Option("gpu_memory"),
+        largest=LABELS[largest],
+        largest_size=_gb(getattr(plan, largest)),
+        **values,
     )
 
 
-def describe_fewest(best: MemoryPlan | None, gpu_memory: int) -> str:
-    """The fewest processes that fit ``gpu_memory``, or what to change when none does."""
+def describe_fewest(best: MemoryPlan | None, gpu_memory: int, spell: Spelling = keyword_spelling) -> str:
+    """The fewest processes that fit ``gpu_memory``, or what to change when none does (the options
+    named by ``spell``)."""
+    return fill(*_fewest(best, gpu_memory), spell)
+
+
+def _fewest(best: MemoryPlan | None, gpu_memory: int) -> tuple[str, dict[str, Any]]:
+    """What ``describe_fewest`` says, as a ``str.format`` template and its values."""
     if best is None:
         return (
-            f"no number of processes up to {MAX_PROCESSES} fits {_gb(gpu_memory)}: lower "
-            "--micro-batch-size or --seq-len, or add --gradient-checkpointing"
+            "no number of processes up to {max_processes} fits {fits}: lower {micro_batch_size} or "
+            "{seq_len}, or add {gradient_checkpointing}",
+            {
+                "max_processes": MAX_PROCESSES,
+                "fits": _gb(gpu_memory),
+                "micro_batch_size": Option("micro_batch_size"),
+                "seq_len": Option("seq_len"),
+                "gradient_checkpointing": Option("gradient_checkpointing", True),
+            },
         )
     how = "FSDP2 (cpt/accelerate_configs/fsdp2.yaml)" if best.sharded else "one process"
-    return f"the fewest processes that fit: {best.num_processes}, {how}, {_gb(best.total)} each"
+    return (
+        "the fewest processes that fit: {fewest}, {how}, {each} each",
+        {"fewest": best.num_processes, "how": how, "each": _gb(best.total)},
+    )
 
 
 def _gb(size: int) -> str:

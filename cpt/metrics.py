@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pdmoe.errors import CheckpointError
+from pdmoe.errors import CheckpointError, Option
 from pdmoe.io.atomic import open_to_append
 
 from .data import CorpusSpec
@@ -66,7 +66,10 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
             handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
     except OSError as error:
         raise CheckpointError(
-            f"cannot append to {path} ({error.strerror or error}); free space and --resume"
+            "cannot append to {path} ({reason}); free space and rerun with {resume}",
+            path=path,
+            reason=error.strerror or error,
+            resume=Option("resume", "latest"),
         ) from None
 
 

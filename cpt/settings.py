@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 
 DEFAULT_SEQ_LEN = 1024  # the method's; shorter when the model's maximum is
 DEFAULT_LPR_COEF = 0.02  # on -log p0: MoE-LPR's 0.1 on its weaker form near p0 = 0.2 (see losses)
@@ -70,9 +70,15 @@ class WholeNumber:
 
     minimum: int
 
-    def check(self, flag: str, value: Any) -> None:
+    def check(self, option: str, value: Any) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not self.minimum <= value <= _MAX_INTEGER:
-            raise UsageError(f"{flag} must be a whole number from {self.minimum} to 2**63-1, got {value!r}")
+            raise UsageError(
+                "{option} must be a whole number from {minimum} to 2**63-1, got {value!r}",
+                problem=Problem.INVALID,
+                option=Option(option),
+                minimum=self.minimum,
+                value=value,
+            )
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class FiniteNumber:
     inclusive: bool
     maximum: float = math.inf
 
-    def check(self, flag: str, value: Any) -> None:
+    def check(self, option: str, value: Any) -> None:
         in_range = (
             isinstance(value, int | float)
             and not isinstance(value, bool)
@@ -92,9 +98,21 @@ class FiniteNumber:
         )
         if not in_range:
             bound = f">= {self.bound:g}" if self.inclusive else f"> {self.bound:g}"
-            raise UsageError(f"{flag} must be a finite number {bound}, got {value!r}")
+            raise UsageError(
+                "{option} must be a finite number {bound}, got {value!r}",
+                problem=Problem.INVALID,
+                option=Option(option),
+                bound=bound,
+                value=value,
+            )
         if value > self.maximum:
-            raise UsageError(f"{flag} must be at most {self.maximum:g}, got {value!r}")
+            raise UsageError(
+                "{option} must be at most {maximum:g}, got {value!r}",
+                problem=Problem.INVALID,
+                option=Option(option),
+                maximum=self.maximum,
+                value=value,
+            )
 
 
 Check = WholeNumber | FiniteNumber
@@ -178,9 +196,14 @@ def check_options(config: TrainConfig) -> None:
     for spec in fields(config):
         check, value = spec.metadata.get(_CHECK), getattr(config, spec.name)
         if check is not None and not (value is None and spec.default is None):
-            check.check(f"--{spec.name.replace('_', '-')}", value)
+            check.check(spec.name, value)
     if config.max_steps is not None and config.max_tokens is not None:
-        raise UsageError("give --max-steps or --max-tokens, not both")
+        raise UsageError(
+            "give {max_steps} or {max_tokens}, not both",
+            problem=Problem.CONFLICT,
+            max_steps=Option("max_steps"),
+            max_tokens=Option("max_tokens"),
+        )
 
 
 def fixed_settings(config: TrainConfig) -> dict[str, Any]:

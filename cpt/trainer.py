@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from pdmoe.config import MoEConfig
-from pdmoe.errors import CheckpointError, TrainingError, UsageError
+from pdmoe.errors import (
+    CheckpointError,
+    Option,
+    Problem,
+    Spelling,
+    TrainingError,
+    UsageError,
+    keyword_spelling,
+)
 from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
 from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
@@ -79,20 +87,29 @@ from .training_checkpoint import (
 
 def _mixed_precision(choice: str) -> str:
     if choice not in ("auto", "yes", "no"):
-        raise UsageError(f"--bf16 must be auto, yes or no, not {choice!r}")
+        raise UsageError(
+            "{option} must be auto, yes or no, not {choice!r}",
+            problem=Problem.INVALID,
+            option=Option("bf16"),
+            choice=choice,
+        )
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return "bf16" if choice == "yes" else "no"
 
 
 def _sequence_length(config: TrainConfig, model_config: dict[str, Any]) -> int:
-    """``--seq-len``, or by default the method's 1024 capped at the model's maximum."""
+    """``config.seq_len``, or by default the method's 1024 capped at the model's maximum."""
     max_positions = model_config.get("max_position_embeddings")
     if config.seq_len is None:
         return min(DEFAULT_SEQ_LEN, max_positions) if isinstance(max_positions, int) else DEFAULT_SEQ_LEN
     if isinstance(max_positions, int) and config.seq_len > max_positions:
         raise UsageError(
-            f"--seq-len {config.seq_len} is larger than the model's maximum ({max_positions} positions)"
+            "{option} {seq_len} is larger than the model's maximum ({max_positions} positions)",
+            problem=Problem.INVALID,
+            option=Option("seq_len"),
+            seq_len=config.seq_len,
+            max_positions=max_positions,
         )
     return config.seq_len
 
@@ -213,7 +230,10 @@ def setup(config: TrainConfig) -> TrainingRun:
     accelerator = _setup_accelerator(config)
     _check_memory(replace(config, seq_len=seq_len), accelerator, model_config, parts)
     if seq_len != (config.seq_len or DEFAULT_SEQ_LEN):
-        accelerator.print(f"pdmoe cpt: --seq-len {seq_len}, the model's maximum (give --seq-len to choose)")
+        accelerator.print(
+            f"pdmoe cpt: sequences of {seq_len} tokens, the model's maximum, "
+            f"instead of the default {DEFAULT_SEQ_LEN}"
+        )
     config = replace(config, seq_len=seq_len)
     output_rules = {
         "inputs": (model_dir, *config.data, *config.eval_data),
@@ -281,10 +301,10 @@ def run_shape(config: TrainConfig, parts: tuple[Part, ...], mixed_precision: boo
 def _check_memory(
     config: TrainConfig, accelerator: Accelerator, model_config: dict[str, Any], parts: tuple[Part, ...]
 ) -> None:
-    """Refuse, before any weight is loaded, a run whose plan does not fit the GPU (``--gpu-memory``,
-    or the device's own memory; nothing is checked off GPUs unless ``--gpu-memory`` is given)."""
+    """Refuse, before any weight is loaded, a run whose plan does not fit the GPU (``gpu_memory``,
+    or the device's own memory; nothing is checked off GPUs unless ``gpu_memory`` is given)."""
     if config.gpu_memory is not None:
-        capacity = parse_size(config.gpu_memory, "--gpu-memory")
+        capacity = parse_size(config.gpu_memory, "gpu_memory")
     elif accelerator.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
     else:
@@ -295,14 +315,21 @@ def _check_memory(
     check_fits(model, plan, shape, capacity)
 
 
-def dry_run(config: TrainConfig, num_processes: int | None = None) -> str:
+def dry_run(config: TrainConfig, num_processes: int | None = None, spell: Spelling = keyword_spelling) -> str:
     """The memory plan of the run ``config`` describes on ``num_processes`` processes (default: the
-    launch's; FSDP2 when more than one), from ``config.json`` alone: nothing is read or written."""
+    launch's; FSDP2 when more than one), from ``config.json`` alone: nothing is read or written.
+    ``spell`` names the options the report suggests changing (the command line's flags, or keywords)."""
     check_options(config)
     world = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
     if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= MAX_PROCESSES:
-        raise UsageError(f"--num-processes must be a whole number from 1 to {MAX_PROCESSES}, got {world!r}")
-    capacity = parse_size(config.gpu_memory or DEFAULT_GPU_MEMORY, "--gpu-memory")
+        raise UsageError(
+            "{option} must be a whole number from 1 to {maximum}, got {world!r}",
+            problem=Problem.INVALID,
+            option=Option("num_processes"),
+            maximum=MAX_PROCESSES,
+            world=world,
+        )
+    capacity = parse_size(config.gpu_memory or DEFAULT_GPU_MEMORY, "gpu_memory")
     parts = trainable_parts(config.stage, config.trainable)
     model_dir = resolve_model(config.model)
     model_config = read_moe_config_only(model_dir)
@@ -317,11 +344,12 @@ def dry_run(config: TrainConfig, num_processes: int | None = None) -> str:
     verdict = "fits" if plan.fits(capacity) else "does NOT fit"
     return "\n".join(
         [
-            f"pdmoe cpt --dry-run: {model_dir}, {how}, {precision}, micro-batch {config.micro_batch_size} "
+            f"pdmoe cpt: memory plan of {model_dir}: {how}, {precision}, micro-batch {config.micro_batch_size} "
             f"x {config.seq_len} tokens, gradient checkpointing {checkpointing}, training {','.join(parts)}",
             "per process:",
             plan.table(),
-            f"{verdict} in {capacity / GB:.1f} GB per GPU; {describe_fewest(fewest_processes(model, shape, capacity), capacity)}",
+            f"{verdict} in {capacity / GB:.1f} GB per GPU; "
+            + describe_fewest(fewest_processes(model, shape, capacity), capacity, spell),
             "(not counted: the CUDA context, allocator fragmentation and communication buffers: keep a few GB spare)",
         ]
     )
@@ -331,11 +359,19 @@ def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec 
     """The training and eval corpora, checked against the stage and the output folder."""
     corpus = _corpus(config, config.data, config.langs)
     if parse_stage(config.stage) is Stage.REVIEW and not corpus.original_languages:
-        raise UsageError("the review stage needs original-language text: declare it with --original-langs")
+        raise UsageError(
+            "the review stage needs original-language text: declare it with {original_langs}",
+            problem=Problem.MISSING,
+            original_langs=Option("original_langs"),
+        )
     eval_corpus = _corpus(config, config.eval_data, config.eval_langs) if config.eval_data else None
     if config.resume is None and latest_checkpoint(out) is not None and not config.overwrite:
         raise UsageError(
-            f"{out} already holds training checkpoints; pass --resume to continue or --overwrite to restart"
+            "{out} already holds training checkpoints; pass {resume} to continue or {overwrite} to restart",
+            problem=Problem.REFUSED,
+            out=out,
+            resume=Option("resume", "latest"),
+            overwrite=Option("overwrite", True),
         )
     return corpus, eval_corpus
 
@@ -351,7 +387,7 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
     if launched != accelerator.num_processes:
         raise UsageError(
             f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; "
-            "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...)"
+            "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (`accelerate launch --multi_gpu ...`)"
         )
     _check_strategy(accelerator)
     return accelerator
@@ -490,7 +526,7 @@ def train_step(run: TrainingRun) -> torch.Tensor:
 
 
 def clip_gradients(run: TrainingRun) -> torch.Tensor:
-    """Clip the gradients to ``--max-grad-norm`` (0: no clipping) by their norm over every process
+    """Clip the gradients to ``max_grad_norm`` (0: no clipping) by their norm over every process
     and every trainable parameter (sharded ones included), and return that norm."""
     max_norm = run.config.max_grad_norm or math.inf  # a factor of exactly 1 when off
     norm = run.accelerator.clip_grad_norm_(run.params, max_norm)
@@ -516,8 +552,14 @@ def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: 
         last = latest_checkpoint(run.out)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise TrainingError(
-            f"step {run.state.step + 1}: {', '.join(bad)}; stopped before updating the weights and {kept} "
-            "(lower --lr, raise --warmup-steps or check the data, then --resume)"
+            "step {step}: {bad}; stopped before updating the weights and {kept} "
+            "(lower {lr}, raise {warmup_steps} or check the data, then rerun with {resume})",
+            step=run.state.step + 1,
+            bad=", ".join(bad),
+            kept=kept,
+            lr=Option("lr"),
+            warmup_steps=Option("warmup_steps"),
+            resume=Option("resume", "latest"),
         )
 
 
@@ -607,18 +649,26 @@ def _train_to_the_end(run: TrainingRun) -> None:
 
 
 def _resume_checkpoint(config: TrainConfig, out: Path) -> Path | None:
-    """``--resume latest`` (or a bare ``--resume``) is the newest checkpoint under ``--out``."""
+    """``resume='latest'`` (a bare ``--resume`` on the command line) is the newest checkpoint under ``out``."""
     if config.resume is None:
         return None
     if str(config.resume) == "latest":
         found = latest_checkpoint(out)
         if found is None:
-            raise UsageError(f"--resume: {out} holds no training checkpoint yet; start without --resume")
+            raise UsageError(
+                "{resume}: {out} holds no training checkpoint yet; start without {resume}",
+                problem=Problem.INVALID,
+                resume=Option("resume"),
+                out=out,
+            )
         return found
     path = Path(config.resume)
     if not path.is_dir():
         raise UsageError(
-            f"--resume {path} is not a directory; pass a checkpoints/step-* directory or 'latest'"
+            "{resume} {path} is not a directory; pass a checkpoints/step-* directory or 'latest'",
+            problem=Problem.INVALID,
+            resume=Option("resume"),
+            path=path,
         )
     return path
 

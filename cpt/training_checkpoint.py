@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.io.atomic import Staged, write_json
 
 from .collective import together
@@ -158,8 +158,12 @@ def save_training_checkpoint(
             staged.abort()
         previous = latest_checkpoint(out_dir)
         raise CheckpointError(
-            f"cannot write the training checkpoint {staged.final} ({_reason(error)}); "
-            f"the previous checkpoint ({previous or 'none yet'}) is kept: free space and rerun with --resume"
+            "cannot write the training checkpoint {checkpoint} ({reason}); "
+            "the previous checkpoint ({previous}) is kept: free space and rerun with {resume}",
+            checkpoint=staged.final,
+            reason=_reason(error),
+            previous=previous or "none yet",
+            resume=Option("resume", "latest"),
         ) from None
     if accelerator.is_main_process and keep > 0:
         for old in sorted(root.glob(f"{_STEP_PREFIX}*"))[:-keep]:
@@ -225,8 +229,13 @@ def check_settings(checkpoint: Path, record: CheckpointRecord, settings: dict[st
     differences += [f"{key}: checkpoint {saved[key]!r}, unknown to this pdmoe" for key in unknown]
     if differences:
         raise UsageError(
-            f"--resume {checkpoint} does not match this run's settings ({'; '.join(differences)}); "
-            "rerun with the original settings, or start a fresh run in a new --out"
+            "{resume} {checkpoint} does not match this run's settings ({differences}); "
+            "rerun with the original settings, or start a fresh run in a new {out}",
+            problem=Problem.CONFLICT,
+            resume=Option("resume"),
+            checkpoint=checkpoint,
+            differences="; ".join(differences),
+            out=Option("out"),
         )
 
 

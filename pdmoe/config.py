@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.families import DEFAULT_FAMILY, get_family
 from pdmoe.io.model_config import MOE_MODEL_TYPE
 
@@ -72,11 +72,20 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
             spec = [int(part) for part in text.split(",") if part]
         except ValueError:
             raise UsageError(
-                f"cannot read --layers {spec!r}; use 'all', a list like '0,2,5' or 'every:N'"
+                "cannot read {layers} {spec!r}; use 'all', a list like '0,2,5' or 'every:N'",
+                problem=Problem.INVALID,
+                layers=Option("layers"),
+                spec=spec,
             ) from None
     layers = sorted(set(spec))
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise UsageError(f"--layers {spec!r} must name layers in 0..{num_layers - 1}")
+        raise UsageError(
+            "{layers} {spec!r} must name layers in 0..{last}",
+            problem=Problem.INVALID,
+            layers=Option("layers"),
+            spec=spec,
+            last=num_layers - 1,
+        )
     return layers
 
 

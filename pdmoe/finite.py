@@ -14,7 +14,9 @@ from collections.abc import Iterable
 
 import torch
 
-ALLOW_OPTION = "--allow-non-finite"
+from pdmoe.errors import Option
+
+ALLOW_NON_FINITE = Option("allow_non_finite", True)
 
 
 def all_finite(block: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -48,12 +48,19 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
         return getattr(torch, DTYPE_NAMES[dtype.lower()])
-    raise UsageError(f"unsupported output dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    raise UsageError(
+        "unsupported output dtype {given!r} for {dtype}; choose one of {names}",
+        problem=Problem.INVALID,
+        dtype=Option("dtype"),
+        given=dtype,
+        names=", ".join(DTYPE_NAMES),
+    )
 
 
-def parse_size(text: str | int, what: str = "shard size") -> int:
+def parse_size(text: str | int, option: str = "shard_size") -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as transformers' ``max_shard_size`` reads it
-    (``what`` names the value in errors)."""
+    (``option`` is the option's name in errors)."""
+    named = Option(option)
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
@@ -63,12 +70,24 @@ def parse_size(text: str | int, what: str = "shard size") -> int:
         try:
             value = float(number) * factor
         except ValueError:
-            raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB") from None
+            raise UsageError(
+                "cannot read {option} {text!r}; write it like 5GB, 500MB or 2GiB",
+                problem=Problem.INVALID,
+                option=named,
+                text=text,
+            ) from None
         if not math.isfinite(value):
-            raise UsageError(f"{what} must be a finite size like 5GB, got {text!r}")
+            raise UsageError(
+                "{option} must be a finite size like 5GB, got {text!r}",
+                problem=Problem.INVALID,
+                option=named,
+                text=text,
+            )
         size = int(value)
     if size <= 0:
-        raise UsageError(f"{what} must be positive, got {text!r}")
+        raise UsageError(
+            "{option} must be positive, got {text!r}", problem=Problem.INVALID, option=named, text=text
+        )
     return size
 
 
@@ -76,8 +95,11 @@ def check_number(
     option: str, value: float, *, low: float = -math.inf, high: float = math.inf, hint: str = ""
 ) -> float:
     """``value`` when it is a finite number in [low, high]; otherwise a UsageError naming ``option``."""
+    named = Option(option)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{option} must be a number, got {value!r}")
+        raise UsageError(
+            "{option} must be a number, got {value!r}", problem=Problem.INVALID, option=named, value=value
+        )
     if not math.isfinite(value) or not low <= value <= high:
         if low > -math.inf and high < math.inf:
             wanted = f"a finite number in [{low:g}, {high:g}]"
@@ -85,16 +107,30 @@ def check_number(
             wanted = f"a finite number {'>= ' + format(low, 'g') if low > -math.inf else '<= ' + format(high, 'g')}"
         else:
             wanted = "a finite number"
-        raise UsageError(f"{option} must be {wanted}, got {value!r}{f' ({hint})' if hint else ''}")
+        raise UsageError(
+            "{option} must be {wanted}, got {value!r}{hint}",
+            problem=Problem.INVALID,
+            option=named,
+            wanted=wanted,
+            value=value,
+            hint=f" ({hint})" if hint else "",
+        )
     return float(value)
 
 
 SEED_RANGE = (0, 2**32 - 1)
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
+def check_seed(seed: int, option: str = "seed") -> int:
     """A seed in 0..2**32-1 (what every random generator pdmoe seeds accepts)."""
     low, high = SEED_RANGE
     if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
-        raise UsageError(f"{option} must be an integer in {low}..{high}, got {seed!r}")
+        raise UsageError(
+            "{option} must be an integer in {low}..{high}, got {seed!r}",
+            problem=Problem.INVALID,
+            option=Option(option),
+            low=low,
+            high=high,
+            seed=seed,
+        )
     return seed

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from pdmoe.config import moe_config_dict, parse_layers
-from pdmoe.errors import CheckpointError, TensorValueError, UsageError
+from pdmoe.errors import CheckpointError, Option, Problem, TensorValueError, UsageError
 from pdmoe.families import get_family
-from pdmoe.finite import ALLOW_OPTION, all_finite, count_non_finite, describe_counts
+from pdmoe.finite import ALLOW_NON_FINITE, all_finite, count_non_finite, describe_counts
 from pdmoe.hub import resolve_model
 from pdmoe.io import CheckpointReader, Command, TensorMeta, plan_shards
 from pdmoe.io.model_config import without_remote_code
@@ -130,9 +130,14 @@ def _check_input(reader: CheckpointReader, name: str, block: torch.Tensor) -> No
     if not all_finite(block):
         nan, inf = count_non_finite(reader.blocks(name))
         raise TensorValueError(
-            f"{reader.directory}: {name} holds {describe_counts(nan, inf)} values (of {reader.meta(name).numel}); "
-            f"upcycling would copy them into the MoE. Fix or re-download the checkpoint, or pass {ALLOW_OPTION} "
-            "to copy them as they are"
+            "{directory}: {name} holds {counts} values (of {numel}); upcycling would copy them into the MoE. "
+            "Fix or re-download the checkpoint, or pass {allow} to copy them as they are",
+            problem=Problem.REFUSED,
+            directory=reader.directory,
+            name=name,
+            counts=describe_counts(nan, inf),
+            numel=reader.meta(name).numel,
+            allow=ALLOW_NON_FINITE,
         )
 
 
@@ -142,8 +147,15 @@ def _converted(block: torch.Tensor, meta: TensorMeta, check: bool) -> torch.Tens
     if check and out.dtype != block.dtype and not all_finite(out):
         nan, inf = count_non_finite([out])
         raise TensorValueError(
-            f"{meta.name}: {describe_counts(nan, inf)} values appear when converting {block.dtype} to "
-            f"{meta.dtype} (the values exceed its range); choose a wider --dtype, or pass {ALLOW_OPTION}"
+            "{name}: {counts} values appear when converting {source} to {target} (the values exceed its "
+            "range); choose a wider {dtype}, or pass {allow}",
+            problem=Problem.REFUSED,
+            name=meta.name,
+            counts=describe_counts(nan, inf),
+            source=block.dtype,
+            target=meta.dtype,
+            dtype=Option("dtype"),
+            allow=ALLOW_NON_FINITE,
         )
     return out
 
@@ -194,7 +206,7 @@ def upcycle(
             reader, options.num_experts, options.top_k, options.layers, parse_dtype(options.dtype)
         )
         std = check_number(
-            "--router-init-std",
+            "router_init_std",
             options.router_init_std
             if options.router_init_std is not None
             else plan.config.get("initializer_range", 0.02),

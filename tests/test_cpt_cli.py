@@ -7,16 +7,17 @@ import json
 import subprocess
 import sys
 import textwrap
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from pdmoe.cli import options_from_args
-from pdmoe.cli.cpt import add_cpt_parser
+from pdmoe.cli import flag_spelling, main, options_from_args
+from pdmoe.cli.cpt import add_cpt_arguments, add_cpt_parser
 from pdmoe.cli.eval import add_eval_parser
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.settings import TrainConfig
+from pdmoe.errors import Option, PdmoeError, Problem, UsageError
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 
@@ -45,7 +46,7 @@ def test_cpt_options_default_to_the_method(tmp_path):
     assert (config.stage, config.lr, config.lpr_coef) == ("cpt", 5e-5, 0.02)
     assert config.seq_len is None  # 1024, or the model's maximum when smaller
     assert config.resume == "latest" and config.bf16 == "auto" and config.aux_loss_coef is None
-    assert args.func.__name__ == "run_cpt"
+    assert args.func.func.__name__ == "run_cpt"  # with the parser's flag spelling bound
 
 
 def test_every_numeric_option_has_a_range():
@@ -148,14 +149,17 @@ def test_eval_prints_perplexity_and_expert_shares_per_language(moe, tmp_path, ca
 
 def test_eval_refuses_sequences_longer_than_the_model(moe, tmp_path):
     from pdmoe.cpt import corpus_spec, evaluate_model
-    from pdmoe.errors import UsageError
 
     (tmp_path / "fr.txt").write_text("bonjour")
     corpus = corpus_spec([tmp_path / "fr.txt"], ["fr"], [], ["fr"])
     with pytest.raises(
-        UsageError, match=r"--seq-len 300 is larger than the model's maximum \(256 positions\)"
-    ):
+        UsageError, match=r"300 is larger than the model's maximum \(256 positions\)"
+    ) as caught:
         evaluate_model(moe, corpus, seq_len=300, cache_dir=tmp_path / "cache")
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("seq_len"),)
+    with pytest.raises(UsageError, match=r"must be at least 1, got 0") as caught:
+        evaluate_model(moe, corpus, batch_size=0, cache_dir=tmp_path / "cache")
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("batch_size"),)
 
 
 def test_eval_heatmap_with_the_plot_extra(moe, tmp_path):
@@ -165,3 +169,182 @@ def test_eval_heatmap_with_the_plot_extra(moe, tmp_path):
     counts = torch.tensor([[[6, 2, 0, 0], [1, 1, 1, 1]]] * 3)
     result = EvalResult(("en", "fr"), [0, 1, 2], torch.ones(2, dtype=torch.float64), torch.ones(2), counts)
     assert save_heatmap(result, tmp_path / "heat.png") and (tmp_path / "heat.png").stat().st_size > 0
+
+
+# --- the command line names options by its flags (the Python API by keywords: see the tests of each part)
+
+
+def _run(capsys, *args) -> tuple[int, str]:
+    code = main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--new-langs", "fr", "--max-steps", "2", "--max-tokens", "9"],
+            "give --max-steps or --max-tokens, not both",
+        ),
+        (
+            ["--original-langs", "en", "--new-langs", "fr", "en"],
+            "language(s) en declared more than once in --original-langs/--new-langs",
+        ),
+        ([], "declare the languages of the data with --original-langs and/or --new-langs"),
+        (
+            ["--data", "a.txt", "b.txt", "c.txt", "--lang", "en", "fr", "--new-langs", "en", "fr"],
+            "--lang takes one language for all files or one per file: got 2 for 3 files",
+        ),
+    ],
+)
+def test_option_errors_before_any_file_is_read_name_the_flags(
+    tmp_path, monkeypatch, capsys, options, message
+):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(capsys, "cpt", "--model", "m", "--out", "o", "--data", "d.jsonl", *options)
+    assert (code, err) == (2, f"pdmoe cpt: error: {message}\n")
+
+
+def test_cpt_errors_before_any_weight_is_read_name_the_flags(moe, tmp_path, capsys):
+    (tmp_path / "fr.txt").write_text("bonjour le monde\n")
+    out, absent = tmp_path / "out", tmp_path / "absent"
+    command = ["cpt", "--model", moe, "--data", tmp_path / "fr.txt", "--lang", "fr", "--new-langs", "fr"]
+    command += ["--out", out, "--cache-dir", tmp_path / "cache", "--seq-len"]
+    for options, message in (
+        (["300", "--dry-run"], "--seq-len 300 is larger than the model's maximum (256 positions)"),
+        (
+            ["32", "--trainable", "attention", "--dry-run"],
+            "--trainable takes a comma list of routers, new_experts, original_experts, non_moe; got 'attention'",
+        ),
+        (
+            ["32", "--trainable", "original_experts", "--dry-run"],
+            "--trainable original_experts needs new_experts too (only a prefix of experts can be frozen)",
+        ),
+        (
+            ["32", "--stage", "review"],
+            "the review stage needs original-language text: declare it with --original-langs",
+        ),
+        (["32", "--resume"], f"--resume: {out} holds no training checkpoint yet; start without --resume"),
+        (
+            ["32", "--resume", absent],
+            f"--resume {absent} is not a directory; pass a checkpoints/step-* directory or 'latest'",
+        ),
+    ):
+        assert _run(capsys, *command, *options) == (2, f"pdmoe cpt: error: {message}\n")
+    assert not out.exists()
+
+
+def test_eval_errors_name_the_flags(moe, tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pdmoe.cpt import corpus_formats
+
+    monkeypatch.setattr(corpus_formats, "MAX_JSONL_LINE_CHARS", 100)
+    files = {
+        "fr.txt": "bonjour",
+        "untagged.jsonl": '{"text": "bonjour"}\n',
+        "notjson.jsonl": '{"text": "ok"}\nbonjour\n',
+        "nofield.jsonl": '{"body": "bonjour"}\n',
+        "long.jsonl": json.dumps({"text": "mot " * 50}) + "\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
+    fr = ["--data", tmp_path / "fr.txt", "--lang", "fr"]
+    for options, message in (
+        ([*fr, "--seq-len", "300"], "--seq-len 300 is larger than the model's maximum (256 positions)"),
+        ([*fr, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ([*fr, "--seq-len", "1"], "--seq-len must be at least 2, got 1"),
+        (
+            [*fr, "--seq-len", "64"],
+            "the data has 8 tokens, fewer than one sequence of 64; add data or lower --seq-len",
+        ),
+        (
+            ["--data", tmp_path / "untagged.jsonl"],
+            f"{tmp_path / 'untagged.jsonl'} line 1 has no 'lang' field and --lang gives the file no language; "
+            "tag the documents or pass --lang",
+        ),
+        (
+            ["--data", tmp_path / "fr.txt", "--lang", "es"],
+            f"{tmp_path / 'fr.txt'} line 1: language 'es' is not declared (declared: fr); "
+            "add it to --original-langs or --new-langs",
+        ),
+        (
+            ["--data", tmp_path / "notjson.jsonl", "--lang", "fr"],
+            f"{tmp_path / 'notjson.jsonl'} line 2 is not JSON; JSONL needs one object per line "
+            "(for plain text use a .txt file or --data-format text)",
+        ),
+        (
+            ["--data", tmp_path / "nofield.jsonl", "--lang", "fr"],
+            f"{tmp_path / 'nofield.jsonl'} line 1 has no string field 'text' (found: body); "
+            "name the text field with --text-field",
+        ),
+        (
+            ["--data", tmp_path / "nocol.parquet", "--lang", "fr"],
+            f"{tmp_path / 'nocol.parquet'} has no string column 'text' (found: body: string); "
+            "name the text column with --text-field",
+        ),
+        (
+            ["--data", tmp_path / "long.jsonl", "--lang", "fr"],
+            f"{tmp_path / 'long.jsonl'} line 1 is longer than 100 characters; split such documents into "
+            "several records, or give them as plain text (--data-format text)",
+        ),
+    ):
+        command = ["eval", "--model", moe, "--new-langs", "fr", "--cache-dir", tmp_path / "cache", *options]
+        assert _run(capsys, *command) == (2, f"pdmoe eval: error: {message}\n")
+
+
+def test_eval_names_the_plot_flag_of_an_image_format_matplotlib_cannot_write(moe, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "fr.txt").write_text("bonjour")
+    plot = tmp_path / "heat.docx"
+    command = ["eval", "--model", moe, "--data", tmp_path / "fr.txt", "--lang", "fr", "--new-langs", "fr"]
+    code, err = _run(capsys, *command, "--plot", plot)
+    assert code == 2
+    assert err.startswith(
+        f"pdmoe eval: error: --plot {plot}: matplotlib cannot write 'docx' files; end the name"
+    )
+    assert not plot.exists()
+
+
+def test_errors_the_parser_forestalls_would_name_the_flags(moe, tmp_path, monkeypatch):
+    """The parser refuses a bad --stage, --bf16 or --data-format itself (choices), and a list of parts
+    always trains something of a real MoE: pdmoe's own errors for them reach Python callers only;
+    in the command line's spelling they would name its flags."""
+    from pdmoe.cpt import freezing
+    from pdmoe.cpt.checkpoints import load_moe_model
+    from pdmoe.cpt.data import data_files
+    from pdmoe.cpt.trainer import dry_run
+
+    parser = argparse.ArgumentParser()
+    add_cpt_arguments(parser)
+    spell = flag_spelling(parser)
+    config = TrainConfig(model=moe, data=[tmp_path / "d.jsonl"], out=tmp_path / "out")
+    monkeypatch.setattr(freezing, "_is_trainable", lambda *args: False)  # a model with no such parameters
+    for refused, option, message in (
+        (
+            lambda: dry_run(replace(config, stage="sft")),
+            Option("stage"),
+            "--stage must be one of cpt, review, not 'sft'",
+        ),
+        (
+            lambda: dry_run(replace(config, bf16="maybe")),
+            Option("bf16"),
+            "--bf16 must be auto, yes or no, not 'maybe'",
+        ),
+        (
+            lambda: data_files(["d.jsonl"], None, "xml"),
+            Option("data_format"),
+            "--data-format must be one of auto, jsonl, text, parquet, not 'xml'",
+        ),
+        (
+            lambda: freezing.apply_trainable(load_moe_model(moe), ("routers",)),
+            Option("trainable", "routers"),
+            "nothing to train with --trainable routers",
+        ),
+    ):
+        with pytest.raises(PdmoeError) as caught:
+            refused()
+        assert (caught.value.problem, caught.value.options) == (Problem.INVALID, (option,))
+        assert caught.value.render(spell) == message

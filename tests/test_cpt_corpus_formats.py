@@ -15,7 +15,7 @@ import zstandard
 
 from pdmoe.cpt import corpus_formats, data
 from pdmoe.cpt.data import DataError, TokenCache, corpus_spec, data_files
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.tiny import byte_tokenizer
 
 # Tagged and untagged documents, one longer than the (shrunk) piece length, non-ASCII text.
@@ -117,8 +117,9 @@ def test_parquet_is_read_in_batches_of_row_groups_without_a_language_column(tmp_
         == _build(tmp_path, tokenizer, tmp_path / "t.jsonl", langs=("fr",)).tokens.tolist()
     )
     assert set(cache.langs.tolist()) == {1} and cache.num_documents == 20
-    with pytest.raises(DataError, match=r"t.parquet row 1 has no 'lang' field and the file has no --lang"):
+    with pytest.raises(DataError, match=r"t.parquet row 1 has no 'lang' field") as caught:
         _build(tmp_path / "untagged", tokenizer, tmp_path / "t.parquet", langs=None)
+    assert caught.value.problem is Problem.MISSING and caught.value.options == (Option("langs"),)
 
 
 def _truncated(path, keep: float):
@@ -182,9 +183,10 @@ def test_damaged_gzip_and_parquet_row_group(tmp_path, tokenizer):
 def test_bad_parquet_columns_and_rows(tmp_path, tokenizer):
     pq.write_table(pa.table({"body": ["x"], "n": [1]}), tmp_path / "nocol.parquet")
     with pytest.raises(
-        DataError, match=r"no string column 'text' \(found: body: string, n: int64\).*--text-field"
-    ):
+        DataError, match=r"no string column 'text' \(found: body: string, n: int64\); name the text column"
+    ) as caught:
         _build(tmp_path, tokenizer, tmp_path / "nocol.parquet")
+    assert caught.value.options == (Option("text_field"),)
     pq.write_table(pa.table({"text": ["ok", None]}), tmp_path / "null.parquet")
     with pytest.raises(DataError, match=r"null.parquet row 2 has no text \(null in column 'text'\)"):
         _build(tmp_path, tokenizer, tmp_path / "null.parquet")

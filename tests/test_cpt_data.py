@@ -18,7 +18,7 @@ from pdmoe.cpt.data import (
     declare_languages,
     micro_batch_slice,
 )
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.tiny import byte_tokenizer
 
 
@@ -88,36 +88,48 @@ def test_micro_batches_of_two_processes_equal_those_of_one_with_accumulation():
 
 
 @pytest.mark.parametrize(
-    ("content", "name", "message"),
+    ("content", "name", "message", "problem", "options"),
     [
-        ('{"text": "ok"}\nnot json at all\n', "bad.jsonl", r"bad.jsonl line 2 is not JSON"),
+        (
+            '{"text": "ok"}\nnot json at all\n',
+            "bad.jsonl",
+            r"bad.jsonl line 2 is not JSON",
+            None,
+            (Option("data_format", "text"),),
+        ),
         (
             '{"body": "no text field"}\n',
             "nofield.jsonl",
-            r"no string field 'text' \(found: body\).*--text-field",
+            r"no string field 'text' \(found: body\); name the text field with",
+            None,
+            (Option("text_field"),),
         ),
-        (b"\xff\xfe\x00binary", "blob.txt", r"blob.txt is not UTF-8 text"),
+        (b"\xff\xfe\x00binary", "blob.txt", r"blob.txt is not UTF-8 text", None, ()),
         (
             '{"text": "hola", "lang": "es"}\n',
             "es.jsonl",
-            r"language 'es' is not declared \(declared: en, fr\)",
+            r"language 'es' is not declared \(declared: en, fr\); add it to",
+            Problem.MISSING,
+            (Option("original_langs"), Option("new_langs")),
         ),
-        ("\n\n\n", "blank.txt", r"holds no documents"),
+        ("\n\n\n", "blank.txt", r"holds no documents", None, ()),
     ],
 )
-def test_bad_data_files_say_what_is_wrong(tmp_path, tokenizer, content, name, message):
+def test_bad_data_files_say_what_is_wrong(tmp_path, tokenizer, content, name, message, problem, options):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as caught:
         TokenCache.build(_corpus(tmp_path, [path], langs=["en"]), tokenizer, tmp_path / "cache")
+    assert (caught.value.problem, caught.value.options) == (problem, options)
     assert not list((tmp_path / "cache").iterdir()), "a failed tokenisation must leave nothing behind"
 
 
 def test_untagged_document_without_lang(tmp_path, tokenizer):
     path = tmp_path / "untagged.jsonl"
     path.write_text('{"text": "which language?"}\n')
-    with pytest.raises(DataError, match=r"line 1 has no 'lang' field and the file has no --lang"):
+    with pytest.raises(DataError, match=r"untagged.jsonl line 1 has no 'lang' field") as caught:
         TokenCache.build(_corpus(tmp_path, [path]), tokenizer, tmp_path / "cache")
+    assert caught.value.problem is Problem.MISSING and caught.value.options == (Option("langs"),)
 
 
 def test_missing_empty_and_declaration_errors(tmp_path):
@@ -127,20 +139,35 @@ def test_missing_empty_and_declaration_errors(tmp_path):
     with pytest.raises(DataError, match=r"empty.txt is empty"):
         data_files([tmp_path / "empty.txt"], ["en"])
     (tmp_path / "a.txt").write_text("a")
-    with pytest.raises(UsageError, match=r"one language for all files or one per file"):
+    with pytest.raises(
+        UsageError, match=r"one language for all files or one per file: got 2 for 3"
+    ) as caught:
         data_files([tmp_path / "a.txt"] * 3, ["en", "fr"])
-    with pytest.raises(UsageError, match=r"declared more than once"):
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("langs"),)
+    with pytest.raises(UsageError, match=r"must be one of auto, jsonl, text, parquet, not 'xml'") as caught:
+        data_files([tmp_path / "a.txt"], ["en"], "xml")
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("data_format"),)
+    languages = (Option("original_langs"), Option("new_langs"))
+    with pytest.raises(UsageError, match=r"language\(s\) en declared more than once") as caught:
         declare_languages(["en"], ["en"])
-    with pytest.raises(UsageError, match=r"--original-langs and/or --new-langs"):
+    assert caught.value.problem is Problem.INVALID and caught.value.options == languages
+    with pytest.raises(UsageError, match=r"declare the languages of the data") as caught:
         declare_languages([], [])
+    assert caught.value.problem is Problem.MISSING and caught.value.options == languages
 
 
 def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
     path = tmp_path / "short.txt"
     path.write_text("tiny")
     cache = TokenCache.build(_corpus(tmp_path, [path], langs=["fr"]), tokenizer, tmp_path / "cache")
-    with pytest.raises(DataError, match=r"5 tokens, fewer than one sequence of 64.*lower --seq-len"):
+    with pytest.raises(
+        DataError, match=r"5 tokens, fewer than one sequence of 64; add data or lower"
+    ) as caught:
         PackedSequences(cache, 64)
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("seq_len"),)
+    with pytest.raises(UsageError, match=r"must be at least 2, got 1") as caught:
+        PackedSequences(cache, 1)
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("seq_len"),)
     assert np.asarray(cache.tokens).dtype == np.uint32
 
 

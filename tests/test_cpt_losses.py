@@ -9,7 +9,7 @@ import torch
 
 from pdmoe.cpt.freezing import trainable_parts
 from pdmoe.cpt.losses import language_prior_loss
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 
 
 def test_lpr_loss_is_mean_negative_log_prob_of_expert_zero_over_original_tokens():
@@ -38,12 +38,18 @@ def test_trainable_parts_per_stage_and_override():
     assert trainable_parts("cpt") == ("routers", "new_experts")
     assert trainable_parts("review") == ("routers",)
     assert trainable_parts("cpt", "new_experts, routers,non_moe") == ("routers", "new_experts", "non_moe")
-    with pytest.raises(UsageError, match=r"comma list of routers, new_experts, original_experts, non_moe"):
+    with pytest.raises(
+        UsageError, match=r"comma list of routers, new_experts, original_experts, non_moe"
+    ) as caught:
         trainable_parts("cpt", "attention")
-    with pytest.raises(UsageError, match=r"original_experts needs new_experts"):
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("trainable"),)
+    with pytest.raises(UsageError, match=r"needs new_experts too") as caught:
         trainable_parts("cpt", "original_experts")
-    with pytest.raises(UsageError, match=r"--stage must be one of cpt, review"):
+    assert caught.value.problem is Problem.INVALID
+    assert caught.value.options == (Option("trainable", "original_experts"),)
+    with pytest.raises(UsageError, match=r"must be one of cpt, review, not 'sft'") as caught:
         trainable_parts("sft")
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("stage"),)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

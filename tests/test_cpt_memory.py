@@ -5,15 +5,19 @@ tests/test_cpt_distributed.py.)"""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import pdmoe.cpt.trainer as trainer
+from pdmoe.cli import flag_spelling
+from pdmoe.cli.cpt import add_cpt_arguments
 from pdmoe.config import MoEConfig, moe_config_dict
 from pdmoe.cpt import train
 from pdmoe.cpt.__main__ import main as cpt_main
@@ -26,8 +30,9 @@ from pdmoe.cpt.memory_plan import (
     meta_model,
     plan_memory,
 )
+from pdmoe.cpt.settings import TrainConfig
 from pdmoe.cpt.trainer import enable_activation_checkpointing
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.layout import layer_index
 from pdmoe.modeling import MoEForCausalLM
 from pdmoe.options import parse_size
@@ -142,26 +147,60 @@ def test_dry_run_plans_from_config_json_alone(tmp_path, capsys):
     assert "does NOT fit in 80.0 GB per GPU; the fewest processes that fit: 4" in capsys.readouterr().out
     for bad, message in (
         (["--num-processes", "0"], "--num-processes must be a whole number from 1 to 4096, got 0"),
-        (["--gpu-memory", "lots"], "cannot read size 'lots'; write it like 5GB, 500MB or 2GiB"),
+        (["--gpu-memory", "lots"], "cannot read --gpu-memory 'lots'; write it like 5GB, 500MB or 2GiB"),
     ):
         assert cpt_main([*args, *bad]) == 2
         assert capsys.readouterr().err.strip() == f"pdmoe cpt: error: {message}"
     assert not out.exists()
 
 
-def test_a_run_that_does_not_fit_stops_before_reading_any_weight(setup, monkeypatch, tmp_path):
+def test_dry_run_names_the_options_to_change_as_its_caller_does(tmp_path):
+    config = TrainConfig(
+        model=_config_only(tmp_path, "llama-3.1-8b"),
+        data=[tmp_path / "d.jsonl"],
+        out=tmp_path,
+        gpu_memory="1GB",
+    )
+    advice = "; no number of processes up to 4096 fits 1.0 GB: lower {} or {}, or add {}\n"
+    report = trainer.dry_run(config, 1)
+    assert advice.format("micro_batch_size", "seq_len", "gradient_checkpointing=True") in report
+    parser = argparse.ArgumentParser()
+    add_cpt_arguments(parser)
+    report = trainer.dry_run(config, 1, flag_spelling(parser))
+    assert advice.format("--micro-batch-size", "--seq-len", "--gradient-checkpointing") in report
+
+
+def test_a_run_that_does_not_fit_stops_before_reading_any_weight(setup, monkeypatch, tmp_path, capsys):
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr(trainer, "load_moe_model", no_weights)
     config = train_config(setup, "too-big", gpu_memory="4.5MB")  # one process needs 5.5 MB
     message = (
-        r"^the run needs 5\.5 MB per process on 1 process\(es\), more than the 4\.5 MB of --gpu-memory "
+        r"^the run needs 5\.5 MB per process on 1 process\(es\), more than the 4\.5 MB of {} "
         r"\(largest part: activations, 2\.4 MB\); the fewest processes that fit: 3, FSDP2 .*, 4\.\d MB each$"
     )
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message.format("gpu_memory")) as caught:
         train(config)
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("gpu_memory"),)
     assert not config.out.exists()
+    assert cpt_main([*command_line(config), "--gpu-memory", "4.5MB"]) == 2
+    assert re.match(
+        message.format("--gpu-memory"), capsys.readouterr().err.removeprefix("pdmoe cpt: error: ")
+    )
+    with pytest.raises(UsageError, match=r"no number of processes up to 4096 fits 0\.0 MB: lower ") as caught:
+        train(replace(config, gpu_memory="1000"))
+    assert caught.value.options == (
+        Option("gpu_memory"),
+        Option("micro_batch_size"),
+        Option("seq_len"),
+        Option("gradient_checkpointing", True),
+    )
+    assert cpt_main([*command_line(config), "--gpu-memory", "1000"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "; no number of processes up to 4096 fits 0.0 MB: lower --micro-batch-size or --seq-len, "
+        "or add --gradient-checkpointing\n"
+    )
     assert cpt_main([*command_line(config), "--gpu-memory", "lots"]) == 2
     assert not config.out.exists()
 

@@ -3,6 +3,7 @@ folders, bad numbers, a diverging loss, a full disk."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import json
@@ -17,16 +18,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pdmoe.cli import flag_spelling
+from pdmoe.cli.cpt import add_cpt_arguments
 from pdmoe.cpt import train
 from pdmoe.cpt.__main__ import main as cpt_main
 from pdmoe.cpt.settings import DEFAULT_LPR_COEF
-from pdmoe.errors import CheckpointError, TrainingError, UsageError
+from pdmoe.errors import CheckpointError, Option, PdmoeError, Problem, TrainingError, UsageError
 from pdmoe.modeling import MoEForCausalLM
 from tests.cpt_runs import build_setup, command_line, metrics, tensors, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = dict(max_steps=6, save_every=2, keep_checkpoints=0, log_every=1)
+RESUME = Option("resume", "latest")
 # Every file accelerate's load_state reads (and unpickles) from a checkpoint folder.
 ACCELERATE_STATE_FILES = (
     "custom_checkpoint_0.pkl",
@@ -41,6 +45,13 @@ ACCELERATE_STATE_FILES = (
     "optimizer_0.bin",
     "dl_state_dict.bin",
 )
+
+
+def _as_cpt_prints(error: PdmoeError) -> str:
+    """``error`` as the command line prints it: its options named by ``pdmoe cpt``'s flags."""
+    parser = argparse.ArgumentParser()
+    add_cpt_arguments(parser)
+    return error.render(flag_spelling(parser))
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +170,15 @@ def test_command_line_errors_are_one_line_with_exit_status_2(setup, uninterrupte
     assert cpt_main(command_line(config)) == 2
     err = capsys.readouterr().err
     assert err.startswith("pdmoe cpt: error: ") and "is corrupt" in err and err.count("\n") == 1
+    mismatched = shutil.copytree(uninterrupted / "checkpoints/step-00000002", tmp_path / "mismatched")
+    state = json.loads((mismatched / "trainer_state.json").read_text())
+    state["settings"]["seed"] = 1
+    (mismatched / "trainer_state.json").write_text(json.dumps(state))
+    assert cpt_main(command_line(train_config(setup, "cli-mismatch", resume=mismatched, **RUN))) == 2
+    assert capsys.readouterr().err == (
+        f"pdmoe cpt: error: --resume {mismatched} does not match this run's settings (seed: checkpoint 1, "
+        "this run 0); rerun with the original settings, or start a fresh run in a new --out\n"
+    )
     for option, value in (("--lr", "nan"), ("--lr", "inf"), ("--max-grad-norm", "nan"), ("--max-steps", "0")):
         config = train_config(setup, "cli-numbers", **RUN)
         assert cpt_main([*command_line(config), option, value]) == 2
@@ -170,23 +190,24 @@ def test_command_line_errors_are_one_line_with_exit_status_2(setup, uninterrupte
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("lr", float("inf"), r"--lr must be a finite number > 0, got inf"),
-        ("lr", 0.0, r"--lr must be a finite number > 0, got 0.0"),
-        ("max_grad_norm", -1.0, r"--max-grad-norm must be a finite number >= 0"),
-        ("min_lr_ratio", 1.5, r"--min-lr-ratio must be at most 1"),
-        ("weight_decay", float("-inf"), r"--weight-decay must be a finite number >= 0"),
-        ("aux_loss_coef", float("nan"), r"--aux-loss-coef must be a finite number >= 0, got nan"),
-        ("lpr_coef", -0.1, r"--lpr-coef must be a finite number >= 0"),
-        ("max_steps", 0, r"--max-steps must be a whole number from 1"),
-        ("max_tokens", 0, r"--max-tokens must be a whole number from 1"),
-        ("micro_batch_size", 2.0, r"--micro-batch-size must be a whole number from 1 to 2\*\*63-1, got 2.0"),
-        ("seed", 10**23, r"--seed must be a whole number from 0 to 2\*\*63-1"),
-        ("grad_accum", True, r"--grad-accum must be a whole number"),
+        ("lr", float("inf"), r" must be a finite number > 0, got inf$"),
+        ("lr", 0.0, r" must be a finite number > 0, got 0.0$"),
+        ("max_grad_norm", -1.0, r" must be a finite number >= 0"),
+        ("min_lr_ratio", 1.5, r" must be at most 1"),
+        ("weight_decay", float("-inf"), r" must be a finite number >= 0"),
+        ("aux_loss_coef", float("nan"), r" must be a finite number >= 0, got nan$"),
+        ("lpr_coef", -0.1, r" must be a finite number >= 0"),
+        ("max_steps", 0, r" must be a whole number from 1"),
+        ("max_tokens", 0, r" must be a whole number from 1"),
+        ("micro_batch_size", 2.0, r" must be a whole number from 1 to 2\*\*63-1, got 2.0$"),
+        ("seed", 10**23, r" must be a whole number from 0 to 2\*\*63-1"),
+        ("grad_accum", True, r" must be a whole number"),
     ],
 )
 def test_bad_numbers_are_refused_before_anything_is_written(setup, option, value, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message) as caught:
         train(train_config(setup, "numbers", **{option: value}))
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option(option),)
     assert not (setup["root"] / "numbers").exists()
 
 
@@ -208,6 +229,10 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(setup, monkeypatch):
     message = str(raised.value)
     assert message.startswith("step 5: loss is nan, lm_loss is nan") and "gradient norm is nan" in message
     assert "the last good checkpoint is" in message and message.count("step-00000004") == 1
+    assert raised.value.options == (Option("lr"), Option("warmup_steps"), RESUME)
+    assert _as_cpt_prints(raised.value).endswith(
+        "(lower --lr, raise --warmup-steps or check the data, then rerun with --resume latest)"
+    )
     assert sorted(p.name for p in (config.out / "checkpoints").iterdir()) == [
         "step-00000002",
         "step-00000004",
@@ -243,6 +268,8 @@ def test_full_disk_keeps_the_previous_checkpoint_and_writes_no_final_model(setup
             train(config)
     assert "cannot write the training checkpoint" in str(raised.value)
     assert "No space left on device" in str(raised.value) and "step-00000002) is kept" in str(raised.value)
+    assert raised.value.options == (RESUME,)
+    assert _as_cpt_prints(raised.value).endswith("is kept: free space and rerun with --resume latest")
     assert sorted(p.name for p in (config.out / "checkpoints").iterdir()) == ["step-00000002"]
 
     resume = train_config(setup, "full-disk", resume="latest", **RUN)
@@ -250,8 +277,12 @@ def test_full_disk_keeps_the_previous_checkpoint_and_writes_no_final_model(setup
         patch.setattr(MoEForCausalLM, "save_pretrained", final_save_fills_disk)
         with pytest.raises(
             CheckpointError, match=r"cannot write the final model into .* \(No space left on device\)"
-        ):
+        ) as raised:
             train(resume)
+    assert raised.value.options == (RESUME,)
+    assert _as_cpt_prints(raised.value).endswith(
+        "the training checkpoints are kept: free space and rerun with --resume latest"
+    )
     assert not any((config.out / name).exists() for name in ("config.json", "model.safetensors"))
     assert not list(config.out.glob(".*partial"))
     assert sorted(p.name for p in (config.out / "checkpoints").iterdir()) == [
@@ -274,3 +305,15 @@ def test_every_random_number_generator_comes_back_from_a_checkpoint_file(tmp_pat
     _set_rng_states(tmp_path, saved, torch.device("cpu"))
     got = (torch.rand(3), random.random(), np.random.rand(2))
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and (got[2] == expected[2]).all()
+
+
+def test_a_failed_metrics_line_says_how_to_go_on(tmp_path):
+    from pdmoe.cpt.metrics import append_metrics
+
+    path = tmp_path / "gone" / "metrics.jsonl"
+    with pytest.raises(CheckpointError, match=r"cannot append to .* \(No such file or directory\)") as raised:
+        append_metrics(path, {"step": 1})
+    assert raised.value.problem is None and raised.value.options == (RESUME,)
+    assert _as_cpt_prints(raised.value) == (
+        f"cannot append to {path} (No such file or directory); free space and rerun with --resume latest"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,15 +11,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pdmoe  # noqa: F401  (registers the MoE with the Auto classes)
+from pdmoe.cli import flag_spelling
+from pdmoe.cli.cpt import add_cpt_arguments
 from pdmoe.cpt import TrainConfig, train
 from pdmoe.cpt.data import PackedSequences, corpus_spec
 from pdmoe.cpt.evaluate import evaluate_model
-from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.errors import CheckpointError, Option, PdmoeError, Problem, UsageError
 from pdmoe.tiny import build_tiny_dense
 from pdmoe.upcycle import upcycle
 from tests.cpt_runs import build_setup, metrics, tensors, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _as_cpt_prints(error: PdmoeError) -> str:
+    """``error`` as the command line prints it: its options named by ``pdmoe cpt``'s flags."""
+    parser = argparse.ArgumentParser()
+    add_cpt_arguments(parser)
+    return error.render(flag_spelling(parser))
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +141,18 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(set
     train(config)
     with pytest.raises(
         UsageError, match=r"does not match this run's settings \(lr: checkpoint 0.003, this run 0.001"
-    ):
+    ) as caught:
         train(train_config(setup, "mismatch", max_steps=4, save_every=2, lr=1e-3, resume="latest"))
-    with pytest.raises(UsageError, match=r"already holds training checkpoints; pass --resume"):
+    assert caught.value.problem is Problem.CONFLICT
+    assert caught.value.options == (Option("resume"), Option("out"))
+    with pytest.raises(UsageError, match=r"already holds training checkpoints") as caught:
         train(config)
+    assert caught.value.problem is Problem.REFUSED
+    assert caught.value.options == (Option("resume", "latest"), Option("overwrite", True))
+    assert _as_cpt_prints(caught.value) == (
+        f"{config.out} already holds training checkpoints; pass --resume latest to continue "
+        "or --overwrite to restart"
+    )
     with pytest.raises(CheckpointError, match=r"not a training checkpoint"):
         train(train_config(setup, "mismatch", max_steps=4, save_every=2, resume=str(setup["moe"])))
 
@@ -145,14 +163,18 @@ def test_bad_model_and_sequence_length(setup, capsys):
     ):
         train(train_config(setup, "dense", model=setup["dense"]))
     with pytest.raises(
-        UsageError, match=r"--seq-len 512 is larger than the model's maximum \(256 positions\)"
-    ):
+        UsageError, match=r"512 is larger than the model's maximum \(256 positions\)"
+    ) as caught:
         train(train_config(setup, "long", seq_len=512))
-    with pytest.raises(UsageError, match=r"review stage needs original-language text"):
+    assert caught.value.problem is Problem.INVALID and caught.value.options == (Option("seq_len"),)
+    with pytest.raises(UsageError, match=r"review stage needs original-language text") as caught:
         train(train_config(setup, "review-no-original", stage="review"))
+    assert caught.value.problem is Problem.MISSING and caught.value.options == (Option("original_langs"),)
     # The default length (the method's 1024) is capped at the model's 256 positions, with a note.
     out = train(train_config(setup, "default-length", seq_len=None, max_steps=1, log_every=1))
-    assert "--seq-len 256, the model's maximum" in capsys.readouterr().out
+    assert (
+        "sequences of 256 tokens, the model's maximum, instead of the default 1024" in capsys.readouterr().out
+    )
     assert metrics(out)[0]["tokens_seen"] == 4 * 256
 
 

@@ -83,14 +83,21 @@ def _tiny_moe_config(family: str) -> dict:
 
 def test_a_family_without_an_export_reason_is_refused_cleanly(monkeypatch) -> None:
     """No KeyError: the refusal says there is no exact form, and which format works instead."""
-    from pdmoe.errors import UsageError
+    from pdmoe.cli import flag_spelling
+    from pdmoe.errors import Option, Problem, UsageError
     from pdmoe.export.formats import NativeFormat, choose_format
 
     config = _tiny_moe_config("qwen3")
     monkeypatch.setitem(FAMILIES, "qwen3", dataclasses.replace(FAMILIES["qwen3"], why_not_other_targets=None))
     with pytest.raises(UsageError) as refused:
         choose_format(config, NativeFormat.MIXTRAL)
-    assert str(refused.value) == "a qwen3 MoE has no exact mixtral form; use --format qwen3_moe (or auto)"
+    assert (refused.value.problem, refused.value.options) == (
+        Problem.INVALID,
+        (Option("format", "qwen3_moe"),),
+    )
+    assert refused.value.render(flag_spelling(_subparser("export"))) == (
+        "a qwen3 MoE has no exact mixtral form; use --format qwen3_moe (or auto)"
+    )
 
 
 def test_an_export_of_an_unknown_family_is_a_usage_error() -> None:

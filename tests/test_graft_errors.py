@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdmoe.cli import main
-from pdmoe.errors import CheckpointError, PdmoeError, UsageError
+from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.graft import GraftOptions, graft
 from tests.graft_checkpoints import dense_config, dense_tensors, load_dir, make, save_checkpoint
 
@@ -179,8 +179,9 @@ def test_non_empty_out_is_replaced_only_when_pdmoe_wrote_it(tmp_path: Path) -> N
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="is not empty; choose another --out"):
+    with pytest.raises(CheckpointError, match="is not empty; choose another out") as caught:
         graft(base, instruct, cpt, out)
+    assert (caught.value.problem, caught.value.options[:1]) == (Problem.REFUSED, (Option("out"),))
     with pytest.raises(
         CheckpointError, match=r"holds files pdmoe did not write .* pdmoe deletes only its own"
     ):
@@ -188,7 +189,7 @@ def test_non_empty_out_is_replaced_only_when_pdmoe_wrote_it(tmp_path: Path) -> N
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()
     graft(base, instruct, cpt, out)
-    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite to replace it"):
+    with pytest.raises(CheckpointError, match="is not empty; pass overwrite=True to replace it"):
         graft(base, instruct, cpt, out)
     (out / "stale.txt").write_text("inside a pdmoe output")
     graft(base, instruct, cpt, out, GraftOptions(overwrite=True))
@@ -212,18 +213,57 @@ def test_out_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "message"),
+    ("options", "problem", "named"),
     [
-        ({"resume": True, "overwrite": True}, UsageError, "pass only one"),
-        ({"dtype": "int8"}, UsageError, "unsupported output dtype 'int8'"),
-        ({"shard_size": "lots"}, UsageError, "cannot read size 'lots'"),
-        ({"scale": float("nan")}, UsageError, "--scale must be a finite number"),
+        ({"resume": True, "overwrite": True}, Problem.CONFLICT, ("resume", "overwrite")),
+        ({"dtype": "int8"}, Problem.INVALID, ("dtype",)),
+        ({"shard_size": "lots"}, Problem.INVALID, ("shard_size",)),
+        ({"scale": float("nan")}, Problem.INVALID, ("scale",)),
     ],
 )
-def test_bad_options(tmp_path: Path, options: dict, error: type[PdmoeError], message: str) -> None:
+def test_bad_options(tmp_path: Path, options: dict, problem: Problem, named: tuple[str, ...]) -> None:
     base, instruct, cpt = make(tmp_path)
-    with pytest.raises(error, match=message):
+    with pytest.raises(UsageError) as caught:
         graft(base, instruct, cpt, tmp_path / "out", GraftOptions(**options))
+    assert (caught.value.problem, [option.name for option in caught.value.options]) == (problem, list(named))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--resume", "--overwrite"],
+            "--resume continues what is in OUT and --overwrite deletes it; pass only one",
+        ),
+        (["--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--shard-size", "lots"], "cannot read --shard-size 'lots'; write it like 5GB, 500MB or 2GiB"),
+        (["--scale", "nan"], "--scale must be a finite number, got nan"),
+    ],
+)
+def test_bad_options_at_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    base, instruct, cpt = make(tmp_path)
+    command = [
+        "graft",
+        "--base",
+        str(base),
+        "--instruct",
+        str(instruct),
+        "--cpt",
+        str(cpt),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    try:
+        code = main([*command, *options])
+    except SystemExit as exit_info:  # argparse's own refusals
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.strip().splitlines()[-1].startswith("pdmoe graft: error: "), (
+        err
+    )
     assert not (tmp_path / "out").exists()
 
 

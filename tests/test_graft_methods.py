@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pdmoe.cli import main
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.graft import GraftOptions, graft
 from pdmoe.graft.merging import (
     DARE_CHUNK,
@@ -161,12 +161,17 @@ def test_task_arithmetic_is_the_weighted_sum():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(UsageError, match="needs --density"):
-        MergeSpec(MergeMethod.TIES)
-    with pytest.raises(UsageError, match=r"\(0, 1\]"):
-        MergeSpec(MergeMethod.DARE, 1.5)
-    with pytest.raises(UsageError, match="not task-arithmetic"):
-        MergeSpec(MergeMethod.TASK_ARITHMETIC, 0.5)
+    refusals = {
+        (Problem.MISSING, (Option("method", "ties"), Option("density"))): lambda: MergeSpec(MergeMethod.TIES),
+        (Problem.INVALID, (Option("density"),)): lambda: MergeSpec(MergeMethod.DARE, 1.5),
+        (Problem.CONFLICT, (Option("density"), Option("method", "task-arithmetic"))): lambda: MergeSpec(
+            MergeMethod.TASK_ARITHMETIC, 0.5
+        ),
+    }
+    for (problem, options), refused in refusals.items():
+        with pytest.raises(UsageError) as caught:
+            refused()
+        assert (caught.value.problem, caught.value.options) == (problem, options)
     with pytest.raises(UsageError, match="unknown merge method"):
         MergeMethod.parse("slerp")
     base, tuned = _models()
@@ -329,5 +334,14 @@ def test_graft_command_line_merge_options(tmp_path, capsys):
     assert all(torch.equal(a[name], b[name]) for name in a)
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "c"), "--method", "ties"]) == 2
-    assert "needs --density" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "pdmoe graft: error: --method ties needs --density, the fraction of each task vector kept (e.g. 0.2)\n"
+    )
+    for options, message in (
+        (["--method", "dare", "--density", "1.5"], "--density must be in (0, 1], got 1.5"),
+        (["--density", "0.5"], "--density does not apply to --method task-arithmetic: it keeps all of each task vector"),
+        (["--method", "ties", "--density", "0.5", "--scale", "-1"], "--method ties needs positive weights (--scale > 0), got [1.0, -1.0]"),
+    ):  # fmt: skip
+        assert main([*common, "--out", str(tmp_path / "c"), *options]) == 2
+        assert capsys.readouterr().err == f"pdmoe graft: error: {message}\n"
     assert not (tmp_path / "c").exists()

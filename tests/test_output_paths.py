@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmoe.cli import main
+from pdmoe.cli import _command_parser as command_parser
+from pdmoe.cli import build_parser, flag_spelling, main
 from pdmoe.errors import CheckpointError, UsageError
 from pdmoe.io.atomic import Staged, open_to_append
 from pdmoe.io.outputs import (
@@ -84,39 +85,41 @@ def test_outputs_are_checked_against_inputs_and_each_other(tmp_path: Path) -> No
     inputs = (model, data)
 
     def refusal(*outputs: Output, overwrite: bool = False) -> str:
+        """The refusal as the command line that has these outputs (eval's --json, graft's others) words it."""
         with pytest.raises((CheckpointError, UsageError)) as caught:
             check_outputs(outputs, inputs=inputs, overwrite=overwrite)
-        return str(caught.value)
+        command = "eval" if outputs[0].option == "json" else "graft"
+        return caught.value.render(flag_spelling(command_parser(build_parser(command), command)))
 
-    assert refusal(Output(data, "--json"), overwrite=True) == (
+    assert refusal(Output(data, "json"), overwrite=True) == (
         f"--json {data} is also an input; choose another --json"
     )
-    assert f"lies inside the input {model}" in refusal(Output(model / "eval.json", "--json"), overwrite=True)
-    assert "contains the input" in refusal(Output(tmp_path, "--export-out", Command.EXPORT))
+    assert f"lies inside the input {model}" in refusal(Output(model / "eval.json", "json"), overwrite=True)
+    assert "contains the input" in refusal(Output(tmp_path, "export_out", Command.EXPORT))
     out = tmp_path / "out"
-    assert refusal(Output(out, "--out", Command.GRAFT), Output(out, "--export-out", Command.EXPORT)) == (
+    assert refusal(Output(out, "out", Command.GRAFT), Output(out, "export_out", Command.EXPORT)) == (
         f"output directory {out} is also --export-out {out}; choose another --out"
     )
     assert f"output directory {out} contains --export-out {out / 'native'}" in refusal(
-        Output(out, "--out", Command.GRAFT), Output(out / "native", "--export-out", Command.EXPORT)
+        Output(out, "out", Command.GRAFT), Output(out / "native", "export_out", Command.EXPORT)
     )
     (tmp_path / "report.json").write_text("mine")
-    assert "exists; pass --overwrite to replace it" in refusal(Output(tmp_path / "report.json", "--json"))
+    assert "exists; pass --overwrite to replace it" in refusal(Output(tmp_path / "report.json", "json"))
     (tmp_path / "link.json").symlink_to(tmp_path / "report.json")
     assert "is a link; pdmoe never writes through links" in refusal(
-        Output(tmp_path / "link.json", "--json"), overwrite=True
+        Output(tmp_path / "link.json", "json"), overwrite=True
     )
     other = tmp_path / "other-model"
     other.mkdir()
     (other / "config.json").write_text("{}")
     assert f"lies inside the model or pdmoe output folder {other}" in refusal(
-        Output(other / "config.json", "--json"), overwrite=True
+        Output(other / "config.json", "json"), overwrite=True
     )
     # what may be written: a new file, an existing one under --overwrite, disjoint folders
-    check_outputs([Output(tmp_path / "new.json", "--json")], inputs=inputs)
-    check_outputs([Output(tmp_path / "report.json", "--json")], inputs=inputs, overwrite=True)
+    check_outputs([Output(tmp_path / "new.json", "json")], inputs=inputs)
+    check_outputs([Output(tmp_path / "report.json", "json")], inputs=inputs, overwrite=True)
     check_outputs(
-        [Output(out, "--out", Command.GRAFT), Output(tmp_path / "native", "--export-out", Command.EXPORT)],
+        [Output(out, "out", Command.GRAFT), Output(tmp_path / "native", "export_out", Command.EXPORT)],
         inputs=inputs,
     )
     assert (tmp_path / "report.json").read_text() == "mine" and not out.exists()
@@ -133,9 +136,9 @@ def test_overlap_is_decided_on_the_files_an_input_links_to(tmp_path: Path) -> No
     with pytest.raises(
         CheckpointError, match=rf"contains {blobs / 'abc'}, a file that the input {snapshot} links to"
     ):
-        check_outputs([Output(tmp_path / "out", "--out", Command.EXPORT)], inputs=[snapshot], overwrite=True)
+        check_outputs([Output(tmp_path / "out", "out", Command.EXPORT)], inputs=[snapshot], overwrite=True)
     with pytest.raises(CheckpointError, match="a file that the input"):
-        check_outputs([Output(blobs / "abc", "--json")], inputs=[snapshot], overwrite=True)
+        check_outputs([Output(blobs / "abc", "json")], inputs=[snapshot], overwrite=True)
 
 
 # --- regressions: graft --export-out -------------------------------------------------------

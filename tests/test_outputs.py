@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pdmoe.cli import main
-from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.graft import GraftOptions, graft
 from pdmoe.io.outputs import LOCK, MARKER, Command, OutputState, claim_output, read_marker
 from pdmoe.io.reader import CheckpointReader
@@ -82,12 +82,13 @@ def test_cpt_overwrite_of_a_folder_holding_its_data_is_refused(tmp_path: Path) -
     assert tree_hash(par) == before
     other = upcycle(tmp_path / "dense", tmp_path / "other-moe")
     before = tree_hash(other)
-    with pytest.raises(UsageError, match=r"--resume: .* holds no training checkpoint yet"):
+    with pytest.raises(UsageError, match=r"holds no training checkpoint yet") as caught:
         train(
             TrainConfig(
                 **{**config.__dict__, "out": other, "resume": "latest", "cache_dir": tmp_path / "cache"}
             )
         )
+    assert (caught.value.problem, caught.value.options) == (Problem.INVALID, (Option("resume"),))
     assert tree_hash(other) == before
 
 
@@ -165,13 +166,13 @@ def test_interrupted_output_is_not_read_as_a_checkpoint(tmp_path: Path, inputs, 
     marker = json.loads((out / MARKER).read_text())
     assert (marker["command"], marker["state"], marker["settings"]["scale"]) == ("graft", "complete", 1.0)
     (out / MARKER).write_text(json.dumps({**marker, "state": "writing", "finished": None}))
-    message = f"{out} is an unfinished `pdmoe graft` output (interrupted, or still being written); finish it with the same `pdmoe graft ... --resume`"
+    message = f"{out} is an unfinished `pdmoe graft` output (interrupted, or still being written); finish it with the same `pdmoe graft` and resume=True, or use a finished checkpoint"
     with pytest.raises(
         CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
     ):
         CheckpointReader(out)
     code, err = run_cli(capsys, graft_command(inputs[0], inputs[1], out, tmp_path / "again"))
-    assert code == 2 and "is an unfinished `pdmoe graft` output" in err
+    assert code == 2 and err == f"pdmoe graft: error: {message.replace('resume=True', '--resume')}\n"
     (tmp_path / "fr.txt").write_text("bonjour\n")
     code, err = run_cli(
         capsys,

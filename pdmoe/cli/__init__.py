@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from pdmoe.errors import PdmoeError, from_os_error
+from pdmoe.errors import Option, PdmoeError, Spelling, from_os_error, keyword_spelling
 from pdmoe.version import pdmoe_version
 
 
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return run_command(args.command, lambda: args.func(args))
+    return run_command(args.command, _command_parser(parser, args.command), lambda: args.func(args))
 
 
 def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
@@ -109,8 +109,30 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
     return parser
 
 
-def run_command(command: str, run: Callable[[], int | None]) -> int:
-    """Run a subcommand; a user error (or an OSError the user can fix) is one line on stderr, exit 2."""
+def flag_spelling(parser: argparse.ArgumentParser) -> Spelling:
+    """How ``parser``'s command line names an option of an error: its flag (``--allow-modified-base``,
+    ``--format mixtral``, ``--no-x`` for a negated switch) or, for a positional, its metavar; an
+    option the parser does not have keeps the Python spelling."""
+    actions = {action.dest: action for action in parser._actions}
+
+    def spell(option: Option) -> str:
+        action = actions.get(option.name)
+        if action is None:
+            return keyword_spelling(option)
+        if not action.option_strings:
+            return action.metavar or action.dest.upper()
+        flags = sorted(action.option_strings, key=len, reverse=True)
+        if option.value is False:
+            return next((flag for flag in flags if flag.startswith("--no-")), flags[0])
+        flag = next(flag for flag in flags if not flag.startswith("--no-"))
+        return flag if option.value is None or option.value is True else f"{flag} {option.value}"
+
+    return spell
+
+
+def run_command(command: str, parser: argparse.ArgumentParser, run: Callable[[], int | None]) -> int:
+    """Run a subcommand; a user error (or an OSError the user can fix) is one line on stderr, exit 2,
+    naming options by ``parser``'s flags."""
     try:
         return int(run() or 0)
     except PdmoeError as exc:
@@ -119,5 +141,5 @@ def run_command(command: str, run: Callable[[], int | None]) -> int:
         error = from_os_error(exc)
         if error is None:
             raise
-    print(f"pdmoe {command}: error: {error}", file=sys.stderr)
+    print(f"pdmoe {command}: error: {error.render(flag_spelling(parser))}", file=sys.stderr)
     return 2

@@ -9,12 +9,14 @@ are imported after.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
-from pdmoe.cli import CommandParser, options_from_args, run_command
+from pdmoe.cli import CommandParser, flag_spelling, options_from_args, run_command
 from pdmoe.cli.corpus import TRAIN_DEFAULTS, add_data_arguments, corpus_from_args
 from pdmoe.cpt.settings import DEFAULT_SEQ_LEN, PARTS, Stage, TrainConfig, check_options
+from pdmoe.errors import Spelling, keyword_spelling
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.preflight import check_models
 
@@ -177,7 +179,8 @@ def add_cpt_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_cpt(args: argparse.Namespace) -> int:
+def run_cpt(args: argparse.Namespace, spell: Spelling = keyword_spelling) -> int:
+    """``pdmoe cpt``; ``spell`` names options in what it prints (the parser's flags)."""
     config = options_from_args(TrainConfig, args)
     check_options(config)  # before torch loads: a mistyped number is refused in a blink
     if args.dry_run:  # config.json alone: no weights, no data, nothing written
@@ -185,7 +188,7 @@ def run_cpt(args: argparse.Namespace) -> int:
         from pdmoe.cpt.trainer import dry_run
 
         if int(os.environ.get("RANK", "0")) == 0:  # one report per launch
-            print(dry_run(config, args.num_processes))
+            print(dry_run(config, args.num_processes, spell))
         return 0
     for paths, langs in ((config.data, config.langs), (config.eval_data, config.eval_langs)):
         if paths:
@@ -216,7 +219,7 @@ def add_cpt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "For several processes/GPUs: accelerate launch -m pdmoe.cpt ...",
     )
     add_cpt_arguments(parser)
-    parser.set_defaults(func=run_cpt)
+    parser.set_defaults(func=functools.partial(run_cpt, spell=flag_spelling(parser)))
     return parser
 
 
@@ -227,4 +230,4 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_cpt_arguments(parser)
     args = parser.parse_args(argv)
-    return run_command("cpt", lambda: run_cpt(args))
+    return run_command("cpt", parser, lambda: run_cpt(args, flag_spelling(parser)))

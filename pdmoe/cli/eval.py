@@ -20,9 +20,7 @@ def run_eval(args: argparse.Namespace) -> int:
     options = replace(options_from_args(EvalOptions, args), max_sequences=args.max_sequences or None)
     corpus = corpus_from_args(args, args.data, args.langs)
     (model,) = check_models([args.model])
-    outputs = [
-        Output(path, option) for option, path in (("--json", args.json), ("--plot", args.plot)) if path
-    ]
+    outputs = [Output(path, option) for option, path in (("json", args.json), ("plot", args.plot)) if path]
     # every output before the evaluation, not after it: clear of the model and the data, writable
     check_outputs(outputs, inputs=(model, *(file.path for file in corpus.files)), overwrite=args.overwrite)
     from pdmoe.cpt.evaluate import evaluate_model, heatmap_format, save_heatmap

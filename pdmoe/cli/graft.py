@@ -139,9 +139,9 @@ def run_graft_command(args: argparse.Namespace) -> int:
     exporting = options_from_args(ExportOptions, args) if args.format else None
     inputs = check_models([args.base, args.instruct, args.cpt])
     if not args.dry_run:
-        outputs = [Output(args.out, "--out", Command.GRAFT)]
+        outputs = [Output(args.out, "out", Command.GRAFT)]
         if exporting:
-            outputs.append(Output(export_out(args), "--export-out", Command.EXPORT))
+            outputs.append(Output(export_out(args), "export_out", Command.EXPORT))
         # every output before the graft starts, clear of the inputs and of each other
         check_outputs(outputs, inputs=inputs, overwrite=options.overwrite, resume=options.resume)
     from pdmoe.export import check_export, export

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.families import FAMILIES, SlidingWindow, get_family
 from pdmoe.layout import LAYERS_PREFIX, MoETensor, match_moe
 
@@ -233,8 +233,14 @@ def choose_format(config: dict[str, Any], requested: NativeFormat) -> NativeForm
     reason = _not_exact(config, requested)
     if reason is None:
         return requested
-    instead = f"use --format {exact[0].value} (or auto)" if exact else "no native format is exact for it"
-    raise UsageError(f"{reason}; {instead}")
+    if not exact:
+        raise UsageError("{reason}; no native format is exact for it", problem=Problem.INVALID, reason=reason)
+    raise UsageError(
+        "{reason}; use {format} (or auto)",
+        problem=Problem.INVALID,
+        reason=reason,
+        format=Option("format", exact[0].value),
+    )
 
 
 def _transformers_4_fields(config: dict[str, Any]) -> dict[str, Any]:

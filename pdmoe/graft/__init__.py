@@ -59,7 +59,7 @@ def graft(
     untouched must equal BASE's unless ``allow_modified_base``.
     """
     options = replace(options, **changes)
-    check_number("--scale", options.scale)
+    check_number("scale", options.scale)
     base, instruct, cpt = resolve_model(base), resolve_model(instruct), resolve_model(cpt)
     merge = MergeSpec(MergeMethod.parse(options.method), options.density, options.seed)
     merge.check_weights((1.0, options.scale))

@@ -5,7 +5,7 @@ embeddings, lm_head) and the original experts stay BASE's, bit for bit (in CPT's
 reads both anyway, so comparing them costs no extra read. A difference means the wrong BASE (a
 sibling of the same shape, or BASE and INSTRUCT swapped) or a CPT that trained more than pdmoe's
 default; grafting would then break the promise that the result's shared weights and original
-experts are INSTRUCT's. It is refused unless ``--allow-modified-base`` says the CPT did train them.
+experts are INSTRUCT's. It is refused unless ``allow_modified_base`` says the CPT did train them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmoe.errors import TensorValueError
+from pdmoe.errors import Option, Problem, TensorValueError
 from pdmoe.graft.planner import GraftRule, Piece, RowSource, TensorPlan
 
-ALLOW_OPTION = "--allow-modified-base"
+ALLOW_MODIFIED_BASE = Option("allow_modified_base", True)
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,18 @@ class LineageCheck:
         where = f"expert {expert} of {plan.out.name}" if plan.experts else plan.out.name
         source = "" if piece.dense == plan.out.name else f" (BASE's {piece.dense})"
         raise TensorValueError(
-            f"CPT is not a descendant of BASE: {where}, rows {rows.start}..{rows.stop - 1}, differs from "
-            f"BASE{source} by up to {largest:.3g}, but pdmoe's CPT leaves shared weights and original experts "
-            "untouched. Check --base (is it the model CPT was upcycled from? are --base and --instruct "
-            f"swapped?). If CPT also trained these tensors, pass {ALLOW_OPTION}: the graft is then the plain "
-            "sum CPT + SCALE * (INSTRUCT - BASE), and the result's shared weights are not INSTRUCT's"
+            "CPT is not a descendant of BASE: {where}, rows {first}..{last}, differs from BASE{source} by up "
+            "to {largest:.3g}, but pdmoe's CPT leaves shared weights and original experts untouched. Check "
+            "{base} (is it the model CPT was upcycled from? are {base} and {instruct} swapped?). If CPT also "
+            "trained these tensors, pass {allow}: the graft is then the plain sum CPT + SCALE * (INSTRUCT - "
+            "BASE), and the result's shared weights are not INSTRUCT's",
+            problem=Problem.REFUSED,
+            where=where,
+            first=rows.start,
+            last=rows.stop - 1,
+            source=source,
+            largest=largest,
+            base=Option("base"),
+            instruct=Option("instruct"),
+            allow=ALLOW_MODIFIED_BASE,
         )

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from pdmoe.errors import TensorValueError
-from pdmoe.finite import ALLOW_OPTION as ALLOW_NON_FINITE
-from pdmoe.finite import all_finite, count_non_finite, describe_counts
+from pdmoe.errors import Option, Problem, TensorValueError
+from pdmoe.finite import ALLOW_NON_FINITE, all_finite, count_non_finite, describe_counts
 from pdmoe.graft.delta import apply_delta, param_delta, work_dtype
 from pdmoe.graft.lineage import LineageCheck
 from pdmoe.graft.merge_stream import MergedTensor, Span
@@ -254,15 +253,25 @@ class Streamer:
                 found.append(f"{role.value.upper()} {name}: {describe_counts(nan, inf)} values of {numel}")
         if found:
             return TensorValueError(
-                f"non-finite values in the inputs of {plan.out.name}:\n  " + "\n  ".join(found) + "\n"
-                "They would spread into the grafted model. Fix or re-download the checkpoint, or pass "
-                f"{ALLOW_NON_FINITE} to write them as they are"
+                "non-finite values in the inputs of {name}:\n  {found}\nThey would spread into the grafted "
+                "model. Fix or re-download the checkpoint, or pass {allow} to write them as they are",
+                problem=Problem.REFUSED,
+                name=plan.out.name,
+                found="\n  ".join(found),
+                allow=ALLOW_NON_FINITE,
             )
         nan, inf = count_non_finite([block])
         return TensorValueError(
-            f"{plan.out.name}: CPT + SCALE * (INSTRUCT - BASE) with SCALE={self.scale:g} gives "
-            f"{describe_counts(nan, inf)} values in {plan.out.dtype}: the result exceeds its range. "
-            f"Lower --scale or choose a wider --dtype (or pass {ALLOW_NON_FINITE})"
+            "{name}: CPT + SCALE * (INSTRUCT - BASE) with SCALE={value:g} gives {counts} values in {target}: "
+            "the result exceeds its range. Lower {scale} or choose a wider {dtype} (or pass {allow})",
+            problem=Problem.REFUSED,
+            name=plan.out.name,
+            value=self.scale,
+            counts=describe_counts(nan, inf),
+            target=plan.out.dtype,
+            scale=Option("scale"),
+            dtype=Option("dtype"),
+            allow=ALLOW_NON_FINITE,
         )
 
 

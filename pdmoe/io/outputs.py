@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pdmoe.errors import CheckpointError, UsageError
+from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.io.atomic import write_text_atomic
 from pdmoe.io.strict_json import read_json_object
 from pdmoe.version import pdmoe_version
@@ -68,8 +68,13 @@ class Command(Enum):
         return "bench/study.py" if self is Command.STUDY else f"pdmoe {self.value}"
 
 
-# Commands whose interrupted output is finished by running them again with --resume.
-RESUMABLE = (Command.GRAFT, Command.CPT)
+# Commands whose interrupted output is finished by running them again with ``resume``: the value that
+# says so (graft's is a switch; cpt's names the checkpoint, the newest being "latest").
+RESUME: dict[Command, Option] = {
+    Command.GRAFT: Option("resume", True),
+    Command.CPT: Option("resume", "latest"),
+}
+RESUMABLE = tuple(RESUME)
 # Outputs a resumed run continues (the study continues its folder on every run); others are written anew.
 _CONTINUED = (*RESUMABLE, Command.STUDY)
 
@@ -118,19 +123,25 @@ def read_marker(directory: str | Path) -> OutputRecord | None:
         raise CheckpointError(f"{path} is not a pdmoe output marker pdmoe can read") from None
 
 
-def _rerun_hint(command: Command) -> str:
-    if command in RESUMABLE:
-        return f"finish it with the same `{command.program} ... --resume`"
-    return f"run `{command.program}` again"
+OVERWRITE = Option("overwrite", True)
 
 
 def refuse_unfinished(directory: str | Path) -> None:
     """A CheckpointError when ``directory`` is a pdmoe output whose run has not finished."""
     record = read_marker(directory)
     if record is not None and record.state is not OutputState.COMPLETE:
+        rerun = (
+            "finish it with the same `{program}` and {resume}"
+            if record.command in RESUMABLE
+            else "run `{program}` again"
+        )
         raise CheckpointError(
-            f"{directory} is an unfinished `{record.command.program}` output (interrupted, or still "
-            f"being written); {_rerun_hint(record.command)}, or use a finished checkpoint"
+            "{directory} is an unfinished `{program}` output (interrupted, or still being written); "
+            + rerun
+            + ", or use a finished checkpoint",
+            directory=directory,
+            program=record.command.program,
+            resume=RESUME.get(record.command),
         )
 
 
@@ -141,25 +152,31 @@ def _now() -> str:
 class _Lock:
     """An exclusive ``flock`` on ``directory/LOCK``, its file naming the holder."""
 
-    def __init__(self, directory: Path, command: Command) -> None:
+    def __init__(self, directory: Path, command: Command, option: str) -> None:
         self.path = directory / LOCK
         self._fd: int | None = None
         while True:
-            fd = self._open(directory)
+            fd = self._open(directory, option)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._describe_holder(fd)
                 os.close(fd)
                 raise CheckpointError(
-                    f"{directory} is in use by another pdmoe run ({holder}); wait for it to finish, "
-                    "or choose another --out"
+                    "{directory} is in use by another pdmoe run ({holder}); wait for it to finish, "
+                    "or choose another {out}",
+                    directory=directory,
+                    holder=holder,
+                    out=Option(option),
                 ) from None
             except OSError as error:
                 os.close(fd)
                 raise CheckpointError(
-                    f"cannot lock {self.path} ({error.strerror}); pdmoe needs a file system with file "
-                    "locks for its outputs: choose another --out"
+                    "cannot lock {path} ({reason}); pdmoe needs a file system with file locks for its "
+                    "outputs: choose another {out}",
+                    path=self.path,
+                    reason=error.strerror,
+                    out=Option(option),
                 ) from None
             # A run releasing the lock unlinks the file: hold it only if it is still the one in place.
             with contextlib.suppress(FileNotFoundError):
@@ -171,11 +188,13 @@ class _Lock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
 
-    def _open(self, directory: Path) -> int:
+    def _open(self, directory: Path, option: str) -> int:
         """The lock file, never through a link: a planted symlink, folder or device is refused."""
         refusal = CheckpointError(
-            f"{self.path} is not a regular file (a link, a folder, ...) and pdmoe did not make it; "
-            "remove it, or choose another --out"
+            "{path} is not a regular file (a link, a folder, ...) and pdmoe did not make it; "
+            "remove it, or choose another {out}",
+            path=self.path,
+            out=Option(option),
         )
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -216,19 +235,33 @@ class Output:
     or a single file when ``command`` is None."""
 
     path: Path
-    option: str = "--out"
+    option: str = "out"  # the option's field name, as errors name it (``Option``)
     command: Command | None = None
 
 
 @dataclass(frozen=True)
 class _Keep:
-    """What an output must keep clear of: an input or another output (``what``), by its resolved path
-    and the resolved targets of the links inside it (a Hugging Face snapshot links into ``blobs/``)."""
+    """What an output must keep clear of: an input, or another output (given by ``option``), by its
+    resolved path and the resolved targets of the links inside it (a Hugging Face snapshot links into
+    ``blobs/``)."""
 
-    what: str
+    shown: Path  # the path as messages name it
     path: Path
     targets: tuple[Path, ...] = ()
-    same: str = ""  # how an output at the same path is told; default "is also {what}"
+    option: str | None = None  # the option that gives another output; None for an input
+
+    def values(self) -> dict[str, object]:
+        """The values of the message templates below: ``{kept}`` and ``{kept_option}``."""
+        return {"kept": self.shown, "kept_option": Option(self.option or "")}
+
+    @property
+    def what(self) -> str:
+        return "the input {kept}" if self.option is None else "{kept_option} {kept}"
+
+    @property
+    def same(self) -> str:
+        """How an output at the same path is told."""
+        return "is also an input" if self.option is None else "is also " + self.what
 
 
 def _link_targets(folder: Path) -> tuple[Path, ...]:
@@ -245,7 +278,7 @@ def _link_targets(folder: Path) -> tuple[Path, ...]:
 
 def _input(path: str | Path) -> _Keep:
     real = Path(path).resolve()
-    return _Keep(f"the input {real}", real, _link_targets(Path(path)), same="is also an input")
+    return _Keep(real, real, _link_targets(Path(path)))
 
 
 def _resolved(output: Output) -> Path:
@@ -257,18 +290,20 @@ def _resolved(output: Output) -> Path:
     return path.parent.resolve() / path.name
 
 
-def _overlap(out: Path, keep: _Keep) -> str | None:
-    """How the resolved output path ``out`` collides with ``keep``, or None."""
+def _overlap(out: Path, keep: _Keep) -> tuple[str, dict[str, object]] | None:
+    """How the resolved output path ``out`` collides with ``keep`` (a message template and its
+    values), or None."""
+    values = keep.values()
     if out == keep.path:
-        return keep.same or f"is also {keep.what}"
+        return keep.same, values
     if out in keep.path.parents:
-        return f"contains {keep.what}"
+        return "contains " + keep.what, values
     if keep.path in out.parents:
-        return f"lies inside {keep.what}"
+        return "lies inside " + keep.what, values
     for target in keep.targets:
         if out == target or out in target.parents or target in out.parents:
             relation = "lies inside" if target in out.parents else "contains"
-            return f"{relation} {target}, a file that {keep.what} links to"
+            return f"{relation} {{target}}, a file that {keep.what} links to", {**values, "target": target}
     return None
 
 
@@ -379,10 +414,17 @@ def _make_folders(out: Path, option: str) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise CheckpointError(
-            f"cannot create {out}: a part of that path is a file or a broken link; choose another {option}"
+            "cannot create {path}: a part of that path is a file or a broken link; choose another {out}",
+            path=out,
+            out=Option(option),
         ) from None
     except OSError as error:
-        raise CheckpointError(f"cannot create {out} ({error.strerror}); choose another {option}") from None
+        raise CheckpointError(
+            "cannot create {path} ({reason}); choose another {out}",
+            path=out,
+            reason=error.strerror,
+            out=Option(option),
+        ) from None
     return list(reversed(missing))
 
 
@@ -398,22 +440,32 @@ def check_outputs(
     every input (and the real files its links point to) and against the other outputs; a folder by
     the rules of ``claim_output``, a single file by those of ``_check_file``."""
     if resume and overwrite:
-        raise UsageError("--resume continues what is in OUT and --overwrite deletes it; pass only one")
+        raise UsageError(
+            "{resume} continues what is in OUT and {overwrite} deletes it; pass only one",
+            problem=Problem.CONFLICT,
+            resume=Option("resume"),
+            overwrite=Option("overwrite"),
+        )
     outputs, kept_inputs = list(outputs), [_input(path) for path in inputs]
     for output in outputs:
         if output.command is None:
             _check_file_path(output)
         others = [
-            _Keep(f"{other.option} {other.path}", _resolved(other))
+            _Keep(other.path, _resolved(other), option=other.option)
             for other in outputs
             if other is not output
         ]
         for kept in (*kept_inputs, *others):
-            if problem := _overlap(_resolved(output), kept):
-                named = (
-                    f"output directory {output.path}" if output.command else f"{output.option} {output.path}"
+            if overlap := _overlap(_resolved(output), kept):
+                relation, values = overlap
+                named = "output directory {path}" if output.command else "{out} {path}"
+                raise CheckpointError(
+                    f"{named} {relation}; choose another {{out}}",
+                    problem=Problem.CONFLICT,
+                    path=output.path,
+                    out=Option(output.option),
+                    **values,
                 )
-                raise CheckpointError(f"{named} {problem}; choose another {output.option}")
         if output.command is None:
             _check_file(output, overwrite=overwrite)
         else:  # resume continues the resumable outputs; the others are written anew
@@ -427,7 +479,7 @@ def check_output(
     inputs: Iterable[str | Path] = (),
     overwrite: bool = False,
     resume: bool = False,
-    option: str = "--out",
+    option: str = "out",
 ) -> None:
     """``check_outputs`` of one output folder: for a command that prepares for long (tokenising,
     loading) before it claims its output."""
@@ -435,54 +487,75 @@ def check_output(
 
 
 def _check_folder(output: Output, *, overwrite: bool, resume: bool) -> None:
-    out, option = output.path, output.option
+    out, option = output.path, Option(output.option)
     if out.is_symlink() and not out.is_dir():
-        raise CheckpointError(f"{option} {out} is a broken link; choose another {option}")
+        raise CheckpointError(
+            "{out} {path} is a broken link; choose another {out}",
+            problem=Problem.INVALID,
+            out=option,
+            path=out,
+        )
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory; choose another {option}")
+        raise CheckpointError(
+            "{path} exists and is not a directory; choose another {out}",
+            problem=Problem.INVALID,
+            out=option,
+            path=out,
+        )
     if out.is_dir():
         assert output.command is not None
-        _check_contents(out, output.command, overwrite=overwrite, resume=resume, empty=False)
+        _check_contents(
+            out, output.command, overwrite=overwrite, resume=resume, empty=False, option=output.option
+        )
 
 
 def _check_file_path(output: Output) -> None:
     """A single-file output (``eval --json``) names a file in an existing folder: not a link, a
     folder or a device."""
-    path, option = output.path, output.option
-    folder = path.parent
+    path, folder = output.path, output.path.parent
     if not folder.is_dir():
-        raise UsageError(
-            f"{option} {path}: the folder {folder} does not exist; create it or choose another path"
-        )
-    if path.is_symlink():
-        raise UsageError(
-            f"{option} {path} is a link; pdmoe never writes through links: give a plain file path"
-        )
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file path")
-    if path.exists() and not path.is_file():
-        raise UsageError(f"{option} {path} is not a regular file; give a file path")
+        problem = "{out} {path}: the folder {folder} does not exist; create it or choose another path"
+    elif path.is_symlink():
+        problem = "{out} {path} is a link; pdmoe never writes through links: give a plain file path"
+    elif path.is_dir():
+        problem = "{out} {path} is a directory; give a file path"
+    elif path.exists() and not path.is_file():
+        problem = "{out} {path} is not a regular file; give a file path"
+    else:
+        return
+    raise UsageError(problem, problem=Problem.INVALID, out=Option(output.option), path=path, folder=folder)
 
 
 def _check_file(output: Output, *, overwrite: bool) -> None:
     """A single-file output is not inside a folder pdmoe wrote or a model folder; an existing file is
     replaced only under ``overwrite`` and only when it is writable; its folder is writable."""
-    path, option = output.path, output.option
-    folder = path.parent
+    path, folder, option = output.path, output.path.parent, Option(output.option)
     real = _resolved(output)
     for parent in real.parents:
         if (parent / MARKER).is_file() or (parent == real.parent and (parent / "config.json").is_file()):
             raise UsageError(
-                f"{option} {path} lies inside the model or pdmoe output folder {parent}; "
-                "write it outside that folder"
+                "{out} {path} lies inside the model or pdmoe output folder {parent}; write it outside that folder",
+                problem=Problem.CONFLICT,
+                out=option,
+                path=path,
+                parent=parent,
             )
     if path.exists():
         if not overwrite:
             raise UsageError(
-                f"{option} {path} exists; pass --overwrite to replace it, or choose another path"
+                "{out} {path} exists; pass {overwrite} to replace it, or choose another path",
+                problem=Problem.REFUSED,
+                out=option,
+                path=path,
+                overwrite=OVERWRITE,
             )
         if not os.access(path, os.W_OK):
-            raise UsageError(f"{option} {path} is read-only; make it writable or choose another path")
+            raise UsageError(
+                "{out} {path} is read-only; make it writable or choose another path",
+                problem=Problem.INVALID,
+                out=option,
+                path=path,
+            )
     probe = folder / f".{path.name}.pdmoe-probe"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -491,7 +564,12 @@ def _check_file(output: Output, *, overwrite: bool) -> None:
         pass  # a probe of a concurrent run: the folder is writable
     except OSError as error:
         raise UsageError(
-            f"{option} {path}: cannot write in {folder} ({error.strerror}); choose another path"
+            "{out} {path}: cannot write in {folder} ({reason}); choose another path",
+            problem=Problem.INVALID,
+            out=option,
+            path=path,
+            folder=folder,
+            reason=error.strerror,
         ) from None
 
 
@@ -504,7 +582,7 @@ def claim_output(
     resume: bool = False,
     settings: Mapping[str, Any] | None = None,
     keep_partial: bool = False,
-    option: str = "--out",
+    option: str = "out",
 ) -> OutputFolder:
     """Claim ``out`` for a run of ``command`` (see the module docstring); refuses before changing anything.
 
@@ -514,9 +592,11 @@ def claim_output(
     sources = [Path(source) for source in inputs]
     check_output(out, command, inputs=sources, overwrite=overwrite, resume=resume, option=option)
     created = _make_folders(out, option)
-    lock = _Lock(out, command)
+    lock = _Lock(out, command, option)
     try:
-        previous = _check_contents(out, command, overwrite=overwrite, resume=resume, empty=True)
+        previous = _check_contents(
+            out, command, overwrite=overwrite, resume=resume, empty=True, option=option
+        )
         record = OutputRecord(
             command=command,
             state=OutputState.WRITING,
@@ -539,48 +619,67 @@ def claim_output(
 
 
 def _check_contents(
-    out: Path, command: Command, *, overwrite: bool, resume: bool, empty: bool
+    out: Path, command: Command, *, overwrite: bool, resume: bool, empty: bool, option: str
 ) -> OutputRecord | None:
     """Refuse a non-empty folder pdmoe may not touch; under ``overwrite``, ``empty`` it. Returns the
     marker of the earlier run when this one resumes it, None when the folder is (to be) empty."""
     if not _entries(out):
         return None
     record = read_marker(out)
+    values = {
+        "path": out,
+        "out": Option(option),
+        "marker": MARKER,
+        "program": command.program,
+        "resume": Option("resume"),
+        "resume_it": RESUME.get(command),
+        "overwrite": OVERWRITE,
+    }
     if resume:
-        option = "--resume: " if command in RESUMABLE else ""
+        named = "{resume}: " if command in RESUMABLE else ""
         if record is None:
             raise CheckpointError(
-                f"{option}{out} was not written by pdmoe (it has no {MARKER}); pdmoe continues only "
-                f"its own `{command.program}` output: choose another --out"
+                named + "{path} was not written by pdmoe (it has no {marker}); pdmoe continues only its own "
+                "`{program}` output: choose another {out}",
+                problem=Problem.REFUSED,
+                **values,
             )
         if record.command is not command:
             raise CheckpointError(
-                f"{option}{out} is a `{record.command.program}` output, not a `{command.program}` "
-                "one; choose another --out"
+                named + "{path} is a `{found}` output, not a `{program}` one; choose another {out}",
+                problem=Problem.REFUSED,
+                found=record.command.program,
+                **values,
             )
         return record
     if overwrite:
         if record is None:
             raise CheckpointError(
-                f"--overwrite: {out} holds files pdmoe did not write (it has no {MARKER}); pdmoe deletes "
-                "only its own outputs: remove them yourself or choose another --out"
+                "{overwrite}: {path} holds files pdmoe did not write (it has no {marker}); pdmoe deletes "
+                "only its own outputs: remove them yourself or choose another {out}",
+                problem=Problem.REFUSED,
+                **values,
             )
         if empty:
             _remove_entries(out)
         return None
     if record is None:
-        hint = "choose another --out (pdmoe replaces only folders it wrote)"
+        hint = "choose another {out} (pdmoe replaces only folders it wrote)"
     elif record.command is command and record.state is OutputState.WRITING and command in RESUMABLE:
-        hint = "pass --resume to finish the interrupted run, or --overwrite to replace it"
+        hint = "pass {resume_it} to finish the interrupted run, or {overwrite} to replace it"
     else:
-        hint = "pass --overwrite to replace it"
-    raise CheckpointError(f"output directory {out} is not empty; {hint}")
+        hint = "pass {overwrite} to replace it"
+    raise CheckpointError("output directory {path} is not empty; " + hint, problem=Problem.REFUSED, **values)
 
 
-def ensure_free_space(out_dir: Path, needed_bytes: int) -> None:
+def ensure_free_space(out_dir: Path, needed_bytes: int, option: str = "out") -> None:
     free = shutil.disk_usage(out_dir).free
     if free < needed_bytes + _FREE_SPACE_MARGIN:
         raise CheckpointError(
-            f"{out_dir} has {free / 2**30:.2f} GiB free but the output needs {needed_bytes / 2**30:.2f} GiB; "
-            "free some space or choose another --out"
+            "{path} has {free:.2f} GiB free but the output needs {needed:.2f} GiB; free some space or "
+            "choose another {out}",
+            path=out_dir,
+            free=free / 2**30,
+            needed=needed_bytes / 2**30,
+            out=Option(option),
         )

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 class Dare(TaskVectorMerge):
     method = MergeMethod.DARE
     summary = (
-        "DARE (Yu et al. 2023): keeps each entry with probability --density (masks drawn from --seed) and "
-        "rescales by 1/density"
+        "DARE (Yu et al. 2023): keeps each entry with probability DENSITY (masks drawn from SEED) and "
+        "rescales by 1/DENSITY"
     )
 
     def check_options(self, spec: MergeSpec) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.options import check_seed
 
 if TYPE_CHECKING:
@@ -141,10 +141,19 @@ def require_density(spec: MergeSpec, example: str) -> None:
     """A method that keeps a fraction of each task vector: ``density`` given, in (0, 1]."""
     if spec.density is None:
         raise UsageError(
-            f"--method {spec.method.value} needs --density, the fraction of each task vector kept ({example})"
+            "{method} needs {density}, the fraction of each task vector kept ({example})",
+            problem=Problem.MISSING,
+            method=Option("method", spec.method.value),
+            density=Option("density"),
+            example=example,
         )
     if not 0 < spec.density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {spec.density}")
+        raise UsageError(
+            "{density} must be in (0, 1], got {value}",
+            problem=Problem.INVALID,
+            density=Option("density"),
+            value=spec.density,
+        )
 
 
 _STRATEGIES: dict[MergeMethod, MergeStrategy] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.graft.methods.registry import MergeMethod, MergeSpec, MergeStrategy, register
 
 if TYPE_CHECKING:
@@ -24,7 +24,12 @@ class TaskArithmetic(MergeStrategy):
 
     def check_options(self, spec: MergeSpec) -> None:
         if spec.density is not None:
-            raise UsageError("--density applies to --method ties or dare, not task-arithmetic")
+            raise UsageError(
+                "{density} does not apply to {method}: it keeps all of each task vector",
+                problem=Problem.CONFLICT,
+                density=Option("density"),
+                method=Option("method", self.method.value),
+            )
 
     def describe(self, spec: MergeSpec) -> str:
         return f"method {spec.method.value}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pdmoe.errors import UsageError
+from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.graft.methods.registry import MergeMethod, MergeSpec, TaskVectorMerge, register, require_density
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ _INSTRUCT = -1  # the expert slot of INSTRUCT's unit, which serves every expert
 class Ties(TaskVectorMerge):
     method = MergeMethod.TIES
     summary = (
-        "TIES (Yadav et al. 2023): keeps the --density largest magnitudes of each task vector, elects the sign "
+        "TIES (Yadav et al. 2023): keeps the DENSITY largest magnitudes of each task vector, elects the sign "
         "of their weighted sum and takes the weighted mean of the agreeing entries"
     )
 
@@ -40,7 +40,13 @@ class Ties(TaskVectorMerge):
     def check_weights(self, weights: Sequence[float]) -> None:
         # the mean divides by the summed weights of the agreeing task vectors
         if any(w <= 0 for w in weights):
-            raise UsageError(f"--method ties needs positive weights (--scale > 0), got {list(weights)}")
+            raise UsageError(
+                "{method} needs positive weights ({scale} > 0), got {weights}",
+                problem=Problem.INVALID,
+                method=Option("method", self.method.value),
+                scale=Option("scale"),
+                weights=list(weights),
+            )
 
     def merge_deltas(
         self, spec: MergeSpec, deltas: Sequence[torch.Tensor], weights: Sequence[float], units: Sequence[str]
