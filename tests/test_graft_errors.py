@@ -13,7 +13,14 @@ import torch
 from pdmoe.cli import main
 from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.graft import GraftOptions, graft
-from tests.graft_checkpoints import dense_config, dense_tensors, load_dir, make, save_checkpoint
+from tests.graft_checkpoints import (
+    dense_config,
+    dense_tensors,
+    graft_command,
+    load_dir,
+    make,
+    save_checkpoint,
+)
 
 
 def assert_nothing_finished(out: Path) -> None:
@@ -245,19 +252,8 @@ def test_bad_options_at_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
 ) -> None:
     base, instruct, cpt = make(tmp_path)
-    command = [
-        "graft",
-        "--base",
-        str(base),
-        "--instruct",
-        str(instruct),
-        "--cpt",
-        str(cpt),
-        "--out",
-        str(tmp_path / "out"),
-    ]
     try:
-        code = main([*command, *options])
+        code = main(graft_command(base, instruct, cpt, tmp_path / "out", *options))
     except SystemExit as exit_info:  # argparse's own refusals
         code = exit_info.code
     err = capsys.readouterr().err
