@@ -15,10 +15,11 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pdmoe.cli import options_from_args
 from pdmoe.families import DEFAULT_FAMILY, FAMILIES
 from pdmoe.io.outputs import Command, check_output
 from pdmoe.layout import MoETensor, match_moe
@@ -205,13 +206,26 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_demo(
-    out: str | Path, steps: int = 150, overwrite: bool = False, family: str = DEFAULT_FAMILY
-) -> DemoReport:
-    """Run every pipeline step under ``out`` and check docs/method.md's two invariants on the way."""
-    check_output(out, Command.DEMO, overwrite=overwrite)  # before the imports below (seconds)
+@dataclass(frozen=True)
+class DemoOptions:
+    """How to run the demo: ``pdmoe demo`` builds them from its flags, which default to these."""
+
+    out: Path = Path("demo-run")
+    steps: int = 150  # CPT steps
+    family: str = DEFAULT_FAMILY
+    overwrite: bool = False
+
+
+DEFAULT_OPTIONS = DemoOptions()
+
+
+def run_demo(options: DemoOptions = DEFAULT_OPTIONS, **changes: Any) -> DemoReport:
+    """Run every pipeline step under ``options.out`` and check docs/method.md's two invariants on
+    the way; ``changes`` replace fields of ``options`` (``run_demo(out="x", steps=15)``)."""
+    options = replace(options, **changes)
+    check_output(options.out, Command.DEMO, overwrite=options.overwrite)  # before the imports below (seconds)
     with _no_loading_bars():
-        return _run_steps(Path(out), steps, overwrite, family)
+        return _run_steps(Path(options.out), options.steps, options.overwrite, options.family)
 
 
 def _run_steps(out: Path, steps: int, overwrite: bool, family: str) -> DemoReport:
@@ -298,7 +312,7 @@ def _run_steps(out: Path, steps: int, overwrite: bool, family: str) -> DemoRepor
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, steps=args.steps, overwrite=args.overwrite, family=args.family)
+    report = run_demo(options_from_args(DemoOptions, args))
     print(report.render())
     return 0 if report.ok else 1
 
@@ -308,8 +322,12 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         description="base -> instruct stand-in -> upcycle -> CPT on a built-in corpus -> graft -> generate.",
     )
-    parser.add_argument("--out", default="demo-run", help="working directory (default demo-run)")
-    parser.add_argument("--steps", type=int, default=150, help="CPT steps (default 150)")
-    parser.add_argument("--family", default=DEFAULT_FAMILY, choices=list(FAMILIES))
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OPTIONS.out, help="working directory (default %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_OPTIONS.steps, help="CPT steps (default %(default)s)"
+    )
+    parser.add_argument("--family", default=DEFAULT_OPTIONS.family, choices=list(FAMILIES))
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=_run)
