@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pdmoe.errors import CheckpointError, Option
+from pdmoe.errors import CheckpointError
 from pdmoe.experts import fuse_split_experts
 from pdmoe.io.atomic import Staged, write_text_atomic
 from pdmoe.io.hf_loading import load_causal_lm
 from pdmoe.io.hf_loading import load_tokenizer as load_tokenizer  # the trainer imports it from here
 from pdmoe.io.model_config import read_config, require_moe
+from pdmoe.io.outputs import RESUME, Command
 from pdmoe.io.reader import CheckpointReader
 from pdmoe.io.side_files import copy_side_files
 from pdmoe.layout import FROZEN_PREFIX
@@ -103,7 +104,7 @@ def save_final_model(
             "the training checkpoints are kept: free space and rerun with {resume}",
             out_dir=out_dir,
             reason=error.strerror or error,
-            resume=Option("resume", "latest"),
+            resume=RESUME[Command.CPT],
         ) from None
 
 

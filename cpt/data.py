@@ -28,6 +28,7 @@ import numpy as np
 
 from pdmoe.errors import DataError, Option, Problem, UsageError
 from pdmoe.io.atomic import Staged
+from pdmoe.options import check_choice
 
 from .corpus_formats import COMPRESSIONS, FORMATS, compression_of, detect_format, read_records
 
@@ -103,14 +104,7 @@ def data_files(
     paths: Sequence[str | Path], langs: Sequence[str] | None, data_format: str = "auto"
 ) -> tuple[DataFile, ...]:
     """Pair every path with its format and language of ``langs`` (one for all files, or one per file)."""
-    if data_format not in DATA_FORMATS:
-        raise UsageError(
-            "{option} must be one of {formats}, not {data_format!r}",
-            problem=Problem.INVALID,
-            option=Option("data_format"),
-            formats=", ".join(DATA_FORMATS),
-            data_format=data_format,
-        )
+    check_choice("data_format", data_format, DATA_FORMATS)
     if not paths:
         raise UsageError("give at least one data file")
     langs = list(langs or [])

@@ -28,7 +28,7 @@ from pdmoe.io.model_config import MOE_MODEL_TYPE
 
 from .checkpoints import checkpoint_dtype, load_moe_model, read_model_config
 from .data import CorpusSpec, PackedSequences, TokenCache
-from .settings import DEFAULT_EVAL_OPTIONS, DEFAULT_SEQ_LEN, EvalOptions
+from .settings import DEFAULT_EVAL_OPTIONS, EvalOptions, sequence_length
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -252,16 +252,7 @@ def evaluate_model(
     options = replace(options, **changes)
     model_dir = resolve_model(model_dir)
     config = read_model_config(model_dir)
-    max_positions = config.get("max_position_embeddings") or 1024
-    seq_len = min(DEFAULT_SEQ_LEN, max_positions) if options.seq_len is None else options.seq_len
-    if seq_len > max_positions:
-        raise UsageError(
-            "{option} {seq_len} is larger than the model's maximum ({max_positions} positions)",
-            problem=Problem.INVALID,
-            option=Option("seq_len"),
-            seq_len=seq_len,
-            max_positions=max_positions,
-        )
+    seq_len = sequence_length(options.seq_len, config.get("max_position_embeddings") or 1024)
     if options.batch_size < 1:
         raise UsageError(
             "{option} must be at least 1, got {batch_size}",

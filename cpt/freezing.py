@@ -21,6 +21,7 @@ from torch import nn
 from pdmoe.errors import Option, Problem, UsageError
 from pdmoe.layout import MLPKeys, MoETensor, is_trainable_expert_parameter
 from pdmoe.modeling import MoEForCausalLM
+from pdmoe.options import check_choice
 
 from .settings import PARTS, Part, Stage
 
@@ -31,16 +32,8 @@ STAGE_PARTS: dict[Stage, tuple[Part, ...]] = {
 
 
 def parse_stage(stage: Stage | str) -> Stage:
-    try:
-        return Stage(stage)
-    except ValueError:
-        raise UsageError(
-            "{option} must be one of {choices}, not {stage!r}",
-            problem=Problem.INVALID,
-            option=Option("stage"),
-            choices=", ".join(s.value for s in Stage),
-            stage=stage,
-        ) from None
+    check_choice("stage", stage, [s.value for s in Stage])
+    return Stage(stage)
 
 
 def trainable_parts(stage: Stage | str, override: str | Sequence[str] | None = None) -> tuple[Part, ...]:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pdmoe.errors import CheckpointError, Option
+from pdmoe.errors import CheckpointError
 from pdmoe.io.atomic import open_to_append
+from pdmoe.io.outputs import RESUME, Command
 
 from .data import CorpusSpec
 from .evaluate import shares_by_language
@@ -69,7 +70,7 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
             "cannot append to {path} ({reason}); free space and rerun with {resume}",
             path=path,
             reason=error.strerror or error,
-            resume=Option("resume", "latest"),
+            resume=RESUME[Command.CPT],
         ) from None
 
 

@@ -22,6 +22,24 @@ DEFAULT_SEQ_LEN = 1024  # the method's; shorter when the model's maximum is
 DEFAULT_LPR_COEF = 0.02  # on -log p0: MoE-LPR's 0.1 on its weaker form near p0 = 0.2 (see losses)
 
 
+def sequence_length(requested: int | None, max_positions: int | None) -> int:
+    """The packed sequence length of cpt and eval: ``requested``, or by default the method's
+    ``DEFAULT_SEQ_LEN`` capped at the model's ``max_positions`` (None: not known, nothing capped)."""
+    if max_positions is None:
+        return DEFAULT_SEQ_LEN if requested is None else requested
+    if requested is None:
+        return min(DEFAULT_SEQ_LEN, max_positions)
+    if requested > max_positions:
+        raise UsageError(
+            "{option} {seq_len} is larger than the model's maximum ({max_positions} positions)",
+            problem=Problem.INVALID,
+            option=Option("seq_len"),
+            seq_len=requested,
+            max_positions=max_positions,
+        )
+    return requested
+
+
 class Stage(str, Enum):
     """What a run is for: CPT of the new experts, or the router-only review."""
 

@@ -37,7 +37,7 @@ from pdmoe.errors import (
 )
 from pdmoe.experts import StateDictLayout
 from pdmoe.hub import resolve_model
-from pdmoe.io.outputs import Command, OutputFolder, check_output, claim_output
+from pdmoe.io.outputs import OVERWRITE, RESUME, Command, OutputFolder, check_output, claim_output
 from pdmoe.options import parse_size
 
 from .checkpoints import (
@@ -73,7 +73,15 @@ from .memory_plan import (
     plan_memory,
 )
 from .metrics import METRICS_FILE, Interval, append_metrics, interval_record
-from .settings import DEFAULT_SEQ_LEN, TrainConfig, as_json, check_options, describe_parts, fixed_settings
+from .settings import (
+    DEFAULT_SEQ_LEN,
+    TrainConfig,
+    as_json,
+    check_options,
+    describe_parts,
+    fixed_settings,
+    sequence_length,
+)
 from .sharding import shard_model
 from .training_checkpoint import (
     TrainerState,
@@ -99,19 +107,8 @@ def _mixed_precision(choice: str) -> str:
 
 
 def _sequence_length(config: TrainConfig, model_config: dict[str, Any]) -> int:
-    """``config.seq_len``, or by default the method's 1024 capped at the model's maximum."""
     max_positions = model_config.get("max_position_embeddings")
-    if config.seq_len is None:
-        return min(DEFAULT_SEQ_LEN, max_positions) if isinstance(max_positions, int) else DEFAULT_SEQ_LEN
-    if isinstance(max_positions, int) and config.seq_len > max_positions:
-        raise UsageError(
-            "{option} {seq_len} is larger than the model's maximum ({max_positions} positions)",
-            problem=Problem.INVALID,
-            option=Option("seq_len"),
-            seq_len=config.seq_len,
-            max_positions=max_positions,
-        )
-    return config.seq_len
+    return sequence_length(config.seq_len, max_positions if isinstance(max_positions, int) else None)
 
 
 def _corpus(config: TrainConfig, paths: list, langs: list[str] | None) -> CorpusSpec:
@@ -370,8 +367,8 @@ def _check_data(config: TrainConfig, out: Path) -> tuple[CorpusSpec, CorpusSpec 
             "{out} already holds training checkpoints; pass {resume} to continue or {overwrite} to restart",
             problem=Problem.REFUSED,
             out=out,
-            resume=Option("resume", "latest"),
-            overwrite=Option("overwrite", True),
+            resume=RESUME[Command.CPT],
+            overwrite=OVERWRITE,
         )
     return corpus, eval_corpus
 
@@ -559,7 +556,7 @@ def _stop_unless_finite(run: TrainingRun, step_losses: torch.Tensor, grad_norm: 
             kept=kept,
             lr=Option("lr"),
             warmup_steps=Option("warmup_steps"),
-            resume=Option("resume", "latest"),
+            resume=RESUME[Command.CPT],
         )
 
 

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from pdmoe.errors import CheckpointError, Option, Problem, UsageError
 from pdmoe.io.atomic import Staged, write_json
+from pdmoe.io.outputs import RESUME, Command
 
 from .collective import together
 from .settings import fixed_defaults, free_options
@@ -163,7 +164,7 @@ def save_training_checkpoint(
             checkpoint=staged.final,
             reason=_reason(error),
             previous=previous or "none yet",
-            resume=Option("resume", "latest"),
+            resume=RESUME[Command.CPT],
         ) from None
     if accelerator.is_main_process and keep > 0:
         for old in sorted(root.glob(f"{_STEP_PREFIX}*"))[:-keep]:

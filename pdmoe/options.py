@@ -8,6 +8,7 @@ No torch at import: the command line builds its parsers from here before torch l
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pdmoe.errors import Option, Problem, UsageError
@@ -116,6 +117,18 @@ def check_number(
             hint=f" ({hint})" if hint else "",
         )
     return float(value)
+
+
+def check_choice(option: str, value: object, choices: Sequence[str]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, naming ``option`` and them."""
+    if value not in choices:
+        raise UsageError(
+            "{option} must be one of {choices}, not {value!r}",
+            problem=Problem.INVALID,
+            option=Option(option),
+            choices=", ".join(choices),
+            value=value,
+        )
 
 
 SEED_RANGE = (0, 2**32 - 1)
