@@ -251,8 +251,12 @@ class _Keep:
     option: str | None = None  # the option that gives another output; None for an input
 
     def values(self) -> dict[str, object]:
-        """The values of the message templates below: ``{kept}`` and ``{kept_option}``."""
-        return {"kept": self.shown, "kept_option": Option(self.option or "")}
+        """The values of the message templates below: ``{kept}``, and ``{kept_option}`` for an output."""
+        return (
+            {"kept": self.shown}
+            if self.option is None
+            else {"kept": self.shown, "kept_option": Option(self.option)}
+        )
 
     @property
     def what(self) -> str:
@@ -514,16 +518,16 @@ def _check_file_path(output: Output) -> None:
     folder or a device."""
     path, folder = output.path, output.path.parent
     if not folder.is_dir():
-        problem = "{out} {path}: the folder {folder} does not exist; create it or choose another path"
+        refusal = "{out} {path}: the folder {folder} does not exist; create it or choose another path"
     elif path.is_symlink():
-        problem = "{out} {path} is a link; pdmoe never writes through links: give a plain file path"
+        refusal = "{out} {path} is a link; pdmoe never writes through links: give a plain file path"
     elif path.is_dir():
-        problem = "{out} {path} is a directory; give a file path"
+        refusal = "{out} {path} is a directory; give a file path"
     elif path.exists() and not path.is_file():
-        problem = "{out} {path} is not a regular file; give a file path"
+        refusal = "{out} {path} is not a regular file; give a file path"
     else:
         return
-    raise UsageError(problem, problem=Problem.INVALID, out=Option(output.option), path=path, folder=folder)
+    raise UsageError(refusal, problem=Problem.INVALID, out=Option(output.option), path=path, folder=folder)
 
 
 def _check_file(output: Output, *, overwrite: bool) -> None:
